@@ -1,0 +1,69 @@
+"""What ``test.py`` does: rebuild a model from its checkpoint alone and evaluate it."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from flgc_lightning.training.checkpoints import load_checkpoint
+from flgc_lightning.training.module import ImageClassifier
+from flgc_lightning.utils.complexity import complexity_summary, format_millions
+
+log = logging.getLogger(__name__)
+
+
+def data_config(cfg: DictConfig, saved: dict, overrides: list[str]) -> DictConfig:
+    """The checkpoint's data config with the command line's ``data``/``data.*`` overrides on top."""
+    chosen = OmegaConf.create(saved.get("data") or OmegaConf.to_container(cfg.data, resolve=True))
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if key == "data":  # a different data config group: use it whole
+            return cfg.data
+        if key.startswith("data."):
+            OmegaConf.update(chosen, key[len("data."):], OmegaConf.select(cfg, key), force_add=True)
+    return chosen
+
+
+def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Test-split accuracy, params and MACs of the checkpoint ``cfg.ckpt_path``."""
+    if overrides is None:
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    checkpoint = load_checkpoint(cfg.ckpt_path)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(data_config(cfg, checkpoint["flgc_config"], overrides))
+    datamodule.prepare_data()
+    module = ImageClassifier(**checkpoint["hyper_parameters"])
+    module.load_state_dict(checkpoint["state_dict"])
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, default_root_dir=cfg.run_dir)
+    (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
+    result: dict[str, Any] = {
+        "checkpoint": str(cfg.ckpt_path),
+        "epoch": int(checkpoint.get("epoch", -1)),
+        "test_acc": float(metrics["test/acc"]),
+        "test_loss": float(metrics["test/loss"]),
+        **complexity_summary(module.net, tuple(module.hparams.input_size)),
+    }
+    print(format_result(result))
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.run_dir) / "test_results.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def format_result(result: dict[str, Any]) -> str:
+    lines = [
+        f"checkpoint : {result['checkpoint']} (epoch {result['epoch']})",
+        f"test acc   : {100 * result['test_acc']:.2f} %   (loss {result['test_loss']:.4f})",
+        f"params     : {result['params']:,}",
+        f"MACs       : {format_millions(result['macs'])} (as the network runs)",
+    ]
+    if "macs_nominal" in result:
+        lines.append(f"MACs FLGC  : {format_millions(result['macs_nominal'])} nominal (uniform groups), "
+                     f"{format_millions(result['macs_learned'])} with the learned groups")
+    return "\n".join(lines)

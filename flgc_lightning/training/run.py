@@ -1,0 +1,70 @@
+"""What ``train.py`` does, as functions that tests and notebooks can call too."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from flgc_lightning.errors import ConfigError
+from flgc_lightning.training.module import ImageClassifier, plain
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_all(group: Optional[DictConfig]) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a dict-of-configs group (callbacks, loggers)."""
+    if not group:
+        return []
+    return [instantiate(entry) for entry in group.values() if isinstance(entry, DictConfig) and "_target_" in entry]
+
+
+def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
+    return instantiate(cfg.data)
+
+
+def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> ImageClassifier:
+    """The LightningModule; class count and image channels come from the data when the model leaves them null."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if model_cfg.get("num_classes") is None:
+        model_cfg["num_classes"] = datamodule.num_classes
+    if "in_channels" in model_cfg and model_cfg["in_channels"] is None:
+        model_cfg["in_channels"] = datamodule.input_size[0]
+    module = ImageClassifier(
+        model=model_cfg,
+        optimizer=plain(cfg.optimizer),
+        scheduler=plain(cfg.scheduler) or None,
+        input_size=tuple(datamodule.input_size),
+    )
+    module.run_config = plain(cfg)
+    return module
+
+
+def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
+    return instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")),
+                       logger=_instantiate_all(cfg.get("logger")) or False, **kwargs)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (or resume, with ``ckpt_path``) and return the final metrics."""
+    if cfg.ckpt_path is not None and not Path(str(cfg.ckpt_path)).expanduser().is_file():
+        raise ConfigError(f"ckpt_path '{cfg.ckpt_path}' does not exist")
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()  # fail fast (missing data) before building anything heavy
+    module = build_module(cfg, datamodule)
+    trainer = build_trainer(cfg)
+    log.info("run directory: %s", cfg.run_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.best_model_path:
+        log.info("best checkpoint: %s (val/acc %.4f)", checkpoint.best_model_path, float(checkpoint.best_model_score))
+        log.info("last checkpoint: %s", checkpoint.last_model_path)
+        if cfg.get("test_after_fit"):
+            trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path)
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    return metrics

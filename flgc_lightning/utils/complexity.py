@@ -1,0 +1,77 @@
+"""Parameter and MAC counts with ptflops (``backend='pytorch'``), FLGC-aware.
+
+ptflops matches module types exactly, so ``Flgc2d`` (an ``nn.Conv2d`` subclass)
+needs its own hook. Three honest views of an FLGC layer's cost:
+
+- ``"dense"``: what the training form really runs (full conv on a masked weight);
+- ``"nominal"``: the uniform-group figure the reference reports (dense / G);
+- ``"learned"``: the learned unequal groups, sum_g |in_g| * |out_g| * k^2 * H * W,
+  which is what a deployed network (:mod:`flgc_lightning.deploy`) costs.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from ptflops import get_model_complexity_info
+from torch import nn
+
+from flgc_lightning.layers import Flgc2d
+
+FlgcCost = Literal["dense", "nominal", "learned"]
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def learned_connections(layer: Flgc2d) -> int:
+    """Number of (filter, input channel) pairs that share a learned group: sum_g |in_g| * |out_g|."""
+    g = layer.num_groups
+    in_sizes = torch.bincount(layer.input_groups().cpu(), minlength=g)
+    out_sizes = torch.bincount(layer.filter_groups().cpu(), minlength=g)
+    return int((in_sizes * out_sizes).sum())
+
+
+def _flgc_hook(cost: FlgcCost):
+    def hook(module: Flgc2d, inputs, output) -> None:
+        batch = output.shape[0]
+        positions = output[0, 0].numel()
+        kernel = module.kernel_size[0] * module.kernel_size[1]
+        dense = module.in_channels * module.out_channels
+        pairs = {"dense": dense, "nominal": dense / module.num_groups, "learned": learned_connections(module)}[cost]
+        macs = pairs * kernel * positions
+        if module.bias is not None:
+            macs += module.out_channels * positions
+        module.__flops__ += int(macs * batch)
+
+    return hook
+
+
+def count_macs(model: nn.Module, input_size=(3, 32, 32), flgc_cost: FlgcCost = "dense") -> int:
+    """MACs of one ``input_size`` image, counted by ptflops on a CPU copy in eval mode."""
+    probe = copy.deepcopy(model).cpu().eval()
+    macs, _ = get_model_complexity_info(
+        probe,
+        tuple(input_size),
+        as_strings=False,
+        print_per_layer_stat=False,
+        backend="pytorch",
+        custom_modules_hooks={Flgc2d: _flgc_hook(flgc_cost)},
+        backend_specific_config={"count_functional": False},
+    )
+    return int(macs)
+
+
+def complexity_summary(model: nn.Module, input_size=(3, 32, 32)) -> dict[str, int]:
+    """Params and MACs; FLGC models also get their nominal and learned-group MACs."""
+    summary = {"params": count_parameters(model), "macs": count_macs(model, input_size, "dense")}
+    if any(isinstance(m, Flgc2d) for m in model.modules()):
+        summary["macs_nominal"] = count_macs(model, input_size, "nominal")
+        summary["macs_learned"] = count_macs(model, input_size, "learned")
+    return summary
+
+
+def format_millions(value: float) -> str:
+    return f"{value / 1e6:.2f} M"
