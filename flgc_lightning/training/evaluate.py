@@ -45,7 +45,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
     (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
     result: dict[str, Any] = {
         "checkpoint": str(cfg.ckpt_path),
-        "epoch": int(checkpoint.get("epoch", -1)),
+        "epochs_trained": epochs_trained(checkpoint),
         "test_acc": float(metrics["test/acc"]),
         "test_loss": float(metrics["test/loss"]),
         **complexity_summary(module.net, tuple(module.hparams.input_size)),
@@ -56,9 +56,15 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
     return result
 
 
+def epochs_trained(checkpoint: dict) -> int:
+    """Epochs whose training batches all ran (Lightning's ``epoch`` key depends on when the file was saved)."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("total", {})
+    return int(progress.get("processed", checkpoint.get("epoch", 0)))
+
+
 def format_result(result: dict[str, Any]) -> str:
     lines = [
-        f"checkpoint : {result['checkpoint']} (epoch {result['epoch']})",
+        f"checkpoint : {result['checkpoint']} ({result['epochs_trained']} epochs trained)",
         f"test acc   : {100 * result['test_acc']:.2f} %   (loss {result['test_loss']:.4f})",
         f"params     : {result['params']:,}",
         f"MACs       : {format_millions(result['macs'])} (as the network runs)",

@@ -1,0 +1,101 @@
+"""MobileNetV2-CIFAR structure and the reference counts (REFERENCE.md section 2)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from flgc_lightning.layers import Flgc2d
+from flgc_lightning.models import InvertedResidual, MobileNetV2
+from flgc_lightning.utils.complexity import complexity_summary, count_macs, count_parameters, learned_connections
+
+
+@pytest.mark.parametrize(
+    "kwargs, params, macs",
+    [
+        (dict(groups=1), 2_295_834, 94_992_906),  # reference: 2,295,834 / 94.99 M
+        (dict(groups=8, use_flgc=False), 1_453_034, 62_622_218),  # reference: 1,453,034 / 62.62 M
+        (dict(groups=8, use_flgc=True), 2_364_954, 94_992_906),  # training form runs the dense cost
+        (dict(groups=1, use_flgc=True), 2_295_834, 94_992_906),  # one learned group is dense
+    ],
+)
+def test_reference_counts(kwargs, params, macs):
+    model = MobileNetV2(**kwargs)
+    assert count_parameters(model) == params
+    assert count_macs(model) == macs
+    assert round(macs / 1e6, 2) in (94.99, 62.62)
+
+
+def test_flgc_nominal_macs_equal_standard_grouped_and_learned_macs_follow_groups():
+    torch.manual_seed(0)
+    flgc = MobileNetV2(groups=8, use_flgc=True)
+    assert count_macs(flgc, flgc_cost="nominal") == 62_622_218
+    # Learned cost by hand: sum over FLGC layers of sum_g |in_g||out_g| * H * W (1x1 kernels, no bias).
+    sizes = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o: sizes.__setitem__(mod, o.shape[-2] * o.shape[-1]))
+             for m in flgc.modules() if isinstance(m, Flgc2d)]
+    flgc.eval()(torch.zeros(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    flgc_layers = [m for m in flgc.modules() if isinstance(m, Flgc2d)]
+    by_hand = sum(learned_connections(m) * sizes[m] for m in flgc_layers)
+    dense_proj = sum(m.in_channels * m.out_channels * sizes[m] for m in flgc_layers)
+    assert count_macs(flgc, flgc_cost="learned") == 94_992_906 - dense_proj + by_hand
+    summary = complexity_summary(flgc)
+    assert set(summary) == {"params", "macs", "macs_nominal", "macs_learned"}
+
+
+def test_projection_convs_are_the_grouped_ones():
+    model = MobileNetV2(groups=8, use_flgc=True)
+    blocks = [m for m in model.modules() if isinstance(m, InvertedResidual)]
+    assert len(blocks) == 17
+    flgc = [m for m in model.modules() if isinstance(m, Flgc2d)]
+    assert flgc == [b.projection for b in blocks]
+    assert [(m.in_channels, m.out_channels) for m in flgc[:3]] == [(32, 16), (96, 24), (144, 24)]
+    assert flgc[-1].in_channels == 960 and flgc[-1].out_channels == 320
+    # Residual wiring: stride-2 blocks have none; channel-changing stride-1 blocks get a 1x1 conv + BN.
+    assert [b.use_residual for b in blocks] == [True, True, True, False, True, True, False, True, True, True,
+                                                True, True, True, False, True, True, True]
+    assert [b.shortcut is not None for b in blocks].count(True) == 4
+
+
+def test_grouping_expand_and_shortcut_too():
+    model = MobileNetV2(groups=8, use_flgc=False, group_expand=True, group_shortcut=True)
+    convs = [m for m in model.modules() if type(m) is nn.Conv2d and m.kernel_size == (1, 1)]
+    grouped = [m for m in convs if m.groups == 8]
+    assert len(grouped) == 17 + 16 + 4  # projections, expands (t != 1), shortcuts
+    assert count_parameters(model) == 744_186 and count_macs(model) == 27_814_410
+    flgc = MobileNetV2(groups=8, use_flgc=True, group_expand=True, group_shortcut=True)
+    assert sum(isinstance(m, Flgc2d) for m in flgc.modules()) == 37
+
+
+def test_standard_grouped_needs_divisible_channels():
+    with pytest.raises(ValueError, match="divisible by groups=3"):
+        MobileNetV2(groups=3, use_flgc=False)
+    MobileNetV2(groups=3, use_flgc=True)  # FLGC takes any group count
+
+
+def test_init_follows_reference():
+    model = MobileNetV2(groups=4, use_flgc=True)
+    bn = model.features[0][1]
+    assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
+    assert torch.equal(model.classifier.bias, torch.zeros(10))
+    assert 0.005 < model.classifier.weight.std().item() < 0.015
+    conv = model.features[-1][0]  # 1x1 320->1280, kaiming fan_out: std = sqrt(2 / 1280)
+    assert abs(conv.weight.std().item() / (2 / 1280) ** 0.5 - 1) < 0.05
+
+
+def test_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    model = MobileNetV2(groups=8, use_flgc=True)
+    loss = nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.arange(4))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.count_nonzero(p.grad) > 0, name  # both assignment maps included
+    assert all(model.get_parameter(n).grad is not None for n, _ in model.named_parameters() if "assign" in n)
+
+
+def test_width_multiplier_and_forward_shape():
+    model = MobileNetV2(num_classes=100, groups=2, use_flgc=True, width_mult=0.5, in_channels=1)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 100)
