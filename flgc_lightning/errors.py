@@ -11,3 +11,7 @@ class ConfigError(UserError):
 
 class CheckpointError(UserError):
     pass
+
+
+class NonFiniteLossError(UserError):
+    """Training diverged; the last good checkpoint is kept."""

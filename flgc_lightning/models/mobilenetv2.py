@@ -33,6 +33,31 @@ def make_divisible(value: float, divisor: int = 8, min_value: Optional[int] = No
     return new_value
 
 
+def block_specs(width_mult: float = 1.0, settings: Sequence[Sequence[int]] = CIFAR_SETTINGS):
+    """``(inp, oup, stride, expand_ratio)`` of every inverted-residual block, in order."""
+    inp = make_divisible(32 * width_mult)
+    for t, c, n, s in settings:
+        oup = make_divisible(c * width_mult)
+        for i in range(n):
+            yield inp, oup, s if i == 0 else 1, t
+            inp = oup
+
+
+def groupable_convs(width_mult: float = 1.0, group_expand: bool = False, group_shortcut: bool = False,
+                    settings: Sequence[Sequence[int]] = CIFAR_SETTINGS) -> list[tuple[str, int, int]]:
+    """``(module name, in channels, out channels)`` of every 1x1 conv the config groups."""
+    convs = []
+    for index, (inp, oup, stride, t) in enumerate(block_specs(width_mult, settings)):
+        block = f"features.{index + 1}"
+        hidden = int(round(inp * t))
+        if t != 1 and group_expand:
+            convs.append((f"{block}.conv.0.0", inp, hidden))
+        convs.append((f"{block}.conv.{2 if t != 1 else 1}.0", hidden, oup))
+        if group_shortcut and stride == 1 and inp != oup:
+            convs.append((f"{block}.shortcut.0", inp, oup))
+    return convs
+
+
 def conv_bn(conv: nn.Module, channels: int, relu6: bool) -> nn.Sequential:
     layers = [conv, nn.BatchNorm2d(channels)]
     if relu6:
@@ -104,15 +129,9 @@ class MobileNetV2(nn.Module):
         stem = make_divisible(32 * width_mult)
         self.last_channels = make_divisible(1280 * max(1.0, width_mult))
         features: list[nn.Module] = [conv_bn(nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False), stem, relu6=True)]
-        inp = stem
-        for t, c, n, s in settings:
-            oup = make_divisible(c * width_mult)
-            for i in range(n):
-                features.append(
-                    InvertedResidual(inp, oup, s if i == 0 else 1, t, groups, use_flgc, group_expand, group_shortcut)
-                )
-                inp = oup
-        features.append(conv_bn(nn.Conv2d(inp, self.last_channels, 1, bias=False), self.last_channels, relu6=True))
+        for inp, oup, stride, t in block_specs(width_mult, settings):
+            features.append(InvertedResidual(inp, oup, stride, t, groups, use_flgc, group_expand, group_shortcut))
+        features.append(conv_bn(nn.Conv2d(oup, self.last_channels, 1, bias=False), self.last_channels, relu6=True))
         self.features = nn.Sequential(*features)
         self.classifier = nn.Linear(self.last_channels, num_classes)
         self._init_weights()

@@ -12,6 +12,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from flgc_lightning.errors import NonFiniteLossError
 from flgc_lightning.utils.complexity import complexity_summary, format_millions
 
 
@@ -70,6 +71,12 @@ class ImageClassifier(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, self.train_loss, self.train_acc)
+        if not torch.isfinite(loss):  # stop before the optimizer writes NaNs into the weights
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at global step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch {batch_idx}); the run stopped and the last good "
+                "checkpoint was kept. Lower optimizer.lr or check the data."
+            )
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Optional
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from flgc_lightning.errors import ConfigError
+from flgc_lightning.training.checkpoints import load_checkpoint
 from flgc_lightning.training.module import ImageClassifier, plain
+from flgc_lightning.training.validation import check_resume_compatible, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,19 @@ def build_trainer(cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit (or resume, with ``ckpt_path``) and return the final metrics."""
-    if cfg.ckpt_path is not None and not Path(str(cfg.ckpt_path)).expanduser().is_file():
-        raise ConfigError(f"ckpt_path '{cfg.ckpt_path}' does not exist")
+    """Fit (or resume, with ``ckpt_path``) and return the final metrics.
+
+    Everything a user can get wrong (config, checkpoint, data path) is checked before training starts.
+    """
+    validate_config(cfg)
+    checkpoint = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path is not None else None
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()  # fail fast (missing data) before building anything heavy
     module = build_module(cfg, datamodule)
+    if checkpoint is not None:
+        check_resume_compatible(module.hparams.model, checkpoint, cfg.ckpt_path)
+        del checkpoint  # Lightning reads the file again; don't hold two copies
     trainer = build_trainer(cfg)
     log.info("run directory: %s", cfg.run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)

@@ -1,0 +1,76 @@
+"""Checks that run before any heavy work, so a bad command line fails in seconds with one message."""
+from __future__ import annotations
+
+import logging
+import numbers
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from flgc_lightning.errors import CheckpointError, ConfigError
+from flgc_lightning.models import groupable_convs
+
+log = logging.getLogger(__name__)
+
+MOBILENET_TARGET = "flgc_lightning.models.MobileNetV2"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_types(cfg: DictConfig) -> list[str]:
+    problems = []
+    expectations = [  # (key, predicate, what it should be)
+        ("groups", lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        ("model.groups", lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        ("seed", _is_int, "an integer"),
+        ("trainer.max_epochs", lambda v: v is None or (_is_int(v) and v >= -1), "an integer (-1 = no limit)"),
+        ("data.batch_size", lambda v: _is_int(v) and v >= 1, "a positive integer"),
+        ("optimizer.lr", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and v > 0, "a positive number"),
+    ]
+    for key, ok, what in expectations:
+        value = OmegaConf.select(cfg, key, default=None)
+        if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
+            continue
+        if not ok(value):
+            problems.append(f"{key} must be {what}, got {value!r}")
+    return problems
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` listing every problem found; warn about FLGC groups larger than layers."""
+    problems = _check_types(cfg)
+    model = cfg.get("model")
+    if not problems and model is not None and model.get("_target_") == MOBILENET_TARGET:
+        groups = int(model.groups)
+        convs = groupable_convs(model.get("width_mult", 1.0), model.get("group_expand", False),
+                                model.get("group_shortcut", False))
+        if groups > 1 and not model.get("use_flgc", False):
+            bad = [f"{name} ({cin}->{cout})" for name, cin, cout in convs if cin % groups or cout % groups]
+            if bad:
+                problems.append(
+                    f"standard grouped conv (model.use_flgc=false) needs channel counts divisible by groups={groups}; "
+                    f"these layers are not: {', '.join(bad)}. Use model.use_flgc=true (any group count) or another groups value"
+                )
+        elif groups > 1:
+            small = [f"{name} ({cin}->{cout})" for name, cin, cout in convs if groups > min(cin, cout)]
+            if small:
+                log.warning("groups=%d exceeds the channel count of %s: some learned groups will be empty "
+                            "(allowed: empty groups are handled in training and deployment)", groups, ", ".join(small))
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def check_resume_compatible(model_cfg: dict, checkpoint: dict, path: str) -> None:
+    """The network a resume builds must be the one the checkpoint holds: list every conflicting key."""
+    saved = checkpoint["hyper_parameters"].get("model", {})
+    keys = sorted(set(saved) | set(model_cfg))
+    conflicts = [f"model.{k}: checkpoint has {saved.get(k)!r}, this run has {model_cfg.get(k)!r}"
+                 for k in keys if saved.get(k) != model_cfg.get(k)]
+    if conflicts:
+        raise CheckpointError(
+            f"cannot resume from '{path}': the model structure differs from the checkpoint's:\n  - "
+            + "\n  - ".join(conflicts)
+            + "\nDrop these overrides to resume the saved run, or start a new run without ckpt_path."
+        )
