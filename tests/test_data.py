@@ -104,3 +104,14 @@ def test_unreadable_batch_file_is_a_clear_error(tmp_path):
     dm = CifarDataModule(root=str(tmp_path), download=False, num_workers=0)
     with pytest.raises(DataNotFoundError, match="data_batch_3"):
         dm.setup()
+
+
+def test_loaders_yield_batches_for_train_val_and_test(tmp_path):
+    write_fake_cifar(tmp_path)
+    dm = CifarDataModule(root=str(tmp_path), download=False, num_workers=0, batch_size=4, eval_batch_size=5)
+    dm.setup()
+    for loader, size in ((dm.train_dataloader(), 4), (dm.val_dataloader(), 5), (dm.test_dataloader(), 5)):
+        images, labels = next(iter(loader))
+        assert images.shape == (size, 3, 32, 32) and labels.shape == (size,)
+    assert [label for _, label in dm.test_set] == [int(y) for y in next(iter(dm.test_dataloader()))[1]][:5] + \
+        [label for _, label in dm.test_set][5:]  # evaluation runs in order

@@ -4,14 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import pytorch_lightning as pl
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import transforms
 
-from flgc_lightning.data.sampling import EpochSampler, sample_seed
+from flgc_lightning.data.base import ImageClassificationDataModule
 from flgc_lightning.data.cifar_files import CIFAR10, CIFAR100, CifarLayout, ensure_downloaded, find_folder, load_split
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -28,44 +26,35 @@ def reference_transforms(train: bool, size: int = 32, mean=CIFAR_MEAN, std=CIFAR
 
 
 class ArrayImageDataset(Dataset):
-    """HWC uint8 images (C = 1 or 3) + integer labels, transformed as PIL images like torchvision's CIFAR.
+    """HWC uint8 images (C = 1 or 3) + integer labels, transformed as PIL images like torchvision's CIFAR."""
 
-    Indexed by ``index`` or by ``(epoch, index)`` (what :class:`EpochSampler` yields): then the
-    random augmentation is seeded by ``(seed, epoch, index)``, so it does not depend on the
-    global RNG, on worker processes, or on where a run was resumed.
-    """
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None, seed: int = 0) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform=None) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images, self.labels, self.transform, self.seed = images, labels, transform, seed
+        self.images, self.labels, self.transform = images, labels, transform
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, key):
-        epoch, index = key if isinstance(key, tuple) else (None, key)
+    def __getitem__(self, index: int):
         image = self.images[index]
         image = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
         if self.transform is not None:
-            if epoch is None:
-                image = self.transform(image)
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(sample_seed(self.seed, epoch, index))
-                    image = self.transform(image)
+            image = self.transform(image)
         return image, int(self.labels[index])
 
 
-class CifarDataModule(pl.LightningDataModule):
+class CifarDataModule(ImageClassificationDataModule):
     """CIFAR-10 (or CIFAR-100) from ``root``; the test split doubles as validation, as in the reference.
 
     Args:
         root: folder holding ``cifar-10-batches-py`` (or that folder itself). Copies whose
             checksums differ from the official archive (subsets) are accepted.
         download: fetch the official archive when the files are missing.
-        batch_size / num_workers / pin_memory: loader settings (reference batch 128).
         dataset: ``"cifar10"`` or ``"cifar100"``.
+        limit_train / limit_test: use only the first N images (quick checks).
+        batch_size / eval_batch_size / num_workers / pin_memory / seed: see
+            :class:`~flgc_lightning.data.base.ImageClassificationDataModule` (reference batch 128).
     """
 
     def __init__(
@@ -81,23 +70,14 @@ class CifarDataModule(pl.LightningDataModule):
         limit_test: Optional[int] = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, seed)
         layouts = {"cifar10": CIFAR10, "cifar100": CIFAR100}
         if dataset not in layouts:
             raise ValueError(f"data.dataset must be one of {sorted(layouts)}, got {dataset!r}")
         self.layout: CifarLayout = layouts[dataset]
         self.root = Path(root).expanduser()
         self.download = download
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
         self.limit_train, self.limit_test = limit_train, limit_test
-        self.seed = seed
-        self._resume: Optional[dict] = None
-        self._train_sampler: Optional[EpochSampler] = None
-        self.train_set: Optional[Dataset] = None
-        self.test_set: Optional[Dataset] = None
 
     @property
     def num_classes(self) -> int:
@@ -115,46 +95,8 @@ class CifarDataModule(pl.LightningDataModule):
         if self.train_set is None and stage in (None, "fit"):
             images, labels = load_split(folder, self.layout, train=True)
             n = self.limit_train or len(labels)
-            self.train_set = ArrayImageDataset(images[:n], labels[:n], reference_transforms(train=True), self.seed)
+            self.train_set = ArrayImageDataset(images[:n], labels[:n], reference_transforms(train=True))
         if self.test_set is None:
             images, labels = load_split(folder, self.layout, train=False)
             n = self.limit_test or len(labels)
             self.test_set = ArrayImageDataset(images[:n], labels[:n], reference_transforms(train=False))
-
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        sampler = EpochSampler(len(dataset), shuffle=train, seed=self.seed)
-        if train:
-            if self._resume is not None:  # continue mid-epoch exactly where the checkpoint left off
-                sampler.skip_in_epoch(self._resume["epoch"], self._resume["samples_done"])
-                self._resume = None
-            self._train_sampler = sampler
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            drop_last=False,
-        )
-
-    def state_dict(self) -> dict:
-        """Where the training data stream stands, saved in every checkpoint (exact mid-epoch resume)."""
-        trainer = getattr(self, "trainer", None)
-        sampler = self._train_sampler
-        if trainer is None or sampler is None:
-            return {}
-        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": int(sampler.epoch), "samples_done": int(batches * self.batch_size)}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._resume = dict(state_dict) if state_dict else None
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)

@@ -11,7 +11,7 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -67,3 +67,22 @@ class EpochSampler(DistributedSampler):
         start = self._skip.pop(self.epoch, 0)
         epoch = self.epoch
         return iter([(epoch, i) for i in mine[start:]])
+
+
+class SeededAugmentation(Dataset):
+    """Wraps a map-style dataset so that key ``(epoch, index)`` runs its random transforms under the
+    seed ``(seed, epoch, index)``, leaving the global RNG as it was. Plain ``index`` keys pass through."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            return self.dataset[key]
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.dataset[index]
