@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -52,6 +53,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (or resume, with ``ckpt_path``) and return the final metrics."""
     if cfg.ckpt_path is not None and not Path(str(cfg.ckpt_path)).expanduser().is_file():
         raise ConfigError(f"ckpt_path '{cfg.ckpt_path}' does not exist")
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()  # fail fast (missing data) before building anything heavy
