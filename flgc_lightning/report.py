@@ -193,7 +193,7 @@ def plot(rows: Sequence[RunRow], path: Path) -> None:
         points = [(r.macs_deployed or r.macs_nominal, r) for r in runs if r.best_acc is not None
                   and (r.macs_deployed or r.macs_nominal)]
         unplotted += len(runs) - len(points)
-        done = sorted((x, r) for x, r in points if r.status == "finished")
+        done = sorted(((x, r) for x, r in points if r.status == "finished"), key=lambda p: p[0])
         if done:
             ax.plot([x / 1e6 for x, _ in done], [100 * r.best_acc for _, r in done], marker=marker, color=color,
                     markersize=9 if marker == "*" else 7, linewidth=1.5, label=kind)
@@ -211,6 +211,7 @@ def plot(rows: Sequence[RunRow], path: Path) -> None:
         title += f"  ({unplotted} run(s) without results not plotted, see table)"
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
+    ax.margins(x=0.08, y=0.1)  # room for the G= labels
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=9)
     fig.tight_layout()
