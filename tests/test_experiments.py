@@ -101,6 +101,25 @@ def test_run_summary_records_a_failed_run_and_report_shows_it(tmp_path, capsys):
     assert rows["2"][1:3] == ["grouped", "4"] and rows["2"][-1].startswith("failed/unknown")
 
 
+def test_run_summary_continues_across_a_resume(tmp_path):
+    path = tmp_path / "summary.json"
+    data = DigitsDataModule(image_size=8, limit_train=32, limit_test=16, batch_size=16)
+    common = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, num_sanity_val_steps=0)
+    first = pl.Trainer(max_epochs=2, callbacks=[RunSummary(str(path))], **common)
+    first.fit(_tiny_module(), datamodule=data)
+    first.save_checkpoint(tmp_path / "last.ckpt")
+    before = json.loads(path.read_text())
+    assert before["status"] == "finished" and [h["epoch"] for h in before["history"]] == [0, 1]
+    assert before["macs_deployed"] == count_macs(first.lightning_module.net, (1, 8, 8), "learned")
+    second = pl.Trainer(max_epochs=3, callbacks=[RunSummary(str(path))], **common)
+    second.fit(_tiny_module(), datamodule=data, ckpt_path=tmp_path / "last.ckpt")
+    after = json.loads(path.read_text())
+    assert after["status"] == "finished" and after["epochs_done"] == 3 and after["started"] == before["started"]
+    assert after["history"][:2] == before["history"] and [h["epoch"] for h in after["history"]] == [0, 1, 2]
+    assert after["wall_time_s"] > before["wall_time_s"] and after["resumed_from"].endswith("last.ckpt")
+
+
 @pytest.mark.slow
 def test_tiny_sweep_report_table_csv_and_plot(cifar_subset, tmp_path):
     """`-m` over groups and conv types on real CIFAR-10; grouped G=3 cannot be built (8 channels) and must show as failed."""

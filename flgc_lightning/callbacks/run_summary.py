@@ -108,7 +108,6 @@ class RunSummary(Callback):
         self._fit_started = time.monotonic()
         previous = self._read_existing() if trainer.ckpt_path else {}
         self._previous_wall = float(previous.get("wall_time_s") or 0.0)
-        history = [h for h in previous.get("history", []) if h["epoch"] < trainer.current_epoch]
         self.data = {
             "status": "running",
             "error": None,
@@ -116,14 +115,18 @@ class RunSummary(Callback):
             "resumed_from": str(trainer.ckpt_path) if trainer.ckpt_path else None,
             "config": self._config(pl_module),
             "max_epochs": trainer.max_epochs,
-            "epochs_done": trainer.current_epoch,
-            "history": history,
+            "epochs_done": previous.get("epochs_done", 0),
+            "history": previous.get("history", []),
         }
         self._update_accuracy()
         self._write(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._set_complexity(pl_module)  # the module computes it in its own on_fit_start
+        # A resumed run's epoch counter is restored only after on_fit_start: drop epochs it redoes.
+        self.data["epochs_done"] = trainer.current_epoch
+        self.data["history"] = [h for h in self.data["history"] if h["epoch"] < trainer.current_epoch]
+        self._update_accuracy()
         self._write(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
