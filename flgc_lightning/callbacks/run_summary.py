@@ -151,7 +151,8 @@ class RunSummary(Callback):
         if not self.data:
             return
         self._set_complexity(pl_module)
-        self._set_deployed_macs(pl_module)
+        if trainer.is_global_zero:
+            self._set_deployed_macs(pl_module)
         self.data["status"] = "finished"
         self._write(trainer)
 
