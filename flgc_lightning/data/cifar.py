@@ -16,11 +16,15 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
 
-def reference_transforms(train: bool, size: int = 32, mean=CIFAR_MEAN, std=CIFAR_STD) -> transforms.Compose:
-    """RandomCrop(size, padding=size/8) + HorizontalFlip for training, then ToTensor + Normalize."""
+def reference_transforms(
+    train: bool, size: int = 32, mean=CIFAR_MEAN, std=CIFAR_STD, hflip: bool = True
+) -> transforms.Compose:
+    """RandomCrop(size, padding=size/8) + HorizontalFlip (if ``hflip``) for training, then ToTensor + Normalize."""
     steps: list = []
     if train:
-        steps += [transforms.RandomCrop(size, padding=max(1, size // 8)), transforms.RandomHorizontalFlip()]
+        steps.append(transforms.RandomCrop(size, padding=max(1, size // 8)))
+        if hflip:
+            steps.append(transforms.RandomHorizontalFlip())
     steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
     return transforms.Compose(steps)
 

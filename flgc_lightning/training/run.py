@@ -5,6 +5,7 @@ import logging
 from typing import Any, Optional
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -55,6 +56,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     validate_config(cfg)
     checkpoint = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path is not None else None
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()  # fail fast (missing data) before building anything heavy

@@ -1,0 +1,211 @@
+"""Experiment configs, run summaries, sweep reports, own data and CPU DDP, through the real command lines."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+
+from flgc_lightning.callbacks import RunSummary
+from flgc_lightning.config import compose
+from flgc_lightning.data import DigitsDataModule
+from flgc_lightning.models import MobileNetV2
+from flgc_lightning.report import main as report_main
+from flgc_lightning.training.module import ImageClassifier
+from flgc_lightning.utils.complexity import count_macs, count_parameters
+from tests.conftest import run_cli
+from tests.test_data_sources import write_png_tree
+
+# The accuracy docs/experiments.md promises for `python train.py experiment=quickstart`.
+QUICKSTART_ACC = 97.3
+QUIET = ("++trainer.enable_progress_bar=false", "num_threads=1")
+
+
+def test_quickstart_config_is_offline_cpu_flgc_with_checkpoints():
+    cfg = compose("train", ["experiment=quickstart"])
+    assert cfg.data._target_.endswith("DigitsDataModule") and cfg.trainer.accelerator == "cpu"
+    assert cfg.model.use_flgc and cfg.groups > 1 and cfg.model.groups == cfg.groups
+    assert set(cfg.callbacks) >= {"model_checkpoint", "run_summary"} and set(cfg.logger) == {"csv", "tensorboard"}
+    assert cfg.trainer.deterministic and cfg.seed is not None
+
+
+@pytest.mark.parametrize("name, groups, use_flgc", [
+    ("reference_dense", 1, False), ("reference_grouped", 8, False), ("reference_flgc", 8, True),
+])
+def test_reference_experiments_are_the_reference_recipe(name, groups, use_flgc):
+    cfg = compose("train", [f"experiment={name}"])
+    assert (cfg.model.groups, cfg.model.use_flgc, cfg.model.width_mult) == (groups, use_flgc, 1.0)
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.optimizer.weight_decay) == (0.1, 0.9, 4e-5)
+    assert list(cfg.scheduler.milestones) == [150, 250, 350] and cfg.scheduler.gamma == 0.1
+    assert cfg.trainer.max_epochs == 400 and cfg.data.batch_size == 128 and cfg.data.dataset == "cifar10"
+
+
+def test_reference_sweep_and_scale_out_configs_compose():
+    sweep = compose("train", ["experiment=reference_sweep"], return_hydra_config=True)
+    assert dict(sweep.hydra.sweeper.params) == {"groups": "1,2,4,8", "model.use_flgc": "true,false"}
+    assert sweep.trainer.max_epochs == 400
+    slurm = compose("train", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    assert slurm.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert slurm.hydra.launcher.partition == "gpu" and slurm.hydra.launcher.gpus_per_node == 1
+    multinode = compose("train", ["experiment=reference_flgc", "trainer=ddp_multinode"]).trainer
+    assert (multinode.strategy, multinode.num_nodes, multinode.accelerator, multinode.sync_batchnorm) == ("ddp", 2, "gpu", True)
+    cpu = compose("train", ["experiment=quickstart", "trainer=ddp_cpu"]).trainer  # command line beats the experiment
+    assert (cpu.accelerator, cpu.strategy, cpu.devices) == ("cpu", "ddp", 2)
+    assert compose("train", ["data=cifar100"]).data.dataset == "cifar100"
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training on a busy 2-core machine: one torch thread avoids oversubscription stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class _FailAtEpoch(pl.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            raise RuntimeError("disk full (simulated)")
+
+
+def _tiny_module() -> ImageClassifier:
+    model = {"_target_": "flgc_lightning.models.MobileNetV2", "num_classes": 10, "groups": 2, "use_flgc": True,
+             "width_mult": 0.25, "in_channels": 1}
+    return ImageClassifier(model, {"_target_": "torch.optim.SGD", "lr": 0.05}, None, (1, 8, 8))
+
+
+def test_run_summary_records_a_failed_run_and_report_shows_it(tmp_path, capsys, one_thread):
+    run = tmp_path / "sweep" / "0"
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[RunSummary(str(run / "summary.json")), _FailAtEpoch()])
+    with pytest.raises(RuntimeError, match="disk full"):
+        trainer.fit(_tiny_module(), datamodule=DigitsDataModule(image_size=8, limit_train=64, limit_test=32))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "disk full" in summary["error"]
+    assert summary["epochs_done"] == 1 and len(summary["history"]) == 1 and summary["max_epochs"] == 3
+    assert summary["config"]["conv_type"] == "FLGC" and summary["config"]["groups"] == 2
+    net = MobileNetV2(10, 2, True, 0.25, in_channels=1)
+    assert summary["params"] == count_parameters(net) and summary["macs"] == count_macs(net, (1, 8, 8))
+    assert summary["best_val_acc"] == summary["history"][0]["val_acc"] and "macs_deployed" not in summary
+    # A run still marked running (killed) and one that never got to fit are listed too.
+    unfinished = tmp_path / "sweep" / "1"
+    unfinished.mkdir()
+    (unfinished / "summary.json").write_text(json.dumps({**summary, "status": "running", "error": None}))
+    (tmp_path / "sweep" / "2" / ".hydra").mkdir(parents=True)
+    (tmp_path / "sweep" / "2" / ".hydra" / "config.yaml").write_text("groups: 4\nmodel:\n  groups: ${groups}\n  use_flgc: false\n")
+    report_main([str(tmp_path / "sweep")])
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in out.splitlines() if re.match(r"\| \d ", line)}
+    assert rows["0"][1:3] == ["FLGC", "2"] and rows["0"][-1] == "failed: RuntimeError: disk full (simulated)"
+    assert rows["0"][8] == "1/3" and rows["1"][-1] == "unfinished"
+    assert rows["2"][1:3] == ["grouped", "4"] and rows["2"][-1].startswith("failed/unknown")
+
+
+def test_run_summary_continues_across_a_resume(tmp_path, one_thread):
+    path = tmp_path / "summary.json"
+    data = DigitsDataModule(image_size=8, limit_train=32, limit_test=16, batch_size=16)
+    common = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, num_sanity_val_steps=0)
+    first = pl.Trainer(max_epochs=2, callbacks=[RunSummary(str(path))], **common)
+    first.fit(_tiny_module(), datamodule=data)
+    first.save_checkpoint(tmp_path / "last.ckpt")
+    before = json.loads(path.read_text())
+    assert before["status"] == "finished" and [h["epoch"] for h in before["history"]] == [0, 1]
+    assert before["macs_deployed"] == count_macs(first.lightning_module.net, (1, 8, 8), "learned")
+    second = pl.Trainer(max_epochs=3, callbacks=[RunSummary(str(path))], **common)
+    second.fit(_tiny_module(), datamodule=data, ckpt_path=tmp_path / "last.ckpt")
+    after = json.loads(path.read_text())
+    assert after["status"] == "finished" and after["epochs_done"] == 3 and after["started"] == before["started"]
+    assert after["history"][:2] == before["history"] and [h["epoch"] for h in after["history"]] == [0, 1, 2]
+    assert after["wall_time_s"] > before["wall_time_s"] and after["resumed_from"].endswith("last.ckpt")
+
+
+@pytest.mark.slow
+def test_tiny_sweep_report_table_csv_and_plot(cifar_subset, tmp_path):
+    """`-m` over groups and conv types on real CIFAR-10; grouped G=3 cannot be built (8 channels) and must show as failed."""
+    sweep = tmp_path / "multirun"
+    proc = run_cli(
+        "train.py", "-m", "groups=1,2,3", "model.use_flgc=true,false", f"data.root={cifar_subset}",
+        "data.num_workers=0", "data.limit_train=128", "data.limit_test=64", "data.batch_size=64",
+        "model.width_mult=0.25", "trainer.max_epochs=1", "trainer.accelerator=cpu", "logger=csv", *QUIET,
+        f"hydra.sweep.dir={sweep}", check=False,
+    )
+    assert proc.returncode != 0 and "divisible by groups=3" in proc.stdout + proc.stderr  # Hydra reports the failed job
+    report = run_cli("-m", "flgc_lightning.report", str(sweep))
+    with open(sweep / "report.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["conv_type"], r["groups"], r["status"]) for r in rows] == [
+        ("dense", "1", "finished"), ("dense", "1", "finished"), ("grouped", "2", "finished"),
+        ("grouped", "3", "failed/unknown"), ("FLGC", "2", "finished"), ("FLGC", "3", "finished"),
+    ]
+    by_kind = {(r["conv_type"], r["groups"]): r for r in rows}
+    dense = MobileNetV2(10, 1, False, 0.25)
+    assert int(by_kind[("dense", "1")]["params"]) == count_parameters(dense)
+    assert int(by_kind[("dense", "1")]["macs_deployed"]) == count_macs(dense) == int(by_kind[("dense", "1")]["macs_nominal"])
+    grouped = MobileNetV2(10, 2, False, 0.25)
+    assert int(by_kind[("grouped", "2")]["macs_deployed"]) == count_macs(grouped) < count_macs(dense)
+    # FLGC: deployed MACs are the learned groups of the trained network (its last checkpoint).
+    flgc = by_kind[("FLGC", "3")]
+    checkpoint = torch.load(sweep / flgc["run"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    module = ImageClassifier(**checkpoint["hyper_parameters"])
+    module.load_state_dict(checkpoint["state_dict"])
+    assert int(flgc["macs_deployed"]) == count_macs(module.net, (3, 32, 32), "learned")
+    assert int(flgc["macs_nominal"]) == count_macs(module.net, (3, 32, 32), "nominal")
+    for r in rows:
+        if r["status"] == "finished":
+            assert 0 <= float(r["best_acc"]) <= 1 and r["epochs"] == "1" and float(r["wall_time_s"]) > 0
+    table = (sweep / "report.md").read_text()
+    assert table.count("| finished |") == 5 and "failed/unknown" in table and "report.png" in table
+    assert "| FLGC | 3 |" in report.stdout and "report.png" in report.stdout
+    with Image.open(sweep / "report.png") as png:
+        assert png.size == (900, 600) and len(png.convert("RGB").getcolors(1 << 16) or []) > 20
+
+
+@pytest.mark.slow
+def test_imagefolder_trains_from_the_command_line(tmp_path):
+    write_png_tree(tmp_path / "pngs", per_class=(12, 4), size=16, mode="L")
+    run = tmp_path / "run"
+    run_cli("train.py", "data=imagefolder", f"data.root={tmp_path / 'pngs'}", "data.num_workers=0", "data.batch_size=8",
+            "groups=2", "model.width_mult=0.25", "trainer.max_epochs=2", "trainer.accelerator=cpu", *QUIET,
+            f"hydra.run.dir={run}")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["epochs_done"] == 2
+    assert summary["config"]["input_size"] == [1, 16, 16]
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["hyper_parameters"]["model"]["num_classes"] == 3
+    assert checkpoint["hyper_parameters"]["model"]["in_channels"] == 1
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("train.py", "experiment=quickstart", "trainer=ddp_cpu", "trainer.devices=2", "trainer.max_epochs=1",
+                   "data.limit_train=128", "data.limit_test=64", "data.batch_size=32", "model.width_mult=0.25",
+                   "test_after_fit=false", "logger=csv", *QUIET, f"hydra.run.dir={run}", timeout=300)
+    assert "MEMBER: 2/2" in proc.stdout + proc.stderr
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 2  # 128 images split over 2 ranks, batches of 32
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["epochs_done"] == 1
+
+
+@pytest.mark.slow
+def test_quickstart_reaches_the_documented_accuracy(tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli("train.py", "experiment=quickstart", f"hydra.run.dir={run}", timeout=600)
+    printed = re.search(r"test/acc\s+([0-9.]+)", proc.stdout)
+    assert printed, proc.stdout[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["config"]["conv_type"] == "FLGC"
+    assert float(printed.group(1)) == pytest.approx(summary["best_val_acc"], abs=1e-4)
+    assert abs(100 * summary["best_val_acc"] - QUICKSTART_ACC) <= 3
+    assert (run / "checkpoints" / "last.ckpt").is_file() and list((run / "tensorboard").rglob("events.out.*"))
