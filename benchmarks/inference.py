@@ -6,6 +6,8 @@ All in one process. Rows: CPU eager PyTorch and ONNX Runtime (both ``--threads``
 2), plus CUDA eager when a GPU is present; batch 1 and 64; float32. Models are timed interleaved
 (one call of each per round) and medians reported, so background load hits all rows alike.
 Dense and standard-grouped models are deployed exactly like FLGC (BN folded, channels_last);
+FLGC is deployed twice: ``flgc_padded`` (every layer a padded grouped conv) and ``flgc_auto``
+(per layer the faster of padded / block-diagonal dense, timed at deploy time);
 the training form runs as the reference runs it (eval mode, masked dense conv, BN unfolded).
 """
 from __future__ import annotations
@@ -21,14 +23,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flgc_lightning.deploy import deploy_model, export_onnx, layer_group_report  # noqa: E402
+from flgc_lightning.deploy import (  # noqa: E402
+    UnequalGroupConv2d, deploy_model, deployed_macs, executed_macs, export_onnx, layer_group_report,
+)
 from flgc_lightning.models import MobileNetV2  # noqa: E402
 from flgc_lightning.utils.complexity import count_macs  # noqa: E402
 
-TARGETS = (  # (label, numerator, denominator, bound, direction)
-    ("deployed / dense", "flgc_deployed", "dense", 0.90, "<="),
-    ("deployed / standard grouped", "flgc_deployed", "grouped", 1.05, "<="),
-    ("training form / deployed", "flgc_train", "flgc_deployed", 1.30, ">="),
+DEPLOYED = ("flgc_padded", "flgc_auto")
+TARGETS = (  # (label, numerator, denominator, bound, direction); "{d}" is a deployed variant
+    ("{d} / dense", "{d}", "dense", 0.90, "<="),
+    ("{d} / standard grouped", "{d}", "grouped", 1.05, "<="),
+    ("training form / {d}", "flgc_train", "{d}", 1.30, ">="),
 )
 
 
@@ -44,7 +49,8 @@ def build_models(groups: int, checkpoint: str | None, seed: int) -> dict[str, to
         "dense": deploy_model(MobileNetV2()),
         "grouped": deploy_model(MobileNetV2(groups=groups)),
         "flgc_train": flgc,
-        "flgc_deployed": deploy_model(flgc),
+        "flgc_padded": deploy_model(flgc, kernel="padded"),
+        "flgc_auto": deploy_model(flgc, kernel="auto"),
     }
 
 
@@ -101,14 +107,22 @@ def cuda_rows(models, batch, repeats):
     return time_interleaved(runners, repeats)
 
 
+def ratio(row, num, den) -> float:
+    return row[num] / row[den]
+
+
 def print_table(results, names):
-    header = f"| device / engine | batch | " + " | ".join(f"{n} (ms)" for n in names) + " | deployed/dense | deployed/grouped | train/deployed |"
+    header = "| device / engine | batch | " + " | ".join(f"{n} (ms)" for n in names) + " |"
     print(header)
-    print("|" + "---|" * (header.count("|") - 1))
+    print("|" + "---|" * (len(names) + 2))
     for (engine, batch), row in results.items():
-        cells = " | ".join(f"{1000 * row[n]:.2f}" for n in names)
-        ratios = (row["flgc_deployed"] / row["dense"], row["flgc_deployed"] / row["grouped"], row["flgc_train"] / row["flgc_deployed"])
-        print(f"| {engine} | {batch} | {cells} | " + " | ".join(f"{r:.3f}" for r in ratios) + " |")
+        print(f"| {engine} | {batch} | " + " | ".join(f"{1000 * row[n]:.2f}" for n in names) + " |")
+    labels = [t[0].format(d=d) for d in DEPLOYED for t in TARGETS]
+    print("\n| device / engine | batch | " + " | ".join(labels) + " |")
+    print("|" + "---|" * (len(labels) + 2))
+    for (engine, batch), row in results.items():
+        cells = [ratio(row, t[1].format(d=d), t[2].format(d=d)) for d in DEPLOYED for t in TARGETS]
+        print(f"| {engine} | {batch} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
 
 
 def main(argv=None) -> int:
@@ -127,9 +141,14 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {args.threads} CPU threads, groups={args.groups}, "
           f"assignments: {args.checkpoint or f'N(0,1) init, seed {args.seed}'}")
     print(layer_group_report(models["flgc_train"]))
-    macs = {n: count_macs(m, flgc_cost="learned") for n, m in models.items() if n != "flgc_train"}
-    print("MACs: " + ", ".join(f"{n} {v / 1e6:.2f} M" for n, v in macs.items())
-          + f", training form runs {count_macs(models['flgc_train'], flgc_cost='dense') / 1e6:.2f} M\n")
+    macs = {n: deployed_macs(m) for n, m in models.items() if n != "flgc_train"}
+    print("MACs (learned groups): " + ", ".join(f"{n} {v / 1e6:.2f} M" for n, v in macs.items())
+          + f"; training form runs {count_macs(models['flgc_train'], flgc_cost='dense') / 1e6:.2f} M")
+    print("MACs executed by the deployed kernels (padding / zeros included): "
+          + ", ".join(f"{n} {executed_macs(models[n]) / 1e6:.2f} M" for n in DEPLOYED))
+    print("auto kernel choice per FLGC layer: "
+          + "".join(m.kernel[0] for m in models["flgc_auto"].modules() if isinstance(m, UnequalGroupConv2d))
+          + " (p = padded grouped conv, b = block-diagonal dense conv)\n")
 
     results = {}
     with tempfile.TemporaryDirectory() as onnx_dir:
@@ -147,11 +166,13 @@ def main(argv=None) -> int:
     if row is None:
         print("  batch 64 not measured")
         return 1
-    for label, num, den, bound, direction in TARGETS:
-        ratio = row[num] / row[den]
-        passed = ratio <= bound if direction == "<=" else ratio >= bound
-        ok &= passed
-        print(f"  {label:30s} {ratio:6.3f}  (target {direction} {bound:.2f})  {'PASS' if passed else 'FAIL'}")
+    for deployed in DEPLOYED:
+        for label, num, den, bound, direction in TARGETS:
+            value = ratio(row, num.format(d=deployed), den.format(d=deployed))
+            passed = value <= bound if direction == "<=" else value >= bound
+            ok &= passed
+            print(f"  {label.format(d=deployed):36s} {value:6.3f}  (target {direction} {bound:.2f})  "
+                  f"{'PASS' if passed else 'FAIL'}")
     return 0 if ok else 2
 
 

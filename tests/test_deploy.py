@@ -13,7 +13,7 @@ from torch import nn
 from flgc_lightning.data.cifar import CIFAR_MEAN, CIFAR_STD
 from flgc_lightning.data.cifar_files import CIFAR10, find_folder, load_split
 from flgc_lightning.deploy import (
-    UnequalGroupConv2d, deploy_model, deployed_macs, deployed_parameters, export_onnx, export_torchscript,
+    UnequalGroupConv2d, deploy_model, deployed_macs, deployed_parameters, executed_macs, export_onnx, export_torchscript,
     learned_macs_formula, onnxruntime_logits,
 )
 from flgc_lightning.layers import Flgc2d
@@ -26,12 +26,12 @@ SUBSET = REPO.parent / "shared" / "data" / "cifar10-subset"
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    """16 real CIFAR-10 test images, normalised as in training."""
+    """12 real CIFAR-10 test images, normalised as in training."""
     folder = find_folder(SUBSET, CIFAR10)
     if folder is None:
         pytest.skip(f"real CIFAR-10 subset not found at {SUBSET}")
     data, _ = load_split(folder, CIFAR10, train=False)
-    x = torch.from_numpy(np.asarray(data[:16])).float().div(255).permute(0, 3, 1, 2)
+    x = torch.from_numpy(np.asarray(data[:12])).float().div(255).permute(0, 3, 1, 2)
     return (x - torch.tensor(CIFAR_MEAN)[:, None, None]) / torch.tensor(CIFAR_STD)[:, None, None]
 
 
@@ -97,13 +97,35 @@ def test_empty_groups_on_either_side_are_exact(images):
     assert layer.in_sizes[1:3] == [0, 0] and layer.out_sizes[0] == 0 and layer.out_sizes[2] == 0
 
 
-def test_unequal_group_conv_matches_masked_conv():
+@pytest.mark.parametrize("kernel", ["padded", "blockdiag"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_unequal_group_conv_matches_masked_conv(kernel, channels_last):
     torch.manual_seed(0)
     layer = Flgc2d(20, 12, 1, groups=5, bias=True)
     x = torch.randn(3, 20, 4, 4)
-    deployed = UnequalGroupConv2d(layer.weight.detach(), layer.bias.detach(), layer.input_groups(), layer.filter_groups(), 5)
+    deployed = UnequalGroupConv2d(layer.weight.detach(), layer.bias.detach(), layer.input_groups(), layer.filter_groups(),
+                                  5, kernel)
+    if channels_last:
+        x, deployed = x.contiguous(memory_format=torch.channels_last), deployed.to(memory_format=torch.channels_last)
     with torch.no_grad():
-        torch.testing.assert_close(deployed(x), layer(x), atol=1e-5, rtol=0)
+        expected = layer(x)
+        torch.testing.assert_close(deployed(x), expected, atol=1e-5, rtol=0)
+        other = deployed.rebuilt("blockdiag" if kernel == "padded" else "padded")
+        torch.testing.assert_close(other(x), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(deployed.dense_weight(), layer.masked_weight().detach()[:, :, 0, 0])
+    sizes_in, sizes_out = deployed.in_sizes, deployed.out_sizes
+    padded = 5 * max(sizes_in) * max(sizes_out)
+    assert deployed.executed_connections == (padded if kernel == "padded" else 20 * 12)
+
+
+def test_auto_kernel_choice_keeps_logits(images):
+    torch.manual_seed(11)
+    model = trained_like(MobileNetV2(groups=4, use_flgc=True), 11)
+    deployed = deploy_model(model, kernel="auto", tune_batch=4)
+    kernels = {m.kernel for m in deployed.modules() if isinstance(m, UnequalGroupConv2d)}
+    assert kernels and kernels <= {"padded", "blockdiag"}
+    with torch.no_grad():
+        assert (deployed(images.contiguous(memory_format=torch.channels_last)) - model(images)).abs().max() <= 1e-4
 
 
 def test_deployed_macs_agree_with_learned_group_sizes():
@@ -125,6 +147,16 @@ def test_deployed_macs_agree_with_learned_group_sizes():
     # one layer on its own: learned connections times positions, plus the bias adds
     layer = deploy_model(flgc).features[5].projection
     assert deployed_macs(layer, (layer.in_channels, 16, 16)) == (layer.learned_connections + layer.out_channels) * 256
+    # what the kernels execute: padding (padded) or the whole dense product (blockdiag) included
+    padded, blockdiag = deploy_model(flgc, kernel="padded"), deploy_model(flgc, kernel="blockdiag")
+    for net in (padded, blockdiag):
+        layers = [m for m in net.modules() if isinstance(m, UnequalGroupConv2d)]
+        extra = sum((m.executed_connections - m.learned_connections + m.conv.out_channels - m.out_channels) * hw
+                    for m, hw in zip(layers, PROJECTION_POSITIONS))
+        assert executed_macs(net) - deployed_macs(net) == extra
+    assert all(m.executed_connections == m.in_channels * m.out_channels
+               for m in blockdiag.modules() if isinstance(m, UnequalGroupConv2d))
+    assert executed_macs(padded) > deployed_macs(padded)
 
 
 PROJECTION_POSITIONS = [32 * 32] * 3 + [16 * 16] * 3 + [8 * 8] * 7 + [4 * 4] * 4
@@ -154,7 +186,7 @@ def test_torchscript_and_onnx_exports_match(images, tmp_path):
         assert (reloaded(images) - expected).abs().max().item() <= 1e-4
         assert (scripted(images[:3]) - expected[:3]).abs().max().item() <= 1e-4
     path = export_onnx(deployed, tmp_path / "net.onnx")
-    ort = onnxruntime_logits(path, images)  # batch 16 through an export traced at batch 1
+    ort = onnxruntime_logits(path, images)  # batch 12 through an export traced at batch 1
     assert ort.shape == expected.shape
     assert (ort - expected).abs().max().item() <= 1e-4
 

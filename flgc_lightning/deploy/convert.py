@@ -55,9 +55,9 @@ class FoldedConv:
         if self.in_groups is not None:
             self.in_groups = self.in_groups[index]
 
-    def build(self) -> nn.Module:
+    def build(self, kernel: str = "padded") -> nn.Module:
         if self.in_groups is not None:
-            return UnequalGroupConv2d(self.weight, self.bias, self.in_groups, self.out_groups, self.num_groups)
+            return UnequalGroupConv2d(self.weight, self.bias, self.in_groups, self.out_groups, self.num_groups, kernel)
         t = self.template
         depthwise = t.groups > 1 and t.groups == t.in_channels == t.out_channels
         channels_out = self.weight.shape[0]
@@ -78,8 +78,9 @@ def _stage(conv_bn: nn.Sequential) -> tuple[FoldedConv, bool]:
     return FoldedConv.from_conv_bn(conv, bn), len(conv_bn) > 2
 
 
-def _sequential(folded: FoldedConv, relu6: bool) -> nn.Sequential:
-    return nn.Sequential(folded.build(), nn.ReLU6(inplace=True)) if relu6 else nn.Sequential(folded.build())
+def _sequential(folded: FoldedConv, relu6: bool, kernel: str = "padded") -> nn.Sequential:
+    conv = folded.build(kernel)
+    return nn.Sequential(conv, nn.ReLU6(inplace=True)) if relu6 else nn.Sequential(conv)
 
 
 def _group_hidden_channels(expand: FoldedConv, depthwise: FoldedConv, projection: FoldedConv) -> None:
@@ -94,28 +95,34 @@ def _group_hidden_channels(expand: FoldedConv, depthwise: FoldedConv, projection
     projection.keep_inputs(kept)
 
 
-def _deploy_block(block: InvertedResidual, group_hidden: bool) -> None:
+def _deploy_block(block: InvertedResidual, group_hidden: bool, kernel: str) -> None:
     stages = [_stage(s) for s in block.conv]
     if group_hidden and len(stages) == 3 and stages[2][0].in_groups is not None:
         _group_hidden_channels(stages[0][0], stages[1][0], stages[2][0])
-    block.conv = nn.Sequential(*(_sequential(f, relu) for f, relu in stages))
+    block.conv = nn.Sequential(*(_sequential(f, relu, kernel) for f, relu in stages))
     if block.shortcut is not None:
-        block.shortcut = _sequential(*_stage(block.shortcut))
+        block.shortcut = _sequential(*_stage(block.shortcut), kernel)
 
 
 @torch.no_grad()
-def deploy_model(model: nn.Module, channels_last: bool = True, group_hidden: bool = True) -> nn.Module:
+def deploy_model(model: nn.Module, channels_last: bool = True, group_hidden: bool = True, kernel: str = "padded",
+                 tune_batch: int = 64) -> nn.Module:
     """An eval-mode inference copy of ``model`` (on CPU) with BN folded and FLGC groups realised.
 
+    ``kernel``: how FLGC layers run, ``"padded"`` (grouped conv on padded equal blocks: only
+    group connections plus padding are computed), ``"blockdiag"`` (dense conv, zeros outside
+    groups) or ``"auto"`` (per layer, whichever is faster here at batch ``tune_batch``).
     ``group_hidden=False`` skips reordering/pruning the hidden channels (for cost comparisons).
     """
+    if kernel not in (*UnequalGroupConv2d.KERNELS, "auto"):
+        raise DeployError(f"kernel must be one of padded, blockdiag, auto; got {kernel!r}")
     if not isinstance(model, MobileNetV2):
         raise DeployError(f"deploy supports flgc_lightning MobileNetV2 networks, got {type(model).__name__}")
     net = copy.deepcopy(model).cpu().float().eval()
     features = list(net.features)
     for i, layer in enumerate(features):
         if isinstance(layer, InvertedResidual):
-            _deploy_block(layer, group_hidden)
+            _deploy_block(layer, group_hidden, "padded" if kernel == "auto" else kernel)
         else:
             features[i] = _sequential(*_stage(layer))
     net.features = nn.Sequential(*features)
@@ -123,4 +130,8 @@ def deploy_model(model: nn.Module, channels_last: bool = True, group_hidden: boo
         p.requires_grad_(False)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
+    if kernel == "auto":
+        from flgc_lightning.deploy.tune import choose_kernels
+
+        choose_kernels(net, tune_batch, channels_last)
     return net.eval()

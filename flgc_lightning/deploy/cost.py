@@ -1,6 +1,8 @@
 """What a deployed network costs: MACs from the learned group sizes, checked by ptflops."""
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -21,11 +23,28 @@ def deployed_macs(model: nn.Module, input_size=(3, 32, 32)) -> int:
     """ptflops MACs of a deployed network; unequal-group layers count their learned connections."""
     from ptflops import get_model_complexity_info
 
-    probe = model.cpu().eval().to(memory_format=torch.contiguous_format)
+    probe = copy.deepcopy(model).cpu().eval()  # ptflops adds and removes attributes; leave the original alone
     macs, _ = get_model_complexity_info(
         probe, tuple(input_size), as_strings=False, print_per_layer_stat=False, backend="pytorch",
         custom_modules_hooks={UnequalGroupConv2d: _unequal_group_hook},
         backend_specific_config={"count_functional": False},
+    )
+    return int(macs)
+
+
+def executed_macs(model: nn.Module, input_size=(3, 32, 32)) -> int:
+    """MACs the deployed kernels really run: unequal-group layers counted with padding / zeros."""
+    from ptflops import get_model_complexity_info
+
+    def hook(module: UnequalGroupConv2d, inputs, output) -> None:
+        positions = output[0, 0].numel()
+        macs = module.executed_connections * positions + (module.conv.out_channels * positions if module.conv.bias is not None else 0)
+        module.__flops__ += int(macs * output.shape[0])
+
+    probe = copy.deepcopy(model).cpu().eval()  # ptflops adds and removes attributes; leave the original alone
+    macs, _ = get_model_complexity_info(
+        probe, tuple(input_size), as_strings=False, print_per_layer_stat=False, backend="pytorch",
+        custom_modules_hooks={UnequalGroupConv2d: hook}, backend_specific_config={"count_functional": False},
     )
     return int(macs)
 
@@ -68,3 +87,14 @@ def layer_group_report(model: nn.Module) -> str:
         lines.append(f"  FLGC layer {i:2d} {layer.in_channels:4d}->{layer.out_channels:<4d} in {n_in} out {n_out} "
                      f"learned/uniform {learned / (layer.in_channels * layer.out_channels / g):.2f} padded/learned {padded / max(learned, 1):.2f}")
     return "group sizes (inputs / filters per group):\n" + "\n".join(lines) if lines else "no FLGC layers"
+
+
+def deployed_complexity(model: nn.Module, input_size=(3, 32, 32)) -> dict[str, int]:
+    """``macs_deployed`` / ``params_deployed`` of ``model`` after :func:`deploy_model`; ``{}`` if it cannot deploy."""
+    from flgc_lightning.deploy.convert import DeployError, deploy_model
+
+    try:
+        deployed = deploy_model(model, channels_last=False)
+    except DeployError:
+        return {}
+    return {"macs_deployed": deployed_macs(deployed, input_size), "params_deployed": deployed_parameters(deployed)}

@@ -8,8 +8,12 @@ from torch import nn
 
 
 def export_torchscript(model: nn.Module, path: str | Path, example: torch.Tensor | None = None) -> torch.jit.ScriptModule:
-    """Trace (the network has no data-dependent control flow) and save."""
+    """Trace (the network has no data-dependent control flow) and save.
+
+    Traced with a channels_last example: the channel gathers then take their channels_last path.
+    """
     example = torch.randn(1, 3, 32, 32) if example is None else example
+    example = example.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         traced = torch.jit.trace(model.eval(), example)
     traced.save(str(path))
