@@ -10,43 +10,38 @@ from flgc_lightning.deploy.grouped import UnequalGroupConv2d
 from flgc_lightning.layers import Flgc2d
 
 
-def _unequal_group_hook(module: UnequalGroupConv2d, inputs, output) -> None:
-    """ptflops hook: sum_g |in_g| * |out_g| per output position (+ bias), not the padded conv."""
-    positions = output[0, 0].numel()
-    macs = module.learned_connections * positions
-    if module.conv.bias is not None:
-        macs += module.out_channels * positions
-    module.__flops__ += int(macs * output.shape[0])
+def _unequal_group_hook(connections: str):
+    """ptflops hook: ``module.<connections>`` multiply-adds per output position, plus the bias adds."""
+    def hook(module: UnequalGroupConv2d, inputs, output) -> None:
+        positions = output[0, 0].numel()
+        macs = getattr(module, connections) * positions
+        if module.conv.bias is not None:
+            macs += (module.out_channels if connections == "learned_connections" else module.conv.out_channels) * positions
+        module.__flops__ += int(macs * output.shape[0])
+
+    return hook
 
 
-def deployed_macs(model: nn.Module, input_size=(3, 32, 32)) -> int:
-    """ptflops MACs of a deployed network; unequal-group layers count their learned connections."""
+def _ptflops_macs(model: nn.Module, input_size, connections: str) -> int:
     from ptflops import get_model_complexity_info
 
     probe = copy.deepcopy(model).cpu().eval()  # ptflops adds and removes attributes; leave the original alone
     macs, _ = get_model_complexity_info(
         probe, tuple(input_size), as_strings=False, print_per_layer_stat=False, backend="pytorch",
-        custom_modules_hooks={UnequalGroupConv2d: _unequal_group_hook},
+        custom_modules_hooks={UnequalGroupConv2d: _unequal_group_hook(connections)},
         backend_specific_config={"count_functional": False},
     )
     return int(macs)
 
 
+def deployed_macs(model: nn.Module, input_size=(3, 32, 32)) -> int:
+    """ptflops MACs of a deployed network; unequal-group layers count sum_g |in_g| * |out_g| (+ bias)."""
+    return _ptflops_macs(model, input_size, "learned_connections")
+
+
 def executed_macs(model: nn.Module, input_size=(3, 32, 32)) -> int:
     """MACs the deployed kernels really run: unequal-group layers counted with padding / zeros."""
-    from ptflops import get_model_complexity_info
-
-    def hook(module: UnequalGroupConv2d, inputs, output) -> None:
-        positions = output[0, 0].numel()
-        macs = module.executed_connections * positions + (module.conv.out_channels * positions if module.conv.bias is not None else 0)
-        module.__flops__ += int(macs * output.shape[0])
-
-    probe = copy.deepcopy(model).cpu().eval()  # ptflops adds and removes attributes; leave the original alone
-    macs, _ = get_model_complexity_info(
-        probe, tuple(input_size), as_strings=False, print_per_layer_stat=False, backend="pytorch",
-        custom_modules_hooks={UnequalGroupConv2d: hook}, backend_specific_config={"count_functional": False},
-    )
-    return int(macs)
+    return _ptflops_macs(model, input_size, "executed_connections")
 
 
 def deployed_parameters(model: nn.Module) -> int:

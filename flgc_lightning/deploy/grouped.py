@@ -3,7 +3,7 @@
 No library layer runs unequal groups, so the learned block-diagonal weight is padded to
 ``G`` equal blocks of ``max_in x max_out`` and run as one standard grouped ``nn.Conv2d``:
 
-    gather inputs (index_select) -> grouped conv -> gather outputs (index_select)
+    gather inputs -> grouped conv -> gather outputs
 
 With ``kernel="blockdiag"`` the layer is instead one dense 1x1 conv whose weight is zero
 outside the groups (no gathers, dense cost): on CPU it is faster for layers with large
@@ -14,7 +14,7 @@ The input gather lays every group out as ``max_in`` consecutive channels (paddin
 any valid channel and meet zero weights, so the result is exact); the output gather drops the
 padding filters and puts the real ones back in the order the consumer expects. Filters of a
 group without inputs output only their bias; inputs of a group without filters are never read.
-Made of ``index_select`` and ``nn.Conv2d`` only, so TorchScript and ONNX export it as is.
+Made of channel gathers and ``nn.Conv2d`` only, so TorchScript and ONNX export it as is.
 """
 from __future__ import annotations
 
