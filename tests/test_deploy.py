@@ -205,6 +205,7 @@ def write_checkpoint(path: Path, groups: int) -> nn.Module:
     return module.net
 
 
+@pytest.mark.slow
 def test_cli_deploys_and_exports_a_checkpoint(tmp_path):
     write_checkpoint(tmp_path / "flgc.ckpt", groups=8)
     proc = subprocess.run([sys.executable, "-m", "flgc_lightning.deploy", str(tmp_path / "flgc.ckpt"), "--out",
