@@ -12,6 +12,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from flgc_lightning.deploy import deployed_complexity
 from flgc_lightning.training.checkpoints import load_checkpoint
 from flgc_lightning.training.module import ImageClassifier
 from flgc_lightning.utils.complexity import complexity_summary, format_millions
@@ -49,6 +50,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
         "test_acc": float(metrics["test/acc"]),
         "test_loss": float(metrics["test/loss"]),
         **complexity_summary(module.net, tuple(module.hparams.input_size)),
+        **deployed_complexity(module.net, tuple(module.hparams.input_size)),
     }
     print(format_result(result))
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
@@ -72,4 +74,7 @@ def format_result(result: dict[str, Any]) -> str:
     if "macs_nominal" in result:
         lines.append(f"MACs FLGC  : {format_millions(result['macs_nominal'])} nominal (uniform groups), "
                      f"{format_millions(result['macs_learned'])} with the learned groups")
+    if "macs_deployed" in result:
+        lines.append(f"deployed   : {format_millions(result['macs_deployed'])} MACs, {result['params_deployed']:,} params "
+                     "(BN folded, learned groups as real grouped convs: python -m flgc_lightning.deploy)")
     return "\n".join(lines)

@@ -1,0 +1,180 @@
+"""Inference latency: dense vs standard grouped vs FLGC (training form) vs FLGC deployed.
+
+    python benchmarks/inference.py [--groups 8] [--repeats 15] [--checkpoint FLGC.ckpt]
+
+All in one process. Rows: CPU eager PyTorch and ONNX Runtime (both ``--threads`` threads, default
+2), plus CUDA eager when a GPU is present; batch 1 and 64; float32. Models are timed interleaved
+(one call of each per round) and medians reported, so background load hits all rows alike.
+Dense and standard-grouped models are deployed exactly like FLGC (BN folded, channels_last);
+FLGC is deployed twice: ``flgc_padded`` (every layer a padded grouped conv) and ``flgc_auto``
+(per layer the faster of padded / block-diagonal dense, timed at deploy time);
+the training form runs as the reference runs it (eval mode, masked dense conv, BN unfolded).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from flgc_lightning.deploy import (  # noqa: E402
+    UnequalGroupConv2d, deploy_model, deployed_macs, executed_macs, export_onnx, layer_group_report,
+)
+from flgc_lightning.models import MobileNetV2  # noqa: E402
+from flgc_lightning.utils.complexity import count_macs  # noqa: E402
+
+DEPLOYED = ("flgc_padded", "flgc_auto")
+TARGETS = (  # (label, numerator, denominator, bound, direction); "{d}" is a deployed variant
+    ("{d} / dense", "{d}", "dense", 0.90, "<="),
+    ("{d} / standard grouped", "{d}", "grouped", 1.05, "<="),
+    ("training form / {d}", "flgc_train", "{d}", 1.30, ">="),
+)
+
+
+def build_models(groups: int, checkpoint: str | None, seed: int) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(seed)
+    if checkpoint:
+        from flgc_lightning.deploy import load_trained_network
+        flgc = load_trained_network(checkpoint)
+    else:  # assignments as initialised: N(0, 1) logits, i.e. uniformly random unequal groups
+        flgc = MobileNetV2(groups=groups, use_flgc=True)
+    flgc.eval()
+    return {
+        "dense": deploy_model(MobileNetV2()),
+        "grouped": deploy_model(MobileNetV2(groups=groups)),
+        "flgc_train": flgc,
+        "flgc_padded": deploy_model(flgc, kernel="padded"),
+        "flgc_auto": deploy_model(flgc, kernel="auto"),
+    }
+
+
+def time_interleaved(runners: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each runner, rounds interleaved across runners."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def torch_runner(model, x, sync=lambda: None):
+    def run():
+        with torch.inference_mode():
+            model(x)
+        sync()
+    return run
+
+
+def cpu_rows(models, batch, repeats, threads, onnx_dir):
+    import onnxruntime as ort
+    rows = {}
+    x = torch.randn(batch, 3, 32, 32)
+    runners = {}
+    for name, model in models.items():
+        xx = x.contiguous(memory_format=torch.channels_last) if name != "flgc_train" else x
+        runners[("torch", name)] = torch_runner(model, xx)
+        path = Path(onnx_dir) / f"{name}.onnx"
+        if not path.exists():
+            export_onnx(model, path, example=x[:1])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x.numpy()}
+        runners[("onnxruntime", name)] = (lambda s=session, f=feed: s.run(None, f))
+    for (engine, name), t in time_interleaved(runners, repeats).items():
+        rows.setdefault(engine, {})[name] = t
+    return rows
+
+
+def cuda_rows(models, batch, repeats):
+    x = torch.randn(batch, 3, 32, 32, device="cuda")
+    runners = {}
+    for name, model in models.items():
+        m = model.to("cuda")
+        xx = x.contiguous(memory_format=torch.channels_last) if name != "flgc_train" else x
+        runners[name] = torch_runner(m, xx, torch.cuda.synchronize)
+    return time_interleaved(runners, repeats)
+
+
+def ratio(row, num, den) -> float:
+    return row[num] / row[den]
+
+
+def print_table(results, names):
+    header = "| device / engine | batch | " + " | ".join(f"{n} (ms)" for n in names) + " |"
+    print(header)
+    print("|" + "---|" * (len(names) + 2))
+    for (engine, batch), row in results.items():
+        print(f"| {engine} | {batch} | " + " | ".join(f"{1000 * row[n]:.2f}" for n in names) + " |")
+    labels = [t[0].format(d=d) for d in DEPLOYED for t in TARGETS]
+    print("\n| device / engine | batch | " + " | ".join(labels) + " |")
+    print("|" + "---|" * (len(labels) + 2))
+    for (engine, batch), row in results.items():
+        cells = [ratio(row, t[1].format(d=d), t[2].format(d=d)) for d in DEPLOYED for t in TARGETS]
+        print(f"| {engine} | {batch} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--groups", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds per row (median)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--checkpoint", help="trained FLGC checkpoint to use instead of N(0,1)-initialised assignments")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    models = build_models(args.groups, args.checkpoint, args.seed)
+    names = list(models)
+
+    print(f"torch {torch.__version__}, {args.threads} CPU threads, groups={args.groups}, "
+          f"assignments: {args.checkpoint or f'N(0,1) init, seed {args.seed}'}")
+    print(layer_group_report(models["flgc_train"]))
+    macs = {n: deployed_macs(m) for n, m in models.items() if n != "flgc_train"}
+    print("MACs (learned groups): " + ", ".join(f"{n} {v / 1e6:.2f} M" for n, v in macs.items())
+          + f"; training form runs {count_macs(models['flgc_train'], flgc_cost='dense') / 1e6:.2f} M")
+    print("MACs executed by the deployed kernels (padding / zeros included): "
+          + ", ".join(f"{n} {executed_macs(models[n]) / 1e6:.2f} M" for n in DEPLOYED))
+    print("auto kernel choice per FLGC layer: "
+          + "".join(m.kernel[0] for m in models["flgc_auto"].modules() if isinstance(m, UnequalGroupConv2d))
+          + " (p = padded grouped conv, b = block-diagonal dense conv)\n")
+
+    results = {}
+    with tempfile.TemporaryDirectory() as onnx_dir:
+        for batch in args.batches:
+            for engine, row in cpu_rows(models, batch, args.repeats, args.threads, onnx_dir).items():
+                results[(f"CPU {engine}", batch)] = row
+    if torch.cuda.is_available():
+        for batch in args.batches:
+            results[("CUDA torch", batch)] = cuda_rows(models, batch, args.repeats)
+    print_table(results, names)
+
+    ok = True
+    print("\nTargets (CPU eager PyTorch, batch 64):")
+    row = results.get(("CPU torch", 64))
+    if row is None:
+        print("  batch 64 not measured")
+        return 1
+    for deployed in DEPLOYED:
+        for label, num, den, bound, direction in TARGETS:
+            value = ratio(row, num.format(d=deployed), den.format(d=deployed))
+            passed = value <= bound if direction == "<=" else value >= bound
+            ok &= passed
+            print(f"  {label.format(d=deployed):36s} {value:6.3f}  (target {direction} {bound:.2f})  "
+                  f"{'PASS' if passed else 'FAIL'}")
+    return 0 if ok else 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

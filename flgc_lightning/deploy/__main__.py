@@ -1,0 +1,63 @@
+"""``python -m flgc_lightning.deploy CKPT --out DIR [--onnx] [--torchscript]``.
+
+Deploys a train.py checkpoint, prints nominal vs deployed MACs/params and the largest logit
+difference to the trained network (eval mode) on random inputs, and writes the exports.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from flgc_lightning.cli import report_user_errors
+from flgc_lightning.deploy.checkpoint import load_trained_network
+from flgc_lightning.deploy.convert import deploy_model
+from flgc_lightning.deploy.cost import deployed_macs, deployed_parameters, executed_macs
+from flgc_lightning.deploy.export import export_onnx, export_torchscript, onnxruntime_logits
+from flgc_lightning.errors import UserError
+from flgc_lightning.utils.complexity import complexity_summary, format_millions
+
+
+def run(args: argparse.Namespace) -> None:
+    trained = load_trained_network(args.checkpoint)
+    deployed = deploy_model(trained, kernel=args.kernel)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create output folder '{out}': {err.strerror}") from None
+    summary = complexity_summary(trained)
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = trained(images)
+        diff = (deployed(images.contiguous(memory_format=torch.channels_last)) - reference).abs().max().item()
+    print(f"trained  : params {summary['params']:,}, MACs {format_millions(summary['macs'])} as it runs"
+          + (f", {format_millions(summary['macs_nominal'])} nominal" if "macs_nominal" in summary else ""))
+    print(f"deployed : params {deployed_parameters(deployed):,}, MACs {format_millions(deployed_macs(deployed))} "
+          f"(learned groups); the {args.kernel} kernels execute {format_millions(executed_macs(deployed))}")
+    print(f"max |logit difference| deployed vs trained (eval mode, 8 random images): {diff:.3g}")
+    torch.save(deployed, out / "deployed.pt")
+    print(f"wrote {out / 'deployed.pt'} (torch.save of the module)")
+    if args.torchscript:
+        export_torchscript(deployed, out / "deployed.torchscript.pt")
+        print(f"wrote {out / 'deployed.torchscript.pt'}")
+    if args.onnx:
+        path = export_onnx(deployed, out / "deployed.onnx")
+        ort_diff = (onnxruntime_logits(path, images) - reference).abs().max().item()
+        print(f"wrote {path}; max |logit difference| ONNX Runtime vs trained: {ort_diff:.3g}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flgc_lightning.deploy", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a checkpoint written by train.py")
+    parser.add_argument("--out", required=True, help="folder for deployed.pt and the exports")
+    parser.add_argument("--onnx", action="store_true", help="also export ONNX and check it with ONNX Runtime")
+    parser.add_argument("--torchscript", action="store_true", help="also export TorchScript (traced)")
+    parser.add_argument("--kernel", choices=["padded", "blockdiag", "auto"], default="padded",
+                        help="how FLGC layers run (auto: per layer the faster one on this machine, batch 64)")
+    report_user_errors(lambda: run(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

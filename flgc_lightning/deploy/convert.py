@@ -1,0 +1,137 @@
+"""Trained MobileNetV2 (dense, standard grouped or FLGC) -> inference network.
+
+Every ``conv -> BatchNorm`` pair becomes one conv with a bias; every FLGC layer becomes an
+:class:`UnequalGroupConv2d` that computes only its learned groups. For an FLGC projection the
+hidden channels (outputs of the expand conv and the depthwise conv, both channel-wise up to the
+projection) are reordered so each input group is contiguous, and hidden channels whose group
+has no filter are dropped: both are exact because nothing else reads those channels. Dense and
+standard-grouped models go through the same folding and memory layout, so timings compare fairly.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from flgc_lightning.deploy.fold import fold_bn_into_weight
+from flgc_lightning.deploy.grouped import UnequalGroupConv2d
+from flgc_lightning.errors import UserError
+from flgc_lightning.layers import Flgc2d
+from flgc_lightning.models.mobilenetv2 import InvertedResidual, MobileNetV2
+
+
+class DeployError(UserError):
+    pass
+
+
+@dataclass
+class FoldedConv:
+    """A conv with BatchNorm folded in, kept as tensors until its channels are final."""
+
+    template: nn.Conv2d
+    weight: Tensor
+    bias: Tensor
+    in_groups: Tensor | None = None  # FLGC only
+    out_groups: Tensor | None = None
+    num_groups: int = 1
+
+    @classmethod
+    def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> "FoldedConv":
+        weight, bias = fold_bn_into_weight(conv.weight.detach(), None if conv.bias is None else conv.bias.detach(), bn)
+        if isinstance(conv, Flgc2d):
+            return cls(conv, weight, bias, conv.input_groups().cpu(), conv.filter_groups().cpu(), conv.num_groups)
+        return cls(conv, weight, bias)
+
+    def keep_outputs(self, index: Tensor) -> None:
+        """Keep (and reorder) output channels; a depthwise conv keeps the matching inputs too."""
+        self.weight, self.bias = self.weight[index], self.bias[index]
+        if self.out_groups is not None:
+            self.out_groups = self.out_groups[index]
+
+    def keep_inputs(self, index: Tensor) -> None:
+        self.weight = self.weight[:, index]
+        if self.in_groups is not None:
+            self.in_groups = self.in_groups[index]
+
+    def build(self, kernel: str = "padded") -> nn.Module:
+        if self.in_groups is not None:
+            return UnequalGroupConv2d(self.weight, self.bias, self.in_groups, self.out_groups, self.num_groups, kernel)
+        t = self.template
+        depthwise = t.groups > 1 and t.groups == t.in_channels == t.out_channels
+        channels_out = self.weight.shape[0]
+        groups = channels_out if depthwise else t.groups
+        conv = nn.Conv2d(self.weight.shape[1] * groups, channels_out, t.kernel_size, t.stride, t.padding,
+                         t.dilation, groups, bias=True, padding_mode=t.padding_mode)
+        with torch.no_grad():
+            conv.weight.copy_(self.weight)
+            conv.bias.copy_(self.bias)
+        return conv
+
+
+def _stage(conv_bn: nn.Sequential) -> tuple[FoldedConv, bool]:
+    """``(folded conv, has ReLU6)`` of one ``conv -> BN [-> ReLU6]`` Sequential."""
+    conv, bn = conv_bn[0], conv_bn[1]
+    if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d):
+        raise DeployError(f"expected conv -> BatchNorm, found {type(conv).__name__} -> {type(bn).__name__}")
+    return FoldedConv.from_conv_bn(conv, bn), len(conv_bn) > 2
+
+
+def _sequential(folded: FoldedConv, relu6: bool, kernel: str = "padded") -> nn.Sequential:
+    conv = folded.build(kernel)
+    return nn.Sequential(conv, nn.ReLU6(inplace=True)) if relu6 else nn.Sequential(conv)
+
+
+def _group_hidden_channels(expand: FoldedConv, depthwise: FoldedConv, projection: FoldedConv) -> None:
+    """Order hidden channels by the projection's input group; drop those no filter reads."""
+    filters_per_group = torch.bincount(projection.out_groups, minlength=projection.num_groups)
+    order = torch.argsort(projection.in_groups, stable=True)
+    kept = order[filters_per_group[projection.in_groups[order]] > 0]
+    if len(kept) == 0:  # no group has both sides: the projection outputs its bias only
+        kept = order[:1]
+    expand.keep_outputs(kept)
+    depthwise.keep_outputs(kept)
+    projection.keep_inputs(kept)
+
+
+def _deploy_block(block: InvertedResidual, group_hidden: bool, kernel: str) -> None:
+    stages = [_stage(s) for s in block.conv]
+    if group_hidden and len(stages) == 3 and stages[2][0].in_groups is not None:
+        _group_hidden_channels(stages[0][0], stages[1][0], stages[2][0])
+    block.conv = nn.Sequential(*(_sequential(f, relu, kernel) for f, relu in stages))
+    if block.shortcut is not None:
+        block.shortcut = _sequential(*_stage(block.shortcut), kernel)
+
+
+@torch.no_grad()
+def deploy_model(model: nn.Module, channels_last: bool = True, group_hidden: bool = True, kernel: str = "padded",
+                 tune_batch: int = 64) -> nn.Module:
+    """An eval-mode inference copy of ``model`` (on CPU) with BN folded and FLGC groups realised.
+
+    ``kernel``: how FLGC layers run, ``"padded"`` (grouped conv on padded equal blocks: only
+    group connections plus padding are computed), ``"blockdiag"`` (dense conv, zeros outside
+    groups) or ``"auto"`` (per layer, whichever is faster here at batch ``tune_batch``).
+    ``group_hidden=False`` skips reordering/pruning the hidden channels (for cost comparisons).
+    """
+    if kernel not in (*UnequalGroupConv2d.KERNELS, "auto"):
+        raise DeployError(f"kernel must be one of padded, blockdiag, auto; got {kernel!r}")
+    if not isinstance(model, MobileNetV2):
+        raise DeployError(f"deploy supports flgc_lightning MobileNetV2 networks, got {type(model).__name__}")
+    net = copy.deepcopy(model).cpu().float().eval()
+    features = list(net.features)
+    for i, layer in enumerate(features):
+        if isinstance(layer, InvertedResidual):
+            _deploy_block(layer, group_hidden, "padded" if kernel == "auto" else kernel)
+        else:
+            features[i] = _sequential(*_stage(layer))
+    net.features = nn.Sequential(*features)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if kernel == "auto":
+        from flgc_lightning.deploy.tune import choose_kernels
+
+        choose_kernels(net, tune_batch, channels_last)
+    return net.eval()

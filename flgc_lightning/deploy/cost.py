@@ -1,0 +1,95 @@
+"""What a deployed network costs: MACs from the learned group sizes, checked by ptflops."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from flgc_lightning.deploy.grouped import UnequalGroupConv2d
+from flgc_lightning.layers import Flgc2d
+
+
+def _unequal_group_hook(connections: str):
+    """ptflops hook: ``module.<connections>`` multiply-adds per output position, plus the bias adds."""
+    def hook(module: UnequalGroupConv2d, inputs, output) -> None:
+        positions = output[0, 0].numel()
+        macs = getattr(module, connections) * positions
+        if module.conv.bias is not None:
+            macs += (module.out_channels if connections == "learned_connections" else module.conv.out_channels) * positions
+        module.__flops__ += int(macs * output.shape[0])
+
+    return hook
+
+
+def _ptflops_macs(model: nn.Module, input_size, connections: str) -> int:
+    from ptflops import get_model_complexity_info
+
+    probe = copy.deepcopy(model).cpu().eval()  # ptflops adds and removes attributes; leave the original alone
+    macs, _ = get_model_complexity_info(
+        probe, tuple(input_size), as_strings=False, print_per_layer_stat=False, backend="pytorch",
+        custom_modules_hooks={UnequalGroupConv2d: _unequal_group_hook(connections)},
+        backend_specific_config={"count_functional": False},
+    )
+    return int(macs)
+
+
+def deployed_macs(model: nn.Module, input_size=(3, 32, 32)) -> int:
+    """ptflops MACs of a deployed network; unequal-group layers count sum_g |in_g| * |out_g| (+ bias)."""
+    return _ptflops_macs(model, input_size, "learned_connections")
+
+
+def executed_macs(model: nn.Module, input_size=(3, 32, 32)) -> int:
+    """MACs the deployed kernels really run: unequal-group layers counted with padding / zeros."""
+    return _ptflops_macs(model, input_size, "executed_connections")
+
+
+def deployed_parameters(model: nn.Module) -> int:
+    """Parameters the deployed network needs; unequal-group layers count only weights inside groups."""
+    unequal = [m for m in model.modules() if isinstance(m, UnequalGroupConv2d)]
+    padded = {id(p) for m in unequal for p in m.parameters()}
+    plain = sum(p.numel() for p in model.parameters() if id(p) not in padded)
+    return plain + sum(m.learned_connections + (m.out_channels if m.conv.bias is not None else 0) for m in unequal)
+
+
+def learned_macs_formula(model: nn.Module, input_size=(3, 32, 32)) -> int:
+    """Independent arithmetic: sum_g |in_g| * |out_g| * k^2 * H * W of every FLGC layer of a trained model."""
+    shapes: dict[nn.Module, tuple[int, int]] = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o: shapes.__setitem__(mod, tuple(o.shape[2:])))
+             for m in model.modules() if isinstance(m, Flgc2d)]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+    for h in hooks:
+        h.remove()
+    total = 0
+    for layer, (h, w) in shapes.items():
+        g = layer.num_groups
+        n_in = torch.bincount(layer.input_groups().cpu(), minlength=g)
+        n_out = torch.bincount(layer.filter_groups().cpu(), minlength=g)
+        total += int((n_in * n_out).sum()) * layer.kernel_size[0] * layer.kernel_size[1] * h * w
+    return total
+
+
+def layer_group_report(model: nn.Module) -> str:
+    """One line per FLGC layer: input/filter group sizes and padding of the deployed kernel."""
+    lines = []
+    for i, layer in enumerate(m for m in model.modules() if isinstance(m, Flgc2d)):
+        g = layer.num_groups
+        n_in = torch.bincount(layer.input_groups().cpu(), minlength=g).tolist()
+        n_out = torch.bincount(layer.filter_groups().cpu(), minlength=g).tolist()
+        learned = sum(a * b for a, b in zip(n_in, n_out))
+        padded = g * max(n_in) * max(n_out)
+        lines.append(f"  FLGC layer {i:2d} {layer.in_channels:4d}->{layer.out_channels:<4d} in {n_in} out {n_out} "
+                     f"learned/uniform {learned / (layer.in_channels * layer.out_channels / g):.2f} padded/learned {padded / max(learned, 1):.2f}")
+    return "group sizes (inputs / filters per group):\n" + "\n".join(lines) if lines else "no FLGC layers"
+
+
+def deployed_complexity(model: nn.Module, input_size=(3, 32, 32)) -> dict[str, int]:
+    """``macs_deployed`` / ``params_deployed`` of ``model`` after :func:`deploy_model`; ``{}`` if it cannot deploy."""
+    from flgc_lightning.deploy.convert import DeployError, deploy_model
+
+    try:
+        deployed = deploy_model(model, channels_last=False)
+    except DeployError:
+        return {}
+    return {"macs_deployed": deployed_macs(deployed, input_size), "params_deployed": deployed_parameters(deployed)}

@@ -1,0 +1,41 @@
+"""TorchScript and ONNX export of a deployed network, and an ONNX Runtime cross-check."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def export_torchscript(model: nn.Module, path: str | Path, example: torch.Tensor | None = None) -> torch.jit.ScriptModule:
+    """Trace (the network has no data-dependent control flow) and save.
+
+    Traced with a channels_last example: the channel gathers then take their channels_last path.
+    """
+    example = torch.randn(1, 3, 32, 32) if example is None else example
+    example = example.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        traced = torch.jit.trace(model.eval(), example)
+    traced.save(str(path))
+    return traced
+
+
+def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None = None, opset: int = 17) -> Path:
+    """ONNX with a dynamic batch axis (legacy TorchScript-based exporter: no extra dependencies)."""
+    example = torch.randn(1, 3, 32, 32) if example is None else example
+    with torch.no_grad():
+        torch.onnx.export(
+            model.eval(), (example,), str(path), input_names=["images"], output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False,
+        )
+    return Path(path)
+
+
+def onnxruntime_logits(path: str | Path, images: torch.Tensor, threads: int = 2) -> torch.Tensor:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: images.cpu().numpy()})
+    return torch.from_numpy(logits)

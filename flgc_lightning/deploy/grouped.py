@@ -1,0 +1,144 @@
+"""A 1x1 convolution whose channels form groups of unequal size, built from standard modules.
+
+No library layer runs unequal groups, so the learned block-diagonal weight is padded to
+``G`` equal blocks of ``max_in x max_out`` and run as one standard grouped ``nn.Conv2d``:
+
+    gather inputs -> grouped conv -> gather outputs
+
+With ``kernel="blockdiag"`` the layer is instead one dense 1x1 conv whose weight is zero
+outside the groups (no gathers, dense cost): on CPU it is faster for layers with large
+feature maps and tiny groups, where oneDNN's grouped kernels gain nothing
+(:func:`flgc_lightning.deploy.tune.choose_kernels` picks per layer by timing).
+
+The input gather lays every group out as ``max_in`` consecutive channels (padding slots read
+any valid channel and meet zero weights, so the result is exact); the output gather drops the
+padding filters and puts the real ones back in the order the consumer expects. Filters of a
+group without inputs output only their bias; inputs of a group without filters are never read.
+Made of channel gathers and ``nn.Conv2d`` only, so TorchScript and ONNX export it as is.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def gather_channels(x: Tensor, index: Tensor) -> Tensor:
+    """``x[:, index]`` that keeps a channels_last tensor channels_last, fast.
+
+    On a channels_last tensor ``index_select(1)`` returns an NCHW tensor (the conv after it then
+    takes the slow NCHW path) and ``index_select`` on the last dim is an element-wise loop;
+    ``torch.gather`` over the ``(N*H*W, C)`` view with a broadcast index runs at copy speed
+    (benchmarks/README.md). The branch is decided once, at trace/export time.
+    """
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        n, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
+        picked = torch.gather(rows, 1, index.expand(n * h * w, index.numel()))
+        return picked.view(n, h, w, index.numel()).permute(0, 3, 1, 2)
+    return x.index_select(1, index)
+
+
+class UnequalGroupConv2d(nn.Module):
+    """``y = conv1x1(x)`` restricted to learned groups, with ``y`` in the original filter order.
+
+    Args:
+        weight: ``C_out x C_in`` (1x1) weight; only entries inside a group are used.
+        bias: ``C_out`` bias (BatchNorm already folded in), or ``None``.
+        in_groups: group id of every input channel (``C_in``).
+        out_groups: group id of every filter (``C_out``).
+        num_groups: ``G``; group ids lie in ``0..G-1`` (groups may be empty on either side).
+        kernel: ``"padded"`` (grouped conv on equal padded blocks) or ``"blockdiag"`` (dense, masked).
+    """
+
+    KERNELS = ("padded", "blockdiag")
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Tensor, num_groups: int,
+                 kernel: str = "padded") -> None:
+        super().__init__()
+        if kernel not in self.KERNELS:
+            raise ValueError(f"kernel must be one of {self.KERNELS}, got {kernel!r}")
+        self.kernel = kernel
+        weight = weight.reshape(weight.shape[0], weight.shape[1])
+        c_out, c_in = weight.shape
+        in_groups, out_groups = in_groups.cpu().long(), out_groups.cpu().long()
+        self.in_channels, self.out_channels, self.num_groups = c_in, c_out, num_groups
+        self.in_sizes = torch.bincount(in_groups, minlength=num_groups).tolist()
+        self.out_sizes = torch.bincount(out_groups, minlength=num_groups).tolist()
+        max_in, max_out = max(max(self.in_sizes), 1), max(max(self.out_sizes), 1)
+        if kernel == "blockdiag":
+            max_in, max_out, num_groups_conv = c_in, c_out, 1
+        else:
+            num_groups_conv = num_groups
+
+        in_index = torch.zeros(num_groups_conv * max_in, dtype=torch.long)  # padding reads channel 0
+        out_slot = torch.empty(c_out, dtype=torch.long)
+        padded = torch.zeros(num_groups_conv * max_out, max_in, dtype=weight.dtype)
+        if kernel == "blockdiag":  # every channel stays in place; zero outside the groups
+            same_group = out_groups[:, None] == in_groups[None, :]
+            padded = torch.where(same_group, weight.cpu(), torch.zeros((), dtype=weight.dtype))
+            in_index, out_slot = torch.arange(c_in), torch.arange(c_out)
+        for g in range(num_groups if kernel == "padded" else 0):
+            members_in = torch.nonzero(in_groups == g).flatten()
+            members_out = torch.nonzero(out_groups == g).flatten()
+            in_index[g * max_in: g * max_in + len(members_in)] = members_in
+            slots = g * max_out + torch.arange(len(members_out))
+            out_slot[members_out] = slots
+            if len(members_in) and len(members_out):
+                padded[slots[:, None], torch.arange(len(members_in))[None, :]] = weight[members_out][:, members_in].cpu()
+        self.conv = nn.Conv2d(num_groups_conv * max_in, num_groups_conv * max_out, 1, groups=num_groups_conv,
+                              bias=bias is not None)
+        with torch.no_grad():
+            self.conv.weight.copy_(padded[:, :, None, None])
+            if bias is not None:
+                full_bias = torch.zeros(num_groups_conv * max_out, dtype=weight.dtype)
+                full_bias[out_slot] = bias.cpu()
+                self.conv.bias.copy_(full_bias)
+        self.conv.to(weight.device)
+        identity_in = num_groups_conv * max_in == c_in and torch.equal(in_index, torch.arange(c_in))
+        identity_out = num_groups_conv * max_out == c_out and torch.equal(out_slot, torch.arange(c_out))
+        self.gather_inputs, self.gather_outputs = not identity_in, not identity_out
+        self.max_in, self.max_out = max_in, max_out
+        self.register_buffer("in_groups", in_groups.to(weight.device), persistent=False)
+        self.register_buffer("out_groups", out_groups.to(weight.device), persistent=False)
+        self.register_buffer("in_index", in_index.to(weight.device), persistent=False)
+        self.register_buffer("out_index", out_slot.to(weight.device), persistent=False)
+
+    @property
+    def learned_connections(self) -> int:
+        """``sum_g |in_g| * |out_g|``: the multiply-adds per output position that the groups need."""
+        return sum(i * o for i, o in zip(self.in_sizes, self.out_sizes))
+
+    @torch.no_grad()
+    def dense_weight(self) -> Tensor:
+        """The ``C_out x C_in`` weight this layer applies (zero between different groups)."""
+        if self.kernel == "blockdiag":
+            return self.conv.weight[:, :, 0, 0].clone()
+        weight = self.conv.weight.new_zeros(self.out_channels, self.in_channels)
+        for o in range(self.out_channels):
+            slot = int(self.out_index[o])
+            g = slot // self.max_out
+            n = self.in_sizes[g]
+            weight[o, self.in_index[g * self.max_in: g * self.max_in + n]] = self.conv.weight[slot, :n, 0, 0]
+        return weight
+
+    def rebuilt(self, kernel: str) -> "UnequalGroupConv2d":
+        """The same layer (same outputs) with another kernel."""
+        bias = None if self.conv.bias is None else self.conv.bias[self.out_index]
+        return UnequalGroupConv2d(self.dense_weight(), bias, self.in_groups, self.out_groups, self.num_groups, kernel)
+
+    @property
+    def executed_connections(self) -> int:
+        """Multiply-adds per output position the chosen kernel really runs (padding / zeros included)."""
+        return self.conv.weight.numel()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gather_inputs:
+            x = gather_channels(x, self.in_index)
+        y = self.conv(x)
+        if self.gather_outputs:
+            y = gather_channels(y, self.out_index)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel={self.kernel}, in_sizes={self.in_sizes}, "
+                f"out_sizes={self.out_sizes}")

@@ -1,0 +1,225 @@
+"""Deploy conversion: exact logits on real images, honest MACs, TorchScript/ONNX export, CLI."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from flgc_lightning.data.cifar import CIFAR_MEAN, CIFAR_STD
+from flgc_lightning.data.cifar_files import CIFAR10, find_folder, load_split
+from flgc_lightning.deploy import (
+    UnequalGroupConv2d, deploy_model, deployed_macs, deployed_parameters, executed_macs, export_onnx, export_torchscript,
+    learned_macs_formula, onnxruntime_logits,
+)
+from flgc_lightning.layers import Flgc2d
+from flgc_lightning.models import MobileNetV2
+from flgc_lightning.utils.complexity import count_macs, count_parameters
+
+REPO = Path(__file__).resolve().parent.parent
+SUBSET = REPO.parent / "shared" / "data" / "cifar10-subset"
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    """12 real CIFAR-10 test images, normalised as in training."""
+    folder = find_folder(SUBSET, CIFAR10)
+    if folder is None:
+        pytest.skip(f"real CIFAR-10 subset not found at {SUBSET}")
+    data, _ = load_split(folder, CIFAR10, train=False)
+    x = torch.from_numpy(np.asarray(data[:12])).float().div(255).permute(0, 3, 1, 2)
+    return (x - torch.tensor(CIFAR_MEAN)[:, None, None]) / torch.tensor(CIFAR_STD)[:, None, None]
+
+
+def set_groups(layer: Flgc2d, in_groups: list[int], out_groups: list[int]) -> None:
+    """Force an assignment by writing one-hot-peaked logits."""
+    with torch.no_grad():
+        layer.in_assign.normal_().mul_(0.1)[torch.arange(layer.in_channels), torch.tensor(in_groups)] += 10
+        layer.out_assign.normal_().mul_(0.1)[torch.arange(layer.out_channels), torch.tensor(out_groups)] += 10
+
+
+def trained_like(model: nn.Module, seed: int) -> nn.Module:
+    """Non-trivial BN statistics and affine terms, a classifier with O(1) logits, eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) * 1.5 + 0.3)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
+        model.classifier.weight.mul_(30)
+    return model.eval()
+
+
+def assert_exact(model: nn.Module, images: torch.Tensor) -> nn.Module:
+    deployed = deploy_model(model)
+    with torch.no_grad():
+        expected = model(images)
+        got = deployed(images.contiguous(memory_format=torch.channels_last))
+    assert expected.abs().max() > 0.5  # logits large enough for 1e-4 to mean something
+    assert (got - expected).abs().max().item() <= 1e-4
+    return deployed
+
+
+@pytest.mark.parametrize("groups", range(1, 17))
+def test_deployed_logits_equal_trained_for_every_group_count(groups, images):
+    torch.manual_seed(groups)
+    model = MobileNetV2(groups=groups, use_flgc=True)
+    with torch.no_grad():  # a few train-mode passes give running stats that are not 0/1
+        model.train()(images * 1.5)
+    trained_like(model, groups)
+    deployed = assert_exact(model, images)
+    flgc = [m for m in model.modules() if isinstance(m, Flgc2d)]
+    unequal = [m for m in deployed.modules() if isinstance(m, UnequalGroupConv2d)]
+    assert len(unequal) == len(flgc) == (17 if groups > 1 else 0)
+
+
+def test_empty_groups_on_either_side_are_exact(images):
+    g = 6
+    model = MobileNetV2(groups=g, use_flgc=True, group_expand=True, group_shortcut=True)
+    flgc = [m for m in model.modules() if isinstance(m, Flgc2d)]
+    for layer in flgc:  # group 0: inputs only; group 1: filters only; group 2: empty; rest: random
+        n_in, n_out = layer.in_channels, layer.out_channels
+        ins = [0] * (n_in // 3) + [3 + i % (g - 3) for i in range(n_in - n_in // 3)]
+        outs = [1] * (n_out // 3) + [3 + i % (g - 3) for i in range(n_out - n_out // 3)]
+        set_groups(layer, ins[::-1], outs)
+    # one projection where no group has both inputs and filters: every filter outputs its bias only
+    proj = model.features[4].projection
+    set_groups(proj, [0] * proj.in_channels, [1] * proj.out_channels)
+    trained_like(model, 0)
+    deployed = assert_exact(model, images)
+    layer = deployed.features[4].projection
+    assert layer.in_sizes[1:3] == [0, 0] and layer.out_sizes[0] == 0 and layer.out_sizes[2] == 0
+
+
+@pytest.mark.parametrize("kernel", ["padded", "blockdiag"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_unequal_group_conv_matches_masked_conv(kernel, channels_last):
+    torch.manual_seed(0)
+    layer = Flgc2d(20, 12, 1, groups=5, bias=True)
+    x = torch.randn(3, 20, 4, 4)
+    deployed = UnequalGroupConv2d(layer.weight.detach(), layer.bias.detach(), layer.input_groups(), layer.filter_groups(),
+                                  5, kernel)
+    if channels_last:
+        x, deployed = x.contiguous(memory_format=torch.channels_last), deployed.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = layer(x)
+        torch.testing.assert_close(deployed(x), expected, atol=1e-5, rtol=0)
+        other = deployed.rebuilt("blockdiag" if kernel == "padded" else "padded")
+        torch.testing.assert_close(other(x), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(deployed.dense_weight(), layer.masked_weight().detach()[:, :, 0, 0])
+    sizes_in, sizes_out = deployed.in_sizes, deployed.out_sizes
+    padded = 5 * max(sizes_in) * max(sizes_out)
+    assert deployed.executed_connections == (padded if kernel == "padded" else 20 * 12)
+
+
+def test_auto_kernel_choice_keeps_logits(images):
+    torch.manual_seed(11)
+    model = trained_like(MobileNetV2(groups=4, use_flgc=True), 11)
+    deployed = deploy_model(model, kernel="auto", tune_batch=4)
+    kernels = {m.kernel for m in deployed.modules() if isinstance(m, UnequalGroupConv2d)}
+    assert kernels and kernels <= {"padded", "blockdiag"}
+    with torch.no_grad():
+        assert (deployed(images.contiguous(memory_format=torch.channels_last)) - model(images)).abs().max() <= 1e-4
+
+
+def test_deployed_macs_agree_with_learned_group_sizes():
+    torch.manual_seed(3)
+    flgc = MobileNetV2(groups=8, use_flgc=True).eval()
+    dense = MobileNetV2().eval()
+    formula = learned_macs_formula(flgc)  # sum_g |in_g| |out_g| H W over the 17 projections
+    dense_projection = learned_macs_formula(MobileNetV2(groups=1, use_flgc=True))  # G=1: no FLGC layers
+    assert dense_projection == 0
+    proj_dense = sum(m.in_channels * m.out_channels * hw for m, hw in zip(
+        [b.projection for b in flgc.features if hasattr(b, "projection")], PROJECTION_POSITIONS))
+    # trained form, ptflops with the learned-cost hook
+    trained_delta = count_macs(flgc, flgc_cost="learned") - count_macs(dense)
+    # deployed form, ptflops on standard modules + the UnequalGroupConv2d hook (same channels as dense)
+    deployed_delta = deployed_macs(deploy_model(flgc, group_hidden=False)) - deployed_macs(deploy_model(dense))
+    assert trained_delta == deployed_delta == formula - proj_dense
+    # dropping hidden channels no filter reads can only make the real network cheaper
+    assert deployed_macs(deploy_model(flgc)) <= deployed_macs(deploy_model(flgc, group_hidden=False))
+    # one layer on its own: learned connections times positions, plus the bias adds
+    layer = deploy_model(flgc).features[5].projection
+    assert deployed_macs(layer, (layer.in_channels, 16, 16)) == (layer.learned_connections + layer.out_channels) * 256
+    # what the kernels execute: padding (padded) or the whole dense product (blockdiag) included
+    padded, blockdiag = deploy_model(flgc, kernel="padded"), deploy_model(flgc, kernel="blockdiag")
+    for net in (padded, blockdiag):
+        layers = [m for m in net.modules() if isinstance(m, UnequalGroupConv2d)]
+        extra = sum((m.executed_connections - m.learned_connections + m.conv.out_channels - m.out_channels) * hw
+                    for m, hw in zip(layers, PROJECTION_POSITIONS))
+        assert executed_macs(net) - deployed_macs(net) == extra
+    assert all(m.executed_connections == m.in_channels * m.out_channels
+               for m in blockdiag.modules() if isinstance(m, UnequalGroupConv2d))
+    assert executed_macs(padded) > deployed_macs(padded)
+
+
+PROJECTION_POSITIONS = [32 * 32] * 3 + [16 * 16] * 3 + [8 * 8] * 7 + [4 * 4] * 4
+
+
+def test_deployed_parameters_count_only_weights_inside_groups():
+    torch.manual_seed(4)
+    flgc = MobileNetV2(groups=8, use_flgc=True).eval()
+    deployed = deploy_model(flgc, group_hidden=False)
+    plain = deploy_model(MobileNetV2().eval())
+    proj = [b.projection for b in flgc.features if hasattr(b, "projection")]
+    learned = sum(int((torch.bincount(p.input_groups(), minlength=8) * torch.bincount(p.filter_groups(), minlength=8)).sum()) for p in proj)
+    dense = sum(p.in_channels * p.out_channels for p in proj)
+    assert deployed_parameters(deployed) == count_parameters(plain) - dense + learned
+    assert deployed_parameters(plain) == count_parameters(plain)
+
+
+def test_torchscript_and_onnx_exports_match(images, tmp_path):
+    torch.manual_seed(7)
+    model = trained_like(MobileNetV2(groups=8, use_flgc=True), 7)
+    deployed = deploy_model(model)
+    with torch.no_grad():
+        expected = model(images)
+    scripted = export_torchscript(deployed, tmp_path / "net.pt")
+    reloaded = torch.jit.load(str(tmp_path / "net.pt"))
+    with torch.no_grad():
+        assert (reloaded(images) - expected).abs().max().item() <= 1e-4
+        assert (scripted(images[:3]) - expected[:3]).abs().max().item() <= 1e-4
+    path = export_onnx(deployed, tmp_path / "net.onnx")
+    ort = onnxruntime_logits(path, images)  # batch 12 through an export traced at batch 1
+    assert ort.shape == expected.shape
+    assert (ort - expected).abs().max().item() <= 1e-4
+
+
+def write_checkpoint(path: Path, groups: int) -> nn.Module:
+    """A checkpoint in train.py's format (keys checked by load_checkpoint)."""
+    from flgc_lightning.training.module import ImageClassifier
+
+    module = ImageClassifier(
+        model={"_target_": "flgc_lightning.models.MobileNetV2", "num_classes": 10, "groups": groups, "use_flgc": True},
+        optimizer={"_target_": "torch.optim.SGD", "lr": 0.1},
+    )
+    trained_like(module.net, 1)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "flgc_config": {}, "epoch": 0}, path)
+    return module.net
+
+
+@pytest.mark.slow
+def test_cli_deploys_and_exports_a_checkpoint(tmp_path):
+    write_checkpoint(tmp_path / "flgc.ckpt", groups=8)
+    proc = subprocess.run([sys.executable, "-m", "flgc_lightning.deploy", str(tmp_path / "flgc.ckpt"), "--out",
+                           str(tmp_path / "out"), "--onnx", "--torchscript"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "deployed : params" in proc.stdout and "MACs" in proc.stdout
+    diffs = [float(line.rsplit(" ", 1)[1]) for line in proc.stdout.splitlines() if "max |logit difference|" in line]
+    assert len(diffs) == 2 and max(diffs) <= 1e-4
+    for name in ("deployed.pt", "deployed.torchscript.pt", "deployed.onnx"):
+        assert (tmp_path / "out" / name).stat().st_size > 100_000
+
+
+def test_cli_reports_a_missing_checkpoint(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "flgc_lightning.deploy", str(tmp_path / "nope.ckpt"), "--out",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: checkpoint") and "does not exist" in proc.stderr
