@@ -6,11 +6,12 @@ appended to ``<run dir>/assignments.jsonl``, and it logs summary scalars. A mode
 ``Flgc2d`` layers makes it a no-op.
 
 Resume: the previous epoch's group ids live in the callback's checkpoint state (plain
-ints, so checkpoints still load with ``weights_only=True``). On resume, records written
-after that state (a crash after the checkpoint) are dropped and, if the checkpoint was
-saved after an epoch's last optimizer step but before this callback's epoch-end hook
-(``ModelCheckpoint`` saves on validation end), that epoch's record is rebuilt from the
-restored weights. Records after kill + resume equal those of an uninterrupted run.
+ints, so checkpoints still load with ``weights_only=True``). On resume, records newer than
+that state (written after the checkpoint, before a crash) are dropped; the epochs after
+the checkpoint are then recorded again. A checkpoint taken inside an epoch (every N steps,
+or on validation end, before this callback's epoch-end hook) holds the state of the epoch
+before, and Lightning runs that epoch's end hooks again after restoring it. Records after
+kill + resume equal those of an uninterrupted run (tests/test_assignments.py).
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ class AssignmentTracker(Callback):
                 zip(self._layers, current, previous))
         ]
 
-    def _advance(self, trainer: pl.Trainer, epoch: int, current) -> list[dict]:
+    def _advance(self, trainer: pl.Trainer, epoch: int, current: list[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
         """Record ``epoch`` against the previous assignment and make ``current`` the new previous."""
         records = self._records(epoch, trainer.global_step, current)
         self._previous, self._last_epoch = current, epoch
@@ -98,26 +99,22 @@ class AssignmentTracker(Callback):
         self.path = Path(self.run_dir or trainer.default_root_dir) / self.filename
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        current = self._current_ids()
         if restored and self._matches(restored):
             self._previous = [(np.asarray(s["inputs"]), np.asarray(s["filters"])) for s in restored["layers"]]
             self._last_epoch = int(restored["epoch"])
             self._keep_records_up_to(trainer, self._last_epoch)
-            if trainer.current_epoch - 1 > self._last_epoch:
-                # Checkpoint taken after the epoch's training but before on_train_epoch_end ran.
-                self._advance(trainer, trainer.current_epoch - 1, current)
         elif trainer.current_epoch > 0:
             # Resumed from a checkpoint without tracker state: restart the chain from the current weights.
             log.warning("AssignmentTracker: checkpoint has no assignment state; records restart at epoch %d",
                         trainer.current_epoch - 1)
             self._keep_records_up_to(trainer, trainer.current_epoch - 2)
             self._previous = None
-            self._advance(trainer, trainer.current_epoch - 1, current)
+            self._advance(trainer, trainer.current_epoch - 1, self._current_ids())
         else:
             self._previous = None
             if trainer.is_global_zero:
                 rewrite_records(self.path, [])
-            self._advance(trainer, INITIAL_EPOCH, current)
+            self._advance(trainer, INITIAL_EPOCH, self._current_ids())
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._layers:
