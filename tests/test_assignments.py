@@ -20,7 +20,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from flgc_lightning.assignments.changes import layer_record
+from flgc_lightning.assignments.changes import assignment_groups_many, layer_record
 from flgc_lightning.assignments.checkpoints import records_from_checkpoints
 from flgc_lightning.assignments.records import RecordsError, read_records
 from flgc_lightning.assignments.report import main as report_main
@@ -139,6 +139,21 @@ def test_logit_edits_give_exactly_the_expected_records(tmp_path):
     state = ckpt["callbacks"]["AssignmentTracker"]
     assert state == {"epoch": 2, "layers": [{"name": "0", "inputs": [2, 1, 1, 2], "filters": [0, 0, 0, 1, 1, 2]},
                                             {"name": "2", "inputs": [0, 1, 2, 0, 1, 2], "filters": [2, 1]}]}
+
+
+def test_batched_group_ids_equal_each_layers_own(tmp_path):
+    """One softmax over stacked rows (per group count) gives the layers' own ids, ties included."""
+    torch.manual_seed(0)
+    layers = [Flgc2d(7, 5, 1, groups=3), Flgc2d(5, 9, 1, groups=5), Flgc2d(9, 4, 1, groups=3)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.in_assign.copy_((layer.in_assign * 2).round() / 2)  # many exact ties
+            layer.out_assign[0] = 1.0  # a whole row tied: group 0
+    ids = assignment_groups_many([m for layer in layers for m in (layer.in_assign, layer.out_assign)])
+    for layer, inputs, filters in zip(layers, ids[0::2], ids[1::2]):
+        assert inputs.tolist() == layer.input_groups().tolist()
+        assert filters.tolist() == layer.filter_groups().tolist()
+    assert ids[1][0] == 0 and len(ids[3]) == 9
 
 
 def test_model_without_flgc_writes_nothing(tmp_path):

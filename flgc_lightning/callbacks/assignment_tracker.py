@@ -21,10 +21,10 @@ from typing import Any, Optional
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback
+from torch import nn
 
-from flgc_lightning.assignments.changes import assignment_groups, layer_record
+from flgc_lightning.assignments.changes import assignment_groups_many, layer_record
 from flgc_lightning.assignments.records import RECORDS_FILENAME, append_records, read_records, rewrite_records
 from flgc_lightning.layers.flgc import Flgc2d
 
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 INITIAL_EPOCH = -1  # epoch number of the assignment before any training step
 
 
-def flgc_layers(module: torch.nn.Module) -> list[tuple[str, Flgc2d]]:
+def flgc_layers(module: nn.Module) -> list[tuple[str, Flgc2d]]:
     """FLGC layers in module order; their position in this list is the layer number."""
     return [(name, m) for name, m in module.named_modules() if isinstance(m, Flgc2d)]
 
@@ -60,17 +60,9 @@ class AssignmentTracker(Callback):
 
     # ---- group ids -------------------------------------------------------------------------
     def _current_ids(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Group ids of every layer's inputs and filters with a single device-to-host copy."""
-        parts = []
-        for _, layer in self._layers:
-            parts += [assignment_groups(layer.in_assign), assignment_groups(layer.out_assign)]
-        flat = torch.cat(parts).cpu().numpy()
-        ids, start = [], 0
-        for _, layer in self._layers:
-            n_in, n_out = layer.in_assign.shape[0], layer.out_assign.shape[0]
-            ids.append((flat[start:start + n_in], flat[start + n_in:start + n_in + n_out]))
-            start += n_in + n_out
-        return ids
+        """Group ids of every layer's inputs and filters (few kernels, one device-to-host copy)."""
+        ids = assignment_groups_many([m for _, layer in self._layers for m in (layer.in_assign, layer.out_assign)])
+        return list(zip(ids[0::2], ids[1::2]))
 
     def _records(self, epoch: int, step: int, current: list[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
         previous = self._previous or [(None, None)] * len(current)
