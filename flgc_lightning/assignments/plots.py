@@ -44,10 +44,11 @@ def plot_layer_movement(records: Sequence[dict], path: Path) -> Path:
         twin = axes[2].twinx()
         twin.plot(x, empty, color="black", marker="o", label="empty groups")
         twin.set_ylabel("empty groups")
-        twin.set_ylim(bottom=0)
+        twin.set_ylim(0, max(empty) * 1.4 + 0.5)
+        twin.yaxis.get_major_locator().set_params(integer=True)
         twin.legend(loc="upper right", fontsize=8)
     axes[2].set_ylabel("channels moved")
-    axes[2].set_ylim(0, max(1, *moved_in, *moved_out) * 1.1)
+    axes[2].set_ylim(0, max(1, *moved_in, *moved_out) * 1.3)
     axes[2].yaxis.get_major_locator().set_params(integer=True)
     axes[2].legend(loc="upper left", fontsize=8)
     axes[2].set_xlabel("epoch")
@@ -101,6 +102,7 @@ def plot_block_structure(input_ids: np.ndarray, filter_ids: np.ndarray, num_grou
 
 def plot_network_overview(records: Sequence[dict], path: Path) -> Path:
     """Heatmaps (layers x epochs) of input and filter channels moved, one glance for the whole network."""
+    records = [r for r in records if not r["baseline"]] or list(records)  # nothing moves in a baseline
     layers = sorted({r["layer"] for r in records})
     epochs = sorted({r["epoch"] for r in records})
     col = {e: i for i, e in enumerate(epochs)}
@@ -110,7 +112,8 @@ def plot_network_overview(records: Sequence[dict], path: Path) -> Path:
         for r in records:
             channels = r["in_channels"] if side == "inputs" else r["out_channels"]
             moved[layers.index(r["layer"]), col[r["epoch"]]] = r[side]["moved"] / channels
-        shown = ax.imshow(moved * 100, aspect="auto", cmap="viridis", interpolation="nearest")
+        top = np.nanmax(moved) * 100 if np.any(moved > 0) else 1.0
+        shown = ax.imshow(moved * 100, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=top)
         fig.colorbar(shown, ax=ax, label=f"% of {side} that changed group")
         step = max(1, len(epochs) // 20)
         ax.set_xticks(range(0, len(epochs), step), [epoch_label({"epoch": e}) for e in epochs][::step])

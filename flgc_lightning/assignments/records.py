@@ -60,10 +60,6 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
-def sort_records(records: Iterable[dict]) -> list[dict]:
-    return sorted(records, key=lambda r: (r["layer"], r["epoch"]))
-
-
 def layer_records(records: Iterable[dict], layer: int) -> list[dict]:
     """One layer's records by epoch; an error that lists the valid layers if it has none."""
     records = list(records)

@@ -44,8 +44,8 @@ def network_summary(records: Sequence[dict]) -> str:
     """One line per FLGC layer: shape, moves in the last epoch and in all, empty groups, last sizes."""
     layers = sorted({r["layer"] for r in records})
     epochs = sorted({r["epoch"] for r in records})
-    first_epoch = epoch_label({"epoch": epochs[0]}) if epochs else "-"
-    title = (f"{len(layers)} FLGC layers, epochs {first_epoch}..{epochs[-1] if epochs else '-'}; "
+    span = f"{epoch_label({'epoch': epochs[0]})}..{epoch_label({'epoch': epochs[-1]})}" if epochs else "none"
+    title = (f"{len(layers)} FLGC layers, epochs {span}; "
              "moved = channels that changed group (last epoch / all epochs)")
     header = ["layer", "module", "in->out", "G", "last", "moved inputs", "moved filters", "empty",
               "input sizes", "filter sizes"]
