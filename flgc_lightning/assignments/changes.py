@@ -1,0 +1,112 @@
+"""Group ids of FLGC assignment logits and the per-group changes between two assignments.
+
+One record describes one FLGC layer at one epoch (REFERENCE.md section 4): for its
+input channels and for its filters, every group's size and how many channels it
+lost and gained since the previous record, plus the groups left half-empty.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def assignment_groups(logits: Tensor) -> Tensor:
+    """Group id per channel: argmax of the row-wise softmax, first index on ties (as ``Flgc2d``)."""
+    return torch.softmax(logits.detach(), dim=1).argmax(dim=1)
+
+
+@torch.no_grad()
+def assignment_groups_many(logits: Sequence[Tensor]) -> list[np.ndarray]:
+    """``assignment_groups`` of many matrices with one softmax per group count and one host copy.
+
+    Softmax is row-wise, so stacking the rows of all matrices with the same number of
+    groups gives the same ids as one call per matrix, for a fraction of the kernel launches
+    and a single device sync.
+    """
+    by_width: dict[int, list[int]] = {}
+    for i, matrix in enumerate(logits):
+        by_width.setdefault(matrix.shape[1], []).append(i)
+    order = [i for members in by_width.values() for i in members]
+    flat = torch.cat([assignment_groups(torch.cat([logits[i] for i in members]))
+                      for members in by_width.values()]).cpu().numpy()
+    ids: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(logits)
+    start = 0
+    for i in order:
+        ids[i] = flat[start:start + logits[i].shape[0]]
+        start += logits[i].shape[0]
+    return ids
+
+
+def side_change(previous: Optional[np.ndarray], current: np.ndarray, num_groups: int) -> dict:
+    """Sizes, removed/added per group and moved channels of one side (inputs or filters).
+
+    ``total_diff`` is the reference's "Total diff.": the sum of absolute changes of the
+    one-hot matrix, i.e. twice the number of channels that changed group. Without a
+    previous assignment (the first record) nothing has moved.
+    """
+    current = np.asarray(current, dtype=np.int64)
+    sizes = np.bincount(current, minlength=num_groups)
+    if previous is None:
+        removed = added = np.zeros(num_groups, dtype=np.int64)
+    else:
+        previous = np.asarray(previous, dtype=np.int64)
+        if previous.shape != current.shape:
+            raise ValueError(f"assignment of {previous.size} channels cannot be compared with {current.size}")
+        moved_mask = previous != current
+        removed = np.bincount(previous[moved_mask], minlength=num_groups)
+        added = np.bincount(current[moved_mask], minlength=num_groups)
+    moved = int(added.sum())
+    return {
+        "sizes": sizes.tolist(),
+        "removed": removed.tolist(),
+        "added": added.tolist(),
+        "moved": moved,
+        "total_diff": 2 * moved,
+    }
+
+
+def empty_groups(input_sizes: list[int], filter_sizes: list[int]) -> dict:
+    """Groups with filters but no inputs (those filters output only their bias) or the reverse (unused inputs)."""
+    pairs = list(zip(input_sizes, filter_sizes))
+    return {
+        "filters_without_inputs": [g for g, (i, f) in enumerate(pairs) if f > 0 and i == 0],
+        "inputs_without_filters": [g for g, (i, f) in enumerate(pairs) if i > 0 and f == 0],
+    }
+
+
+def layer_record(
+    *,
+    epoch: int,
+    step: int,
+    layer: int,
+    name: str,
+    num_groups: int,
+    inputs: np.ndarray,
+    filters: np.ndarray,
+    previous_inputs: Optional[np.ndarray] = None,
+    previous_filters: Optional[np.ndarray] = None,
+) -> dict:
+    """The record of one layer at one epoch (one JSON line of ``assignments.jsonl``).
+
+    ``baseline`` is true for a record with no previous assignment (the initial one, epoch -1).
+    """
+    ins = side_change(previous_inputs, inputs, num_groups)
+    outs = side_change(previous_filters, filters, num_groups)
+    empty = empty_groups(ins["sizes"], outs["sizes"])
+    return {
+        "epoch": int(epoch),
+        "step": int(step),
+        "layer": int(layer),
+        "name": name,
+        "in_channels": int(len(inputs)),
+        "out_channels": int(len(filters)),
+        "groups": int(num_groups),
+        "baseline": previous_inputs is None,
+        "inputs": ins,
+        "filters": outs,
+        "empty_groups": empty,
+        "num_empty_groups": len(empty["filters_without_inputs"]) + len(empty["inputs_without_filters"]),
+    }

@@ -1,0 +1,155 @@
+"""Lightning callback that records how FLGC channels move between groups, epoch by epoch.
+
+At fit start it records the initial assignment (epoch -1) and at the end of every
+training epoch one record per FLGC layer (see :mod:`flgc_lightning.assignments.changes`),
+appended to ``<run dir>/assignments.jsonl``, and it logs summary scalars. A model without
+``Flgc2d`` layers makes it a no-op.
+
+Resume: the previous epoch's group ids live in the callback's checkpoint state (plain
+ints, so checkpoints still load with ``weights_only=True``). On resume, records newer than
+that state (written after the checkpoint, before a crash) are dropped; the epochs after
+the checkpoint are then recorded again. A checkpoint taken inside an epoch (every N steps,
+or on validation end, before this callback's epoch-end hook) holds the state of the epoch
+before, and Lightning runs that epoch's end hooks again after restoring it. Records after
+kill + resume equal those of an uninterrupted run (tests/test_assignments.py).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from torch import nn
+
+from flgc_lightning.assignments.changes import assignment_groups_many, layer_record
+from flgc_lightning.assignments.records import RECORDS_FILENAME, append_records, read_records, rewrite_records
+from flgc_lightning.layers.flgc import Flgc2d
+
+log = logging.getLogger(__name__)
+
+INITIAL_EPOCH = -1  # epoch number of the assignment before any training step
+
+
+def flgc_layers(module: nn.Module) -> list[tuple[str, Flgc2d]]:
+    """FLGC layers in module order; their position in this list is the layer number."""
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, Flgc2d)]
+
+
+class AssignmentTracker(Callback):
+    """Record group sizes and channel moves of every FLGC layer at each training epoch end.
+
+    Args:
+        filename: records file, relative to ``run_dir``.
+        run_dir: directory of the records file; ``None`` = the trainer's ``default_root_dir``.
+        log_scalars: log ``assign/layerNN/moved_inputs|moved_filters``, ``assign/moved_total``
+            and ``assign/empty_groups`` to the active loggers.
+    """
+
+    def __init__(self, filename: str = RECORDS_FILENAME, run_dir: Optional[str] = None, log_scalars: bool = True):
+        self.filename = filename
+        self.run_dir = run_dir
+        self.log_scalars = log_scalars
+        self.path: Optional[Path] = None
+        self._layers: list[tuple[str, Flgc2d]] = []
+        self._previous: Optional[list[tuple[np.ndarray, np.ndarray]]] = None
+        self._last_epoch: Optional[int] = None
+        self._restored: Optional[dict] = None
+
+    # ---- group ids -------------------------------------------------------------------------
+    def _current_ids(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Group ids of every layer's inputs and filters (few kernels, one device-to-host copy)."""
+        ids = assignment_groups_many([m for _, layer in self._layers for m in (layer.in_assign, layer.out_assign)])
+        return list(zip(ids[0::2], ids[1::2]))
+
+    def _records(self, epoch: int, step: int, current: list[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
+        previous = self._previous or [(None, None)] * len(current)
+        return [
+            layer_record(epoch=epoch, step=step, layer=i, name=name, num_groups=layer.num_groups,
+                         inputs=cur_in, filters=cur_out, previous_inputs=prev_in, previous_filters=prev_out)
+            for i, ((name, layer), (cur_in, cur_out), (prev_in, prev_out)) in enumerate(
+                zip(self._layers, current, previous))
+        ]
+
+    def _advance(self, trainer: pl.Trainer, epoch: int, current: list[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
+        """Record ``epoch`` against the previous assignment and make ``current`` the new previous."""
+        records = self._records(epoch, trainer.global_step, current)
+        self._previous, self._last_epoch = current, epoch
+        if trainer.is_global_zero:
+            append_records(self.path, records)
+        return records
+
+    # ---- hooks -----------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Runs after a resume has restored weights, loops and this callback's state.
+        self._layers = flgc_layers(getattr(pl_module, "net", pl_module))
+        restored, self._restored = self._restored, None
+        if not self._layers:
+            return
+        self.path = Path(self.run_dir or trainer.default_root_dir) / self.filename
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if restored and self._matches(restored):
+            self._previous = [(np.asarray(s["inputs"]), np.asarray(s["filters"])) for s in restored["layers"]]
+            self._last_epoch = int(restored["epoch"])
+            self._keep_records_up_to(trainer, self._last_epoch)
+        elif trainer.current_epoch > 0:
+            # Resumed from a checkpoint without tracker state: restart the chain from the current weights.
+            log.warning("AssignmentTracker: checkpoint has no assignment state; records restart at epoch %d",
+                        trainer.current_epoch - 1)
+            self._keep_records_up_to(trainer, trainer.current_epoch - 2)
+            self._previous = None
+            self._advance(trainer, trainer.current_epoch - 1, self._current_ids())
+        else:
+            self._previous = None
+            if trainer.is_global_zero:
+                rewrite_records(self.path, [])
+            self._advance(trainer, INITIAL_EPOCH, self._current_ids())
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._layers:
+            return
+        records = self._advance(trainer, trainer.current_epoch, self._current_ids())
+        if self.log_scalars:
+            pl_module.log_dict(self.summary_scalars(records), on_step=False, on_epoch=True)
+
+    @staticmethod
+    def summary_scalars(records: list[dict]) -> dict[str, float]:
+        scalars = {}
+        for r in records:
+            scalars[f"assign/layer{r['layer']:02d}/moved_inputs"] = float(r["inputs"]["moved"])
+            scalars[f"assign/layer{r['layer']:02d}/moved_filters"] = float(r["filters"]["moved"])
+        scalars["assign/moved_total"] = float(sum(r["inputs"]["moved"] + r["filters"]["moved"] for r in records))
+        scalars["assign/empty_groups"] = float(sum(r["num_empty_groups"] for r in records))
+        return scalars
+
+    # ---- resume ----------------------------------------------------------------------------
+    def _matches(self, state: dict) -> bool:
+        layers = state.get("layers") or []
+        return len(layers) == len(self._layers) and all(
+            s["name"] == name and len(s["inputs"]) == m.in_channels and len(s["filters"]) == m.out_channels
+            for s, (name, m) in zip(layers, self._layers)
+        )
+
+    def _keep_records_up_to(self, trainer: pl.Trainer, last_epoch: int) -> None:
+        """Drop records newer than ``last_epoch`` (written after the checkpoint we resume from)."""
+        if not trainer.is_global_zero or not self.path.is_file():
+            return
+        records = read_records(self.path)
+        kept = [r for r in records if r["epoch"] <= last_epoch]
+        if len(kept) != len(records) or self.path.read_bytes()[-1:] not in (b"", b"\n"):
+            rewrite_records(self.path, kept)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._previous is None:
+            return {}
+        return {
+            "epoch": self._last_epoch,
+            "layers": [{"name": name, "inputs": ins.tolist(), "filters": outs.tolist()}
+                       for (name, _), (ins, outs) in zip(self._layers, self._previous)],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict) if state_dict else None
