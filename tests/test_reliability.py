@@ -81,6 +81,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, cifar_subset):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
     assert full["lr_schedulers"] == resumed["lr_schedulers"]
     assert val_metrics(tmp_path / "full")[-1] == val_metrics(cut)[-1]  # same final validation metrics
+    records = (tmp_path / "full" / "assignments.jsonl").read_text()
+    assert records.count("\n") == 17 * 3  # init + 2 epochs for each of the 17 FLGC layers
+    assert (cut / "assignments.jsonl").read_text() == records  # the assignment records too
 
 
 def test_atomic_write_keeps_the_old_file_when_a_write_dies(tmp_path, monkeypatch):
