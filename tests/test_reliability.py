@@ -80,10 +80,32 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, cifar_subset):
     for a, b in zip(full["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
     assert full["lr_schedulers"] == resumed["lr_schedulers"]
-    assert val_metrics(tmp_path / "full")[-1] == val_metrics(cut)[-1]  # same final validation metrics
+    assert val_metrics(tmp_path / "full") == val_metrics(cut)  # every epoch's validation metrics
     records = (tmp_path / "full" / "assignments.jsonl").read_text()
     assert records.count("\n") == 17 * 3  # init + 2 epochs for each of the 17 FLGC layers
     assert (cut / "assignments.jsonl").read_text() == records  # the assignment records too
+
+
+def test_step_checkpoint_skips_an_epochs_last_batch(tmp_path):
+    """Lightning would treat such a checkpoint as a finished epoch and skip its validation on resume."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.demos.boring_classes import BoringModel
+
+    from flgc_lightning.callbacks import StepCheckpoint
+
+    saves = []
+
+    class Spy(pl.Callback):
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+            progress = trainer.fit_loop.epoch_loop.batch_progress
+            saves.append((trainer.global_step, progress.is_last_batch, progress.current.completed == progress.current.processed))
+
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=2, limit_train_batches=3, limit_val_batches=1,
+                         callbacks=[StepCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=0, save_last=True),
+                                    Spy()], logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(BoringModel())
+    assert [step for step, _, _ in saves] == [1, 2, 4, 5]  # never at steps 3 and 6, which end an epoch
+    assert not any(last_batch for _, last_batch, _ in saves)
 
 
 def test_atomic_write_keeps_the_old_file_when_a_write_dies(tmp_path, monkeypatch):
