@@ -44,6 +44,8 @@ def test_train_resume_test(tmp_path, cifar_subset):
     versions = read_metrics(run_dir)
     assert len(versions) == 2
     assert {r["epoch"] for r in versions[1] if r.get("val/acc")} == {"1"}  # resumed run logs epoch 1 only
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["best-epoch000.ckpt", "last.ckpt"] or names == ["best-epoch001.ckpt", "last.ckpt"], names
     model_ckpt_state = [v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint")][0]
     assert model_ckpt_state["best_model_score"] is not None and best_before
 
