@@ -56,11 +56,14 @@ def test_train_resume_test(tmp_path, cifar_subset):
     assert (tmp_path / "test" / "test_results.json").is_file()
 
 
-def test_tiny_multirun_sweep(tmp_path, cifar_subset):
+def test_tiny_multirun_sweep_runs_every_point_even_after_an_invalid_one(tmp_path, cifar_subset):
     sweep = tmp_path / "sweep"
-    run_cli("train.py", "-m", "groups=1,2", f"data.root={cifar_subset}", "trainer.max_epochs=1", *TINY,
-            f"hydra.sweep.dir={sweep}")
-    for job, groups in (("0", 1), ("1", 2)):
+    proc = run_cli("train.py", "-m", "model.use_flgc=false", "groups=3,1,2", f"data.root={cifar_subset}",
+                   "trainer.max_epochs=1", *TINY, f"hydra.sweep.dir={sweep}", check=False)
+    assert proc.returncode != 0  # the sweep as a whole reports the failure...
+    assert "error: invalid configuration" in proc.stderr and "divisible by groups=3" in proc.stderr
+    assert not (sweep / "0" / "checkpoints").exists()
+    for job, groups in (("1", 1), ("2", 2)):  # ...after running the valid points
         ckpt = torch.load(sweep / job / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         assert ckpt["flgc_config"]["groups"] == groups
     assert (sweep / "multirun.yaml").is_file()
