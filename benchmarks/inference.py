@@ -41,7 +41,7 @@ def build_models(groups: int, checkpoint: str | None, seed: int) -> dict[str, to
     torch.manual_seed(seed)
     if checkpoint:
         from flgc_lightning.deploy import load_trained_network
-        flgc = load_trained_network(checkpoint)
+        flgc, _ = load_trained_network(checkpoint)
     else:  # assignments as initialised: N(0, 1) logits, i.e. uniformly random unequal groups
         flgc = MobileNetV2(groups=groups, use_flgc=True)
     flgc.eval()

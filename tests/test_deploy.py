@@ -191,13 +191,15 @@ def test_torchscript_and_onnx_exports_match(images, tmp_path):
     assert (ort - expected).abs().max().item() <= 1e-4
 
 
-def write_checkpoint(path: Path, groups: int) -> nn.Module:
+def write_checkpoint(path: Path, groups: int, input_size=(3, 32, 32)) -> nn.Module:
     """A checkpoint in train.py's format (keys checked by load_checkpoint)."""
     from flgc_lightning.training.module import ImageClassifier
 
     module = ImageClassifier(
-        model={"_target_": "flgc_lightning.models.MobileNetV2", "num_classes": 10, "groups": groups, "use_flgc": True},
+        model={"_target_": "flgc_lightning.models.MobileNetV2", "num_classes": 10, "groups": groups, "use_flgc": True,
+               "in_channels": input_size[0]},
         optimizer={"_target_": "torch.optim.SGD", "lr": 0.1},
+        input_size=input_size,
     )
     trained_like(module.net, 1)
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
@@ -206,8 +208,9 @@ def write_checkpoint(path: Path, groups: int) -> nn.Module:
 
 
 @pytest.mark.slow
-def test_cli_deploys_and_exports_a_checkpoint(tmp_path):
-    write_checkpoint(tmp_path / "flgc.ckpt", groups=8)
+@pytest.mark.parametrize("input_size", [(3, 32, 32), (1, 16, 16)], ids=["cifar", "quickstart-digits"])
+def test_cli_deploys_and_exports_a_checkpoint(tmp_path, input_size):
+    write_checkpoint(tmp_path / "flgc.ckpt", groups=8, input_size=input_size)
     proc = subprocess.run([sys.executable, "-m", "flgc_lightning.deploy", str(tmp_path / "flgc.ckpt"), "--out",
                            str(tmp_path / "out"), "--onnx", "--torchscript"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -20,30 +20,30 @@ from flgc_lightning.utils.complexity import complexity_summary, format_millions
 
 
 def run(args: argparse.Namespace) -> None:
-    trained = load_trained_network(args.checkpoint)
+    trained, input_size = load_trained_network(args.checkpoint)
     deployed = deploy_model(trained, kernel=args.kernel)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create output folder '{out}': {err.strerror}") from None
-    summary = complexity_summary(trained)
-    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    summary = complexity_summary(trained, input_size)
+    images = torch.randn(8, *input_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = trained(images)
         diff = (deployed(images.contiguous(memory_format=torch.channels_last)) - reference).abs().max().item()
     print(f"trained  : params {summary['params']:,}, MACs {format_millions(summary['macs'])} as it runs"
           + (f", {format_millions(summary['macs_nominal'])} nominal" if "macs_nominal" in summary else ""))
-    print(f"deployed : params {deployed_parameters(deployed):,}, MACs {format_millions(deployed_macs(deployed))} "
-          f"(learned groups); the {args.kernel} kernels execute {format_millions(executed_macs(deployed))}")
+    print(f"deployed : params {deployed_parameters(deployed):,}, MACs {format_millions(deployed_macs(deployed, input_size))} "
+          f"(learned groups); the {args.kernel} kernels execute {format_millions(executed_macs(deployed, input_size))}")
     print(f"max |logit difference| deployed vs trained (eval mode, 8 random images): {diff:.3g}")
     torch.save(deployed, out / "deployed.pt")
     print(f"wrote {out / 'deployed.pt'} (torch.save of the module)")
     if args.torchscript:
-        export_torchscript(deployed, out / "deployed.torchscript.pt")
+        export_torchscript(deployed, out / "deployed.torchscript.pt", images[:1])
         print(f"wrote {out / 'deployed.torchscript.pt'}")
     if args.onnx:
-        path = export_onnx(deployed, out / "deployed.onnx")
+        path = export_onnx(deployed, out / "deployed.onnx", images[:1])
         ort_diff = (onnxruntime_logits(path, images) - reference).abs().max().item()
         print(f"wrote {path}; max |logit difference| ONNX Runtime vs trained: {ort_diff:.3g}")
 

@@ -10,14 +10,16 @@ from flgc_lightning.deploy.convert import deploy_model
 from flgc_lightning.training.checkpoints import load_checkpoint
 
 
-def load_trained_network(path: str | Path) -> nn.Module:
-    """The checkpoint's network (rebuilt from its saved model config), eval mode, on CPU."""
+def load_trained_network(path: str | Path) -> tuple[nn.Module, tuple[int, int, int]]:
+    """The checkpoint's network (rebuilt from its saved model config), eval mode, on CPU,
+    and the C x H x W input size it was trained on."""
     checkpoint = load_checkpoint(path)
     net = instantiate(checkpoint["hyper_parameters"]["model"])
     prefix = "net."
     net.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
-    return net.eval()
+    input_size = tuple(checkpoint["hyper_parameters"].get("input_size", (3, 32, 32)))
+    return net.eval(), input_size
 
 
 def deploy_checkpoint(path: str | Path, channels_last: bool = True) -> nn.Module:
-    return deploy_model(load_trained_network(path), channels_last=channels_last)
+    return deploy_model(load_trained_network(path)[0], channels_last=channels_last)
