@@ -1,24 +1,48 @@
 """Shared wrapper for the entry points: user errors become one message and a non-zero exit."""
 from __future__ import annotations
 
+import shutil
 import sys
+import time
+from pathlib import Path
 from typing import Callable, TypeVar
 
 from flgc_lightning.data.cifar_files import DataNotFoundError
 from flgc_lightning.errors import UserError
 
 T = TypeVar("T")
+_STARTED = time.time()  # imported before Hydra creates the run directory
 
 
 class SweepJobFailed(Exception):
     """One multirun job hit a user error. Hydra records it, runs the remaining jobs, then exits non-zero."""
 
 
-def _in_multirun() -> bool:
+def _hydra_config():
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def _created_by_us(path: Path) -> bool:
+    return all(p.stat().st_mtime >= _STARTED - 1 for p in [path, *path.rglob("*")])
+
+
+def remove_own_outputs() -> None:
+    """After a user error, remove what Hydra wrote for this invocation, and nothing else:
+    the fresh run directory if it holds only Hydra's files, or a resume's ``.hydra/resume-<time>``."""
+    hydra = _hydra_config()
+    if hydra is None or not hydra.output_subdir:
+        return
+    run_dir = Path(hydra.runtime.output_dir)
+    own_subdir = run_dir / hydra.output_subdir
+    if hydra.output_subdir != ".hydra":  # a resume inside an existing run: only its own record goes
+        if own_subdir.is_dir() and _created_by_us(own_subdir):
+            shutil.rmtree(own_subdir)
+        return
+    hydra_files = {".hydra", f"{hydra.job.name}.log"}
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= hydra_files and _created_by_us(run_dir):
+        shutil.rmtree(run_dir)
 
 
 def report_user_errors(fn: Callable[[], T]) -> T:
@@ -26,6 +50,10 @@ def report_user_errors(fn: Callable[[], T]) -> T:
         return fn()
     except (UserError, DataNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
-        if _in_multirun():  # an invalid point must not cancel the rest of a sweep
-            raise SweepJobFailed(str(err)) from None
+        hydra = _hydra_config()
+        from hydra.types import RunMode
+
+        if hydra is not None and hydra.mode == RunMode.MULTIRUN:  # a bad point must not cancel the sweep;
+            raise SweepJobFailed(str(err)) from None               # its folder stays for the sweep report
+        remove_own_outputs()
         raise SystemExit(1) from None

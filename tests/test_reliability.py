@@ -33,6 +33,7 @@ def assert_untouched(before: dict[str, str], folder: Path) -> None:
     after = snapshot(folder)
     changed = [name for name, digest in before.items() if after.get(name) != digest]
     assert not changed, f"overwritten or deleted: {changed}"
+    assert not list((folder / ".hydra").glob("resume-*")), "a failed resume left its record behind"
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +87,9 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, cifar_subset):
     assert (cut / "assignments.jsonl").read_text() == records  # the assignment records too
 
 
-def test_step_checkpoint_skips_an_epochs_last_batch(tmp_path):
-    """Lightning would treat such a checkpoint as a finished epoch and skip its validation on resume."""
+def test_last_checkpoint_is_current_after_every_epoch_but_never_mid_last_batch(tmp_path):
+    """last.ckpt after each epoch's validation and every step, except at the end of an epoch's last
+    batch: Lightning would treat that checkpoint as a finished epoch and skip its validation on resume."""
     import pytorch_lightning as pl
     from pytorch_lightning.demos.boring_classes import BoringModel
 
@@ -100,12 +102,22 @@ def test_step_checkpoint_skips_an_epochs_last_batch(tmp_path):
             progress = trainer.fit_loop.epoch_loop.batch_progress
             saves.append((trainer.global_step, progress.is_last_batch, progress.current.completed == progress.current.processed))
 
-    trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=2, limit_train_batches=3, limit_val_batches=1,
-                         callbacks=[StepCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=0, save_last=True),
-                                    Spy()], logger=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(BoringModel())
-    assert [step for step, _, _ in saves] == [1, 2, 4, 5]  # never at steps 3 and 6, which end an epoch
-    assert not any(last_batch for _, last_batch, _ in saves)
+    def fit(every_n_train_steps):
+        saves.clear()
+        callback = StepCheckpoint(dirpath=tmp_path / str(every_n_train_steps), every_n_train_steps=every_n_train_steps,
+                                  save_top_k=0, save_last=True)
+        trainer = pl.Trainer(default_root_dir=tmp_path, max_epochs=3, limit_train_batches=3, limit_val_batches=1,
+                             callbacks=[callback, Spy()], logger=False, enable_progress_bar=False,
+                             enable_model_summary=False)
+        trainer.fit(BoringModel())
+        return torch.load(tmp_path / str(every_n_train_steps) / "last.ckpt", weights_only=True)
+
+    assert fit(1)["global_step"] == 9
+    assert [step for step, _, _ in saves] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    # Steps 3, 6, 9 end an epoch: saved only once that batch is complete and validation has run.
+    assert all(batch_done for _, last_batch, batch_done in saves if last_batch)
+    assert fit(100)["global_step"] == 9  # no step trigger: still current after every epoch
+    assert [step for step, _, _ in saves] == [3, 6, 9]
 
 
 def test_atomic_write_keeps_the_old_file_when_a_write_dies(tmp_path, monkeypatch):
@@ -162,6 +174,12 @@ def test_broken_checkpoints_give_one_clear_error_and_touch_nothing(kind, trained
     assert_untouched(before, trained_run)
 
 
+def test_test_py_without_a_checkpoint_says_how_to_call_it():
+    proc = run_cli("test.py", check=False, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: no checkpoint given: run `python test.py ckpt_path=PATH/TO/last.ckpt`"
+
+
 def test_load_checkpoint_messages(tmp_path):
     with pytest.raises(CheckpointError, match="is not a file"):
         load_checkpoint(tmp_path)
@@ -201,7 +219,7 @@ def test_bad_command_lines_exit_nonzero_with_a_short_message(overrides, expected
     assert proc.returncode != 0
     assert expected in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    assert not (run_dir / "checkpoints").exists()
+    assert not run_dir.exists()  # a command that failed before training leaves no run directory
 
 
 def test_flgc_with_more_groups_than_channels_warns_but_is_allowed():

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from flgc_lightning.deploy import deployed_complexity
+from flgc_lightning.errors import CheckpointError
 from flgc_lightning.training.checkpoints import load_checkpoint
 from flgc_lightning.training.module import ImageClassifier
 from flgc_lightning.utils.complexity import complexity_summary, format_millions
@@ -36,6 +37,8 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
     """Test-split accuracy, params and MACs of the checkpoint ``cfg.ckpt_path``."""
     if overrides is None:
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    if not cfg.get("ckpt_path"):
+        raise CheckpointError("no checkpoint given: run `python test.py ckpt_path=PATH/TO/last.ckpt`")
     checkpoint = load_checkpoint(cfg.ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(data_config(cfg, checkpoint["flgc_config"], overrides))
@@ -64,9 +67,13 @@ def epochs_trained(checkpoint: dict) -> int:
     return int(progress.get("processed", checkpoint.get("epoch", 0)))
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def format_result(result: dict[str, Any]) -> str:
     lines = [
-        f"checkpoint : {result['checkpoint']} ({result['epochs_trained']} epochs trained)",
+        f"checkpoint : {result['checkpoint']} ({plural(result['epochs_trained'], 'epoch')} trained)",
         f"test acc   : {100 * result['test_acc']:.2f} %   (loss {result['test_loss']:.4f})",
         f"params     : {result['params']:,}",
         f"MACs       : {format_millions(result['macs'])} (as the network runs)",
