@@ -204,7 +204,7 @@ def test_resume_with_a_different_structure_lists_the_conflicts(trained_run, cifa
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (["groups=0"], "groups must be a positive integer, got 0"),
+        (["groups=0"], "invalid configuration:\n  - groups must be a positive integer, got 0\n"),
         (["groups=two"], "groups must be a positive integer, got 'two'"),
         (["model.use_flgc=false", "groups=3"], "features.1.conv.1.0 (32->16)"),
         (["data.batch_size=0"], "data.batch_size must be a positive integer"),
@@ -220,6 +220,15 @@ def test_bad_command_lines_exit_nonzero_with_a_short_message(overrides, expected
     assert expected in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not run_dir.exists()  # a command that failed before training leaves no run directory
+
+
+def test_resume_setting_changes_are_listed():
+    from flgc_lightning.training.validation import resume_setting_changes
+
+    saved = {"seed": 1, "data": {"root": "a", "batch_size": 128}, "optimizer": {"lr": 0.1}, "trainer": {"max_epochs": 1}}
+    now = {"seed": 1, "data": {"root": "b", "batch_size": 128}, "optimizer": {"lr": 0.01}, "trainer": {"max_epochs": 9}}
+    assert resume_setting_changes(now, saved) == ["data.root: checkpoint 'a', now 'b'", "optimizer.lr: checkpoint 0.1, now 0.01"]
+    assert resume_setting_changes(saved, saved) == []
 
 
 def test_flgc_with_more_groups_than_channels_warns_but_is_allowed():

@@ -54,10 +54,11 @@ def find_folder(root: str | Path, layout: CifarLayout) -> Path | None:
 
 def _missing_message(root: Path, layout: CifarLayout, reason: str) -> str:
     files = ", ".join(layout.train_files + layout.test_files)
+    fetch = "run again online" if "download failed" in reason else "run online with data.download=true"
     return (
         f"{layout.name} not found under '{root}' and {reason}. Put the official python-version files "
         f"({files}) in '{root / layout.folder}', set data.root to a folder that holds '{layout.folder}', "
-        f"or run online with data.download=true ({layout.url})."
+        f"or {fetch} ({layout.url})."
     )
 
 

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from flgc_lightning.training.checkpoints import load_checkpoint
 from flgc_lightning.training.module import ImageClassifier, plain
-from flgc_lightning.training.validation import check_resume_compatible, validate_config
+from flgc_lightning.training.validation import check_resume_compatible, resume_setting_changes, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg, datamodule)
     if checkpoint is not None:
         check_resume_compatible(module.hparams.model, checkpoint, cfg.ckpt_path)
+        changes = resume_setting_changes(module.run_config, checkpoint["flgc_config"])
+        if changes:
+            log.warning("resuming with settings that differ from the checkpoint's (the continuation will not "
+                        "match an uninterrupted run):\n  - %s", "\n  - ".join(changes))
         del checkpoint  # Lightning reads the file again; don't hold two copies
     trainer = build_trainer(cfg)
     log.info("run directory: %s", cfg.run_dir)

@@ -33,6 +33,8 @@ def _check_types(cfg: DictConfig) -> list[str]:
         value = OmegaConf.select(cfg, key, default=None)
         if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
             continue
+        if key == "model.groups" and value == cfg.get("groups"):
+            continue  # interpolated from `groups`: reported once, under its own name
         if not ok(value):
             problems.append(f"{key} must be {what}, got {value!r}")
     return problems
@@ -74,3 +76,17 @@ def check_resume_compatible(model_cfg: dict, checkpoint: dict, path: str) -> Non
             + "\n  - ".join(conflicts)
             + "\nDrop these overrides to resume the saved run, or start a new run without ckpt_path."
         )
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+
+def resume_setting_changes(current: dict, saved: dict, sections=("seed", "data", "optimizer", "scheduler")) -> list[str]:
+    """Settings a resume changes that break an exact continuation (data order, optimizer, schedule)."""
+    now = {k: v for s in sections for k, v in _flatten(current.get(s), s).items()}
+    before = {k: v for s in sections for k, v in _flatten(saved.get(s), s).items()}
+    return [f"{k}: checkpoint {before.get(k)!r}, now {now.get(k)!r}"
+            for k in sorted(set(now) | set(before)) if now.get(k) != before.get(k)]
