@@ -5,7 +5,6 @@ assignment changes only where the test edits the logits, and every record is kno
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flgc_lightning.layers.flgc import group_ids
 
-def assignment_groups(logits: Tensor) -> Tensor:
-    """Group id per channel: argmax of the row-wise softmax, first index on ties (as ``Flgc2d``)."""
-    return torch.softmax(logits.detach(), dim=1).argmax(dim=1)
+
+# Group id per channel (argmax of the row-wise softmax, first index on ties): the layer's own rule.
+assignment_groups = group_ids
 
 
 @torch.no_grad()

@@ -63,9 +63,7 @@ def learned_macs_formula(model: nn.Module, input_size=(3, 32, 32)) -> int:
         h.remove()
     total = 0
     for layer, (h, w) in shapes.items():
-        g = layer.num_groups
-        n_in = torch.bincount(layer.input_groups().cpu(), minlength=g)
-        n_out = torch.bincount(layer.filter_groups().cpu(), minlength=g)
+        n_in, n_out = layer.group_sizes()
         total += int((n_in * n_out).sum()) * layer.kernel_size[0] * layer.kernel_size[1] * h * w
     return total
 
@@ -75,8 +73,7 @@ def layer_group_report(model: nn.Module) -> str:
     lines = []
     for i, layer in enumerate(m for m in model.modules() if isinstance(m, Flgc2d)):
         g = layer.num_groups
-        n_in = torch.bincount(layer.input_groups().cpu(), minlength=g).tolist()
-        n_out = torch.bincount(layer.filter_groups().cpu(), minlength=g).tolist()
+        n_in, n_out = (sizes.tolist() for sizes in layer.group_sizes())
         learned = sum(a * b for a, b in zip(n_in, n_out))
         padded = g * max(n_in) * max(n_out)
         lines.append(f"  FLGC layer {i:2d} {layer.in_channels:4d}->{layer.out_channels:<4d} in {n_in} out {n_out} "

@@ -11,6 +11,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def group_ids(logits: Tensor) -> Tensor:
+    """Group id of every row (channel): argmax of the row-wise softmax, the first index on ties.
+
+    The one definition of "which group a channel is in", shared by the layer, the assignment
+    records (which also read logits straight from checkpoints) and the cost counters.
+    """
+    return torch.softmax(logits.detach(), dim=1).argmax(dim=1)
+
+
 def straight_through_one_hot(logits: Tensor) -> Tensor:
     """Row-wise one-hot of ``argmax(softmax(logits))`` with a straight-through gradient.
 
@@ -81,15 +90,18 @@ class Flgc2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.masked_weight(), self.bias)
 
-    @torch.no_grad()
     def input_groups(self) -> Tensor:
         """Current group id (0..G-1) of every input channel, shape ``(C_in,)``."""
-        return torch.softmax(self.in_assign, dim=1).argmax(dim=1)
+        return group_ids(self.in_assign)
 
-    @torch.no_grad()
     def filter_groups(self) -> Tensor:
         """Current group id (0..G-1) of every filter (output channel), shape ``(C_out,)``."""
-        return torch.softmax(self.out_assign, dim=1).argmax(dim=1)
+        return group_ids(self.out_assign)
+
+    def group_sizes(self) -> tuple[Tensor, Tensor]:
+        """Channels per group (inputs, filters), each of shape ``(G,)`` on the CPU; groups may be empty."""
+        return (torch.bincount(self.input_groups().cpu(), minlength=self.num_groups),
+                torch.bincount(self.filter_groups().cpu(), minlength=self.num_groups))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", learned_groups={self.num_groups}"

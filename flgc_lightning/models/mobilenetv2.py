@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from flgc_lightning.layers import make_pointwise_conv

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from flgc_lightning.training.checkpoints import load_checkpoint
 from flgc_lightning.training.module import ImageClassifier, plain

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 from typing import Literal
 
-import torch
 from ptflops import get_model_complexity_info
 from torch import nn
 
@@ -28,9 +27,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 def learned_connections(layer: Flgc2d) -> int:
     """Number of (filter, input channel) pairs that share a learned group: sum_g |in_g| * |out_g|."""
-    g = layer.num_groups
-    in_sizes = torch.bincount(layer.input_groups().cpu(), minlength=g)
-    out_sizes = torch.bincount(layer.filter_groups().cpu(), minlength=g)
+    in_sizes, out_sizes = layer.group_sizes()
     return int((in_sizes * out_sizes).sum())
 
 
