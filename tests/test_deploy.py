@@ -14,7 +14,7 @@ from flgc_lightning.data.cifar import CIFAR_MEAN, CIFAR_STD
 from flgc_lightning.data.cifar_files import CIFAR10, find_folder, load_split
 from flgc_lightning.deploy import (
     UnequalGroupConv2d, deploy_model, deployed_macs, deployed_parameters, executed_macs, export_onnx, export_torchscript,
-    learned_macs_formula, onnxruntime_logits,
+    onnxruntime_logits,
 )
 from flgc_lightning.layers import Flgc2d
 from flgc_lightning.models import MobileNetV2
@@ -22,6 +22,22 @@ from flgc_lightning.utils.complexity import count_macs, count_parameters
 
 REPO = Path(__file__).resolve().parent.parent
 SUBSET = REPO.parent / "shared" / "data" / "cifar10-subset"
+
+
+def learned_macs_formula(model: nn.Module, input_size=(3, 32, 32)) -> int:
+    """Independent arithmetic: sum_g |in_g| * |out_g| * k^2 * H * W of every FLGC layer of a trained model."""
+    shapes: dict[nn.Module, tuple[int, int]] = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o: shapes.__setitem__(mod, tuple(o.shape[2:])))
+             for m in model.modules() if isinstance(m, Flgc2d)]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+    for h in hooks:
+        h.remove()
+    total = 0
+    for layer, (h, w) in shapes.items():  # sum_g |in_g| |out_g| = ones in the connection mask
+        connections = int(layer.connection_mask().detach().sum())
+        total += connections * layer.kernel_size[0] * layer.kernel_size[1] * h * w
+    return total
 
 
 @pytest.fixture(scope="module")

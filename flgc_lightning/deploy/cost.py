@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import nn
 
 from flgc_lightning.deploy.grouped import UnequalGroupConv2d
@@ -50,22 +49,6 @@ def deployed_parameters(model: nn.Module) -> int:
     padded = {id(p) for m in unequal for p in m.parameters()}
     plain = sum(p.numel() for p in model.parameters() if id(p) not in padded)
     return plain + sum(m.learned_connections + (m.out_channels if m.conv.bias is not None else 0) for m in unequal)
-
-
-def learned_macs_formula(model: nn.Module, input_size=(3, 32, 32)) -> int:
-    """Independent arithmetic: sum_g |in_g| * |out_g| * k^2 * H * W of every FLGC layer of a trained model."""
-    shapes: dict[nn.Module, tuple[int, int]] = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o: shapes.__setitem__(mod, tuple(o.shape[2:])))
-             for m in model.modules() if isinstance(m, Flgc2d)]
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, *input_size, device=next(model.parameters()).device))
-    for h in hooks:
-        h.remove()
-    total = 0
-    for layer, (h, w) in shapes.items():
-        n_in, n_out = layer.group_sizes()
-        total += int((n_in * n_out).sum()) * layer.kernel_size[0] * layer.kernel_size[1] * h * w
-    return total
 
 
 def layer_group_report(model: nn.Module) -> str:
