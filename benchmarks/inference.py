@@ -6,13 +6,21 @@ All in one process. Rows: CPU eager PyTorch and ONNX Runtime (both ``--threads``
 2), plus CUDA eager when a GPU is present; batch 1 and 64; float32. Models are timed interleaved
 (one call of each per round) and medians reported, so background load hits all rows alike.
 Dense and standard-grouped models are deployed exactly like FLGC (BN folded, channels_last);
-FLGC is deployed twice: ``flgc_padded`` (every layer a padded grouped conv) and ``flgc_auto``
-(per layer the faster of padded / block-diagonal dense, timed at deploy time);
+FLGC is deployed three times: ``flgc_padded`` (every layer a padded grouped conv),
+``flgc_fused`` (every layer the compiled unequal-group kernel) and ``flgc_auto`` (per layer the
+fastest of the three, timed at deploy time: what ``python -m flgc_lightning.deploy`` gives);
 the training form runs as the reference runs it (eval mode, masked dense conv, BN unfolded).
+ONNX and CUDA run the padded form of fused layers (exports trace it; the compiled kernel is CPU-only).
+
+glibc's malloc returns freed memory of big tensors to the OS and page-faults it back in on the
+next call, which made single runs vary by up to 1.5x; like the jemalloc/tcmalloc advice of
+PyTorch's CPU tuning guides, the script keeps that memory (``mallopt``) for every model alike;
+``--no-malloc-tuning`` measures without.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import sys
 import tempfile
@@ -24,12 +32,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flgc_lightning.deploy import (  # noqa: E402
-    UnequalGroupConv2d, deploy_model, deployed_macs, executed_macs, export_onnx, layer_group_report,
+    UnequalGroupConv2d, deploy_model, deployed_macs, executed_macs, export_onnx, layer_group_report, native,
 )
 from flgc_lightning.models import MobileNetV2  # noqa: E402
 from flgc_lightning.utils.complexity import count_macs  # noqa: E402
 
-DEPLOYED = ("flgc_padded", "flgc_auto")
+DEPLOYED = ("flgc_fused", "flgc_auto")  # the targets are checked for these
 TARGETS = (  # (label, numerator, denominator, bound, direction); "{d}" is a deployed variant
     ("{d} / dense", "{d}", "dense", 0.90, "<="),
     ("{d} / standard grouped", "{d}", "grouped", 1.05, "<="),
@@ -50,8 +58,20 @@ def build_models(groups: int, checkpoint: str | None, seed: int) -> dict[str, to
         "grouped": deploy_model(MobileNetV2(groups=groups)),
         "flgc_train": flgc,
         "flgc_padded": deploy_model(flgc, kernel="padded"),
+        "flgc_fused": deploy_model(flgc, kernel="fused"),
         "flgc_auto": deploy_model(flgc, kernel="auto"),
     }
+
+
+def keep_freed_memory() -> str:
+    """Stop glibc from trimming/unmapping freed heap memory (see the module docstring)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return "malloc: not glibc, left as is"
+    m_trim_threshold, m_top_pad = -1, -2
+    ok = libc.mallopt(m_trim_threshold, 2**31 - 1) and libc.mallopt(m_top_pad, 512 << 20)
+    return "malloc: glibc, freed memory kept (mallopt M_TRIM_THRESHOLD, M_TOP_PAD)" if ok else "malloc: mallopt failed"
 
 
 def time_interleaved(runners: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
@@ -76,24 +96,29 @@ def torch_runner(model, x, sync=lambda: None):
     return run
 
 
-def cpu_rows(models, batch, repeats, threads, onnx_dir):
-    import onnxruntime as ort
-    rows = {}
+def torch_cpu_row(models, batch, repeats):
     x = torch.randn(batch, 3, 32, 32)
-    runners = {}
+    runners = {name: torch_runner(model, x if name == "flgc_train" else x.contiguous(memory_format=torch.channels_last))
+               for name, model in models.items()}
+    return time_interleaved(runners, repeats)
+
+
+def onnxruntime_rows(models, batches, repeats, threads, onnx_dir):
+    """``{batch: {model: seconds}}``, measured after every PyTorch row: ORT's sessions (memory arenas,
+    spinning worker threads) made the PyTorch rows timed after their creation up to 1.7x slower."""
+    import onnxruntime as ort
+    sessions = {}
     for name, model in models.items():
-        xx = x.contiguous(memory_format=torch.channels_last) if name != "flgc_train" else x
-        runners[("torch", name)] = torch_runner(model, xx)
-        path = Path(onnx_dir) / f"{name}.onnx"
-        if not path.exists():
-            export_onnx(model, path, example=x[:1])
+        path = export_onnx(model, Path(onnx_dir) / f"{name}.onnx", example=torch.randn(1, 3, 32, 32))
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        feed = {session.get_inputs()[0].name: x.numpy()}
-        runners[("onnxruntime", name)] = (lambda s=session, f=feed: s.run(None, f))
-    for (engine, name), t in time_interleaved(runners, repeats).items():
-        rows.setdefault(engine, {})[name] = t
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    rows = {}
+    for batch in batches:
+        x = torch.randn(batch, 3, 32, 32).numpy()
+        runners = {name: (lambda s=s, x=x: s.run(None, {s.get_inputs()[0].name: x})) for name, s in sessions.items()}
+        rows[batch] = time_interleaved(runners, repeats)
     return rows
 
 
@@ -133,28 +158,32 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", help="trained FLGC checkpoint to use instead of N(0,1)-initialised assignments")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--no-malloc-tuning", action="store_true", help="leave glibc malloc as it is")
     args = parser.parse_args(argv)
+    malloc = "malloc: left as is (--no-malloc-tuning)" if args.no_malloc_tuning else keep_freed_memory()
     torch.set_num_threads(args.threads)
     models = build_models(args.groups, args.checkpoint, args.seed)
     names = list(models)
 
     print(f"torch {torch.__version__}, {args.threads} CPU threads, groups={args.groups}, "
-          f"assignments: {args.checkpoint or f'N(0,1) init, seed {args.seed}'}")
+          f"assignments: {args.checkpoint or f'N(0,1) init, seed {args.seed}'}; {malloc}; "
+          f"fused kernel built with {' '.join(native.load_library().flags)}")
     print(layer_group_report(models["flgc_train"]))
     macs = {n: deployed_macs(m) for n, m in models.items() if n != "flgc_train"}
     print("MACs (learned groups): " + ", ".join(f"{n} {v / 1e6:.2f} M" for n, v in macs.items())
           + f"; training form runs {count_macs(models['flgc_train'], flgc_cost='dense') / 1e6:.2f} M")
-    print("MACs executed by the deployed kernels (padding / zeros included): "
-          + ", ".join(f"{n} {executed_macs(models[n]) / 1e6:.2f} M" for n in DEPLOYED))
+    print("MACs executed by the deployed kernels (padding / zeros / vector lanes included): "
+          + ", ".join(f"{n} {executed_macs(models[n]) / 1e6:.2f} M" for n in ("flgc_padded", *DEPLOYED)))
     print("auto kernel choice per FLGC layer: "
           + "".join(m.kernel[0] for m in models["flgc_auto"].modules() if isinstance(m, UnequalGroupConv2d))
-          + " (p = padded grouped conv, b = block-diagonal dense conv)\n")
+          + " (f = fused, p = padded grouped conv, b = block-diagonal dense conv)\n")
 
     results = {}
+    for batch in args.batches:
+        results[("CPU torch", batch)] = torch_cpu_row(models, batch, args.repeats)
     with tempfile.TemporaryDirectory() as onnx_dir:
-        for batch in args.batches:
-            for engine, row in cpu_rows(models, batch, args.repeats, args.threads, onnx_dir).items():
-                results[(f"CPU {engine}", batch)] = row
+        for batch, row in onnxruntime_rows(models, args.batches, args.repeats, args.threads, onnx_dir).items():
+            results[("CPU onnxruntime", batch)] = row
     if torch.cuda.is_available():
         for batch in args.batches:
             results[("CUDA torch", batch)] = cuda_rows(models, batch, args.repeats)

@@ -72,14 +72,22 @@ def trained_like(model: nn.Module, seed: int) -> nn.Module:
     return model.eval()
 
 
-def assert_exact(model: nn.Module, images: torch.Tensor) -> nn.Module:
-    deployed = deploy_model(model)
+def assert_exact(model: nn.Module, images: torch.Tensor, kernels=("padded", "fused")) -> nn.Module:
+    """Every kernel's deployed network gives the trained logits; returns the first one."""
     with torch.no_grad():
         expected = model(images)
-        got = deployed(images.contiguous(memory_format=torch.channels_last))
     assert expected.abs().max() > 0.5  # logits large enough for 1e-4 to mean something
-    assert (got - expected).abs().max().item() <= 1e-4
-    return deployed
+    nets = [deploy_model(model, kernel=kernel) for kernel in kernels]
+    for kernel, deployed in zip(kernels, nets):
+        with torch.no_grad():
+            got = deployed(images.contiguous(memory_format=torch.channels_last))
+        assert (got - expected).abs().max().item() <= 1e-4, kernel
+        if kernel == "fused":  # the deploy step made each projection group's inputs one run of channels
+            for block in deployed.features:
+                m = block.conv[-1][0] if hasattr(block, "shortcut") else None
+                if isinstance(m, UnequalGroupConv2d):
+                    assert m.fused_tables["tasks"].view(-1, 5)[:, 1].max() <= 1
+    return nets[0]
 
 
 @pytest.mark.parametrize("groups", range(1, 17))
@@ -113,7 +121,7 @@ def test_empty_groups_on_either_side_are_exact(images):
     assert layer.in_sizes[1:3] == [0, 0] and layer.out_sizes[0] == 0 and layer.out_sizes[2] == 0
 
 
-@pytest.mark.parametrize("kernel", ["padded", "blockdiag"])
+@pytest.mark.parametrize("kernel", UnequalGroupConv2d.KERNELS)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_unequal_group_conv_matches_masked_conv(kernel, channels_last):
     torch.manual_seed(0)
@@ -126,12 +134,92 @@ def test_unequal_group_conv_matches_masked_conv(kernel, channels_last):
     with torch.no_grad():
         expected = layer(x)
         torch.testing.assert_close(deployed(x), expected, atol=1e-5, rtol=0)
-        other = deployed.rebuilt("blockdiag" if kernel == "padded" else "padded")
-        torch.testing.assert_close(other(x), expected, atol=1e-5, rtol=0)
+        for other_kind in UnequalGroupConv2d.KERNELS:
+            torch.testing.assert_close(deployed.rebuilt(other_kind)(x), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(deployed.dense_weight(), layer.masked_weight().detach()[:, :, 0, 0])
     sizes_in, sizes_out = deployed.in_sizes, deployed.out_sizes
-    padded = 5 * max(sizes_in) * max(sizes_out)
-    assert deployed.executed_connections == (padded if kernel == "padded" else 20 * 12)
+    executed = {"padded": 5 * max(sizes_in) * max(sizes_out), "blockdiag": 20 * 12,
+                "fused": sum(i * 8 for i, o in zip(sizes_in, sizes_out) if o)}  # <= 8 filters per group here
+    assert max(sizes_out) <= 8 and deployed.executed_connections == executed[kernel]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_kernel_against_float64_reference(threads):
+    """The compiled kernel on what the deploy step never produces but users might: inputs of a group
+    scattered (not one run), groups of more than 8 filters, empty groups on either side, row counts
+    that are no multiple of the kernel's 8/64-row blocks, NCHW inputs."""
+    gen = torch.Generator().manual_seed(5)
+    c_in, c_out, g = 37, 29, 5
+    in_groups = torch.randint(0, 3, (c_in,), generator=gen)        # groups 3, 4: no inputs
+    out_groups = torch.randint(1, 5, (c_out,), generator=gen)      # group 0: no filters
+    out_groups[:20] = 2                                            # one group of 20+ filters: 3 vectors
+    weight, bias = torch.randn(c_out, c_in, generator=gen), torch.randn(c_out, generator=gen)
+    mask = (out_groups[:, None] == in_groups[None, :]).double()
+    layer = UnequalGroupConv2d(weight, bias, in_groups, out_groups, g, "fused")
+    assert layer.fused_tables["segments"].numel() // 3 > g  # scattered inputs -> several runs per group
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape in [(3, c_in, 5, 7), (1, c_in, 1, 1), (2, c_in, 16, 9)]:
+            x = torch.randn(*shape, generator=gen)
+            expected = torch.einsum("oi,nihw->nohw", weight.double() * mask, x.double()) + bias.double()[:, None, None]
+            with torch.no_grad():
+                got = layer(x)
+                got_cl = layer(x.contiguous(memory_format=torch.channels_last))
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
+            torch.testing.assert_close(got_cl, got, atol=0, rtol=0)
+    finally:
+        torch.set_num_threads(previous)
+    # filters of a group without inputs output their bias
+    lonely = (out_groups == 3) | (out_groups == 4)
+    assert lonely.any()
+    torch.testing.assert_close(got[:, lonely], bias[lonely][None, :, None, None].expand(2, -1, 16, 9))
+    # lanes: 3 vectors for the big group, 1 for the others that have filters
+    expected_exec = sum(int((in_groups == k).sum()) * 8 * -(-int((out_groups == k).sum()) // 8) for k in range(g))
+    assert layer.executed_connections == expected_exec
+
+
+def test_fused_kernel_falls_back_where_it_cannot_run(monkeypatch):
+    """No compiler (or autograd): the padded path runs, same numbers; asking for fused explicitly is an error."""
+    from flgc_lightning.deploy import native
+    from flgc_lightning.deploy.convert import DeployError
+
+    torch.manual_seed(2)
+    layer = Flgc2d(16, 12, 1, groups=4, bias=True)
+    fused = UnequalGroupConv2d(layer.weight.detach(), layer.bias.detach(), layer.input_groups(), layer.filter_groups(),
+                               4, "fused")
+    x = torch.randn(2, 16, 3, 3, requires_grad=True)
+    out = fused(x)  # autograd wanted: padded path, which has a grad_fn
+    assert out.grad_fn is not None
+    out.sum().backward()
+    assert x.grad is not None
+
+    def no_compiler():
+        raise native.NativeKernelUnavailable("no C compiler found")
+
+    monkeypatch.setattr(native, "load_library", no_compiler)
+    monkeypatch.setattr(UnequalGroupConv2d, "_warned_unavailable", False, raising=False)
+    with torch.no_grad(), pytest.warns(UserWarning, match="padded grouped conv instead"):
+        torch.testing.assert_close(fused(x), layer(x), atol=1e-5, rtol=0)
+    with pytest.raises(DeployError, match="fused kernel cannot be built here: no C compiler"):
+        deploy_model(MobileNetV2(groups=4, use_flgc=True), kernel="fused")
+    auto = deploy_model(MobileNetV2(groups=4, use_flgc=True), kernel="auto", tune_batch=2)
+    assert {m.kernel for m in auto.modules() if isinstance(m, UnequalGroupConv2d)} <= {"padded", "blockdiag"}
+
+
+def test_fused_kernel_builds_from_scratch_in_its_cache_folder(tmp_path):
+    """What a fresh machine does on first use: compile into the cache folder, load, run."""
+    code = ("import torch; from flgc_lightning.deploy import native; lib = native.load_library(); "
+            "print(' '.join(lib.flags))")
+    env = {**__import__("os").environ, "FLGC_NATIVE_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 and "NativeKernelUnavailable" in proc.stderr:
+        pytest.skip(f"no working C compiler here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr
+    assert "-O3" in proc.stdout
+    assert len(list((tmp_path / "cache").glob("unequal_group_conv-*.so"))) == 1
+    assert not list((tmp_path / "cache").glob("tmp*"))  # no half-written files left
 
 
 def test_auto_kernel_choice_keeps_logits(images):
@@ -139,7 +227,7 @@ def test_auto_kernel_choice_keeps_logits(images):
     model = trained_like(MobileNetV2(groups=4, use_flgc=True), 11)
     deployed = deploy_model(model, kernel="auto", tune_batch=4)
     kernels = {m.kernel for m in deployed.modules() if isinstance(m, UnequalGroupConv2d)}
-    assert kernels and kernels <= {"padded", "blockdiag"}
+    assert kernels and kernels <= set(UnequalGroupConv2d.KERNELS)
     with torch.no_grad():
         assert (deployed(images.contiguous(memory_format=torch.channels_last)) - model(images)).abs().max() <= 1e-4
 
@@ -156,23 +244,27 @@ def test_deployed_macs_agree_with_learned_group_sizes():
     # trained form, ptflops with the learned-cost hook
     trained_delta = count_macs(flgc, flgc_cost="learned") - count_macs(dense)
     # deployed form, ptflops on standard modules + the UnequalGroupConv2d hook (same channels as dense)
-    deployed_delta = deployed_macs(deploy_model(flgc, group_hidden=False)) - deployed_macs(deploy_model(dense))
+    deployed_delta = deployed_macs(deploy_model(flgc, group_hidden=False, kernel="padded")) - deployed_macs(deploy_model(dense))
     assert trained_delta == deployed_delta == formula - proj_dense
     # dropping hidden channels no filter reads can only make the real network cheaper
-    assert deployed_macs(deploy_model(flgc)) <= deployed_macs(deploy_model(flgc, group_hidden=False))
+    assert (deployed_macs(deploy_model(flgc, kernel="padded"))
+            <= deployed_macs(deploy_model(flgc, group_hidden=False, kernel="padded")))
     # one layer on its own: learned connections times positions, plus the bias adds
-    layer = deploy_model(flgc).features[5].projection
+    layer = deploy_model(flgc, kernel="padded").features[5].projection
     assert deployed_macs(layer, (layer.in_channels, 16, 16)) == (layer.learned_connections + layer.out_channels) * 256
-    # what the kernels execute: padding (padded) or the whole dense product (blockdiag) included
+    # what the kernels execute: padding (padded), the whole dense product (blockdiag), 8-filter vector lanes (fused)
     padded, blockdiag = deploy_model(flgc, kernel="padded"), deploy_model(flgc, kernel="blockdiag")
-    for net in (padded, blockdiag):
+    fused = deploy_model(flgc, kernel="fused")
+    assert deployed_macs(fused) == deployed_macs(padded)
+    for net in (padded, blockdiag, fused):
         layers = [m for m in net.modules() if isinstance(m, UnequalGroupConv2d)]
-        extra = sum((m.executed_connections - m.learned_connections + m.conv.out_channels - m.out_channels) * hw
+        extra = sum((m.executed_connections - m.learned_connections + m.executed_outputs - m.out_channels) * hw
                     for m, hw in zip(layers, PROJECTION_POSITIONS))
         assert executed_macs(net) - deployed_macs(net) == extra
     assert all(m.executed_connections == m.in_channels * m.out_channels
                for m in blockdiag.modules() if isinstance(m, UnequalGroupConv2d))
-    assert executed_macs(padded) > deployed_macs(padded)
+    assert executed_macs(padded) > executed_macs(fused) > deployed_macs(padded)
+    assert all(m.executed_outputs == m.conv.out_channels for m in padded.modules() if isinstance(m, UnequalGroupConv2d))
 
 
 PROJECTION_POSITIONS = [32 * 32] * 3 + [16 * 16] * 3 + [8 * 8] * 7 + [4 * 4] * 4
@@ -181,7 +273,7 @@ PROJECTION_POSITIONS = [32 * 32] * 3 + [16 * 16] * 3 + [8 * 8] * 7 + [4 * 4] * 4
 def test_deployed_parameters_count_only_weights_inside_groups():
     torch.manual_seed(4)
     flgc = MobileNetV2(groups=8, use_flgc=True).eval()
-    deployed = deploy_model(flgc, group_hidden=False)
+    deployed = deploy_model(flgc, group_hidden=False, kernel="padded")
     plain = deploy_model(MobileNetV2().eval())
     proj = [b.projection for b in flgc.features if hasattr(b, "projection")]
     learned = sum(int((torch.bincount(p.input_groups(), minlength=8) * torch.bincount(p.filter_groups(), minlength=8)).sum()) for p in proj)
@@ -193,7 +285,7 @@ def test_deployed_parameters_count_only_weights_inside_groups():
 def test_torchscript_and_onnx_exports_match(images, tmp_path):
     torch.manual_seed(7)
     model = trained_like(MobileNetV2(groups=8, use_flgc=True), 7)
-    deployed = deploy_model(model)
+    deployed = deploy_model(model, kernel="fused")  # exports trace the padded form of each layer
     with torch.no_grad():
         expected = model(images)
     scripted = export_torchscript(deployed, tmp_path / "net.pt")

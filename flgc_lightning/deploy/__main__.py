@@ -6,6 +6,7 @@ difference to the trained network (eval mode) on random inputs, and writes the e
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from flgc_lightning.cli import report_user_errors
 from flgc_lightning.deploy.checkpoint import load_trained_network
 from flgc_lightning.deploy.convert import deploy_model
 from flgc_lightning.deploy.cost import deployed_macs, deployed_parameters, executed_macs
+from flgc_lightning.deploy.grouped import UnequalGroupConv2d
 from flgc_lightning.deploy.export import export_onnx, export_torchscript, onnxruntime_logits
 from flgc_lightning.errors import UserError
 from flgc_lightning.utils.complexity import complexity_summary, format_millions
@@ -21,7 +23,7 @@ from flgc_lightning.utils.complexity import complexity_summary, format_millions
 
 def run(args: argparse.Namespace) -> None:
     trained, input_size = load_trained_network(args.checkpoint)
-    deployed = deploy_model(trained, kernel=args.kernel)
+    deployed = deploy_model(trained, kernel=args.kernel, input_size=input_size)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -35,7 +37,10 @@ def run(args: argparse.Namespace) -> None:
     print(f"trained  : params {summary['params']:,}, MACs {format_millions(summary['macs'])} as it runs"
           + (f", {format_millions(summary['macs_nominal'])} nominal" if "macs_nominal" in summary else ""))
     print(f"deployed : params {deployed_parameters(deployed):,}, MACs {format_millions(deployed_macs(deployed, input_size))} "
-          f"(learned groups); the {args.kernel} kernels execute {format_millions(executed_macs(deployed, input_size))}")
+          f"(learned groups); its kernels execute {format_millions(executed_macs(deployed, input_size))}")
+    kernels = Counter(m.kernel for m in deployed.modules() if isinstance(m, UnequalGroupConv2d))
+    if kernels:
+        print(f"FLGC layer kernels ({args.kernel}): " + ", ".join(f"{k} x{n}" for k, n in kernels.most_common()))
     print(f"max |logit difference| deployed vs trained (eval mode, 8 random images): {diff:.3g}")
     torch.save(deployed, out / "deployed.pt")
     print(f"wrote {out / 'deployed.pt'} (torch.save of the module)")
@@ -54,8 +59,10 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="folder for deployed.pt and the exports")
     parser.add_argument("--onnx", action="store_true", help="also export ONNX and check it with ONNX Runtime")
     parser.add_argument("--torchscript", action="store_true", help="also export TorchScript (traced)")
-    parser.add_argument("--kernel", choices=["padded", "blockdiag", "auto"], default="padded",
-                        help="how FLGC layers run (auto: per layer the faster one on this machine, batch 64)")
+    parser.add_argument("--kernel", choices=["auto", "fused", "padded", "blockdiag"], default="auto",
+                        help="how FLGC layers run: auto (default) times the others per layer on this machine at "
+                             "batch 64 and keeps the fastest; fused = compiled CPU kernel, learned connections only; "
+                             "padded = grouped conv on padded blocks; blockdiag = dense conv with zeros")
     report_user_errors(lambda: run(parser.parse_args(argv)))
 
 

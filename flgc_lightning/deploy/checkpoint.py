@@ -21,5 +21,7 @@ def load_trained_network(path: str | Path) -> tuple[nn.Module, tuple[int, int, i
     return net.eval(), input_size
 
 
-def deploy_checkpoint(path: str | Path, channels_last: bool = True) -> nn.Module:
-    return deploy_model(load_trained_network(path)[0], channels_last=channels_last)
+def deploy_checkpoint(path: str | Path, channels_last: bool = True, kernel: str = "auto") -> nn.Module:
+    """:func:`deploy_model` of a checkpoint's network (``auto`` kernels timed at its input size)."""
+    net, input_size = load_trained_network(path)
+    return deploy_model(net, channels_last=channels_last, kernel=kernel, input_size=input_size)

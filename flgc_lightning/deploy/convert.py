@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from flgc_lightning.deploy import native
 from flgc_lightning.deploy.fold import fold_bn_into_weight
 from flgc_lightning.deploy.grouped import UnequalGroupConv2d
 from flgc_lightning.errors import UserError
@@ -95,36 +96,67 @@ def _group_hidden_channels(expand: FoldedConv, depthwise: FoldedConv, projection
     projection.keep_inputs(kept)
 
 
-def _deploy_block(block: InvertedResidual, group_hidden: bool, kernel: str) -> None:
+def _group_block_inputs(producer: FoldedConv, depthwise: FoldedConv, projection: FoldedConv,
+                        shortcut: FoldedConv | None) -> None:
+    """A block without expand conv: order the *block input* channels by the projection's input
+    group, through the conv that produces them (its only consumer is this block). Nothing is
+    dropped: the shortcut conv, which absorbs the same order, reads every channel."""
+    order = torch.argsort(projection.in_groups, stable=True)
+    producer.keep_outputs(order)
+    depthwise.keep_outputs(order)
+    projection.keep_inputs(order)
+    if shortcut is not None:
+        shortcut.keep_inputs(order)
+
+
+def _deploy_block(block: InvertedResidual, group_hidden: bool, kernel: str,
+                  producer: FoldedConv | None = None) -> None:
+    """Fold and build ``block`` in place; ``producer``: the folded conv that alone feeds it, if any."""
     stages = [_stage(s) for s in block.conv]
-    if group_hidden and len(stages) == 3 and stages[2][0].in_groups is not None:
-        _group_hidden_channels(stages[0][0], stages[1][0], stages[2][0])
+    shortcut = None if block.shortcut is None else _stage(block.shortcut)
+    projection = stages[-1][0]
+    if group_hidden and projection.in_groups is not None:
+        if len(stages) == 3:
+            _group_hidden_channels(stages[0][0], stages[1][0], projection)
+        elif producer is not None and (not block.use_residual or shortcut is not None):
+            _group_block_inputs(producer, stages[0][0], projection, None if shortcut is None else shortcut[0])
     block.conv = nn.Sequential(*(_sequential(f, relu, kernel) for f, relu in stages))
-    if block.shortcut is not None:
-        block.shortcut = _sequential(*_stage(block.shortcut), kernel)
+    if shortcut is not None:
+        block.shortcut = _sequential(*shortcut, kernel)
 
 
 @torch.no_grad()
-def deploy_model(model: nn.Module, channels_last: bool = True, group_hidden: bool = True, kernel: str = "padded",
-                 tune_batch: int = 64) -> nn.Module:
+def deploy_model(model: nn.Module, channels_last: bool = True, group_hidden: bool = True, kernel: str = "auto",
+                 tune_batch: int = 64, input_size: tuple[int, int, int] = (3, 32, 32)) -> nn.Module:
     """An eval-mode inference copy of ``model`` (on CPU) with BN folded and FLGC groups realised.
 
-    ``kernel``: how FLGC layers run, ``"padded"`` (grouped conv on padded equal blocks: only
-    group connections plus padding are computed), ``"blockdiag"`` (dense conv, zeros outside
-    groups) or ``"auto"`` (per layer, whichever is faster here at batch ``tune_batch``).
+    ``kernel``: how FLGC layers run (:class:`UnequalGroupConv2d`): ``"fused"`` (compiled CPU
+    kernel computing only the learned connections), ``"padded"`` (grouped conv on padded equal
+    blocks; portable, and what exports use), ``"blockdiag"`` (dense conv, zeros outside groups) or
+    ``"auto"`` (per layer, whichever is fastest here on a ``tune_batch`` x ``input_size`` batch).
     ``group_hidden=False`` skips reordering/pruning the hidden channels (for cost comparisons).
     """
-    if kernel not in (*UnequalGroupConv2d.KERNELS, "auto"):
-        raise DeployError(f"kernel must be one of padded, blockdiag, auto; got {kernel!r}")
+    kernels = (*UnequalGroupConv2d.KERNELS, "auto")
+    if kernel not in kernels:
+        raise DeployError(f"kernel must be one of {', '.join(kernels)}; got {kernel!r}")
+    if kernel == "fused":
+        try:
+            native.load_library()
+        except native.NativeKernelUnavailable as err:
+            raise DeployError(f"the fused kernel cannot be built here: {err}. Use kernel='padded' or 'auto'.") from None
     if not isinstance(model, MobileNetV2):
         raise DeployError(f"deploy supports flgc_lightning MobileNetV2 networks, got {type(model).__name__}")
     net = copy.deepcopy(model).cpu().float().eval()
     features = list(net.features)
+    plain: dict[int, tuple[FoldedConv, bool]] = {}  # conv stages, built last: a block may reorder their outputs
     for i, layer in enumerate(features):
         if isinstance(layer, InvertedResidual):
-            _deploy_block(layer, group_hidden, "padded" if kernel == "auto" else kernel)
+            producer = plain[i - 1][0] if i - 1 in plain else None
+            _deploy_block(layer, group_hidden, "padded" if kernel == "auto" else kernel, producer)
         else:
-            features[i] = _sequential(*_stage(layer))
+            plain[i] = _stage(layer)
+    for i, stage in plain.items():
+        features[i] = _sequential(*stage)
     net.features = nn.Sequential(*features)
     for p in net.parameters():
         p.requires_grad_(False)
@@ -133,5 +165,5 @@ def deploy_model(model: nn.Module, channels_last: bool = True, group_hidden: boo
     if kernel == "auto":
         from flgc_lightning.deploy.tune import choose_kernels
 
-        choose_kernels(net, tune_batch, channels_last)
+        choose_kernels(net, tune_batch, channels_last, input_size=tuple(input_size))
     return net.eval()

@@ -15,7 +15,7 @@ def _unequal_group_hook(connections: str):
         positions = output[0, 0].numel()
         macs = getattr(module, connections) * positions
         if module.conv.bias is not None:
-            macs += (module.out_channels if connections == "learned_connections" else module.conv.out_channels) * positions
+            macs += (module.out_channels if connections == "learned_connections" else module.executed_outputs) * positions
         module.__flops__ += int(macs * output.shape[0])
 
     return hook
@@ -69,7 +69,7 @@ def deployed_complexity(model: nn.Module, input_size=(3, 32, 32)) -> dict[str, i
     from flgc_lightning.deploy.convert import DeployError, deploy_model
 
     try:
-        deployed = deploy_model(model, channels_last=False)
+        deployed = deploy_model(model, channels_last=False, kernel="padded")  # counts only: no kernel timing
     except DeployError:
         return {}
     return {"macs_deployed": deployed_macs(deployed, input_size), "params_deployed": deployed_parameters(deployed)}

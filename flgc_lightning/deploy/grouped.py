@@ -9,6 +9,9 @@ With ``kernel="blockdiag"`` the layer is instead one dense 1x1 conv whose weight
 outside the groups (no gathers, dense cost): on CPU it is faster for layers with large
 feature maps and tiny groups, where oneDNN's grouped kernels gain nothing
 (:func:`flgc_lightning.deploy.tune.choose_kernels` picks per layer by timing).
+With ``kernel="fused"`` CPU inference runs :mod:`flgc_lightning.deploy.native`, a compiled kernel
+that computes exactly the learned connections with no padding and no gathers; the padded conv is
+kept too and runs when the fused kernel cannot (tracing/export, GPU, autograd, no compiler).
 
 The input gather lays every group out as ``max_in`` consecutive channels (padding slots read
 any valid channel and meet zero weights, so the result is exact); the output gather drops the
@@ -18,8 +21,12 @@ Made of channel gathers and ``nn.Conv2d`` only, so TorchScript and ONNX export i
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
+
+from flgc_lightning.deploy import native
 
 
 def gather_channels(x: Tensor, index: Tensor) -> Tensor:
@@ -47,10 +54,11 @@ class UnequalGroupConv2d(nn.Module):
         in_groups: group id of every input channel (``C_in``).
         out_groups: group id of every filter (``C_out``).
         num_groups: ``G``; group ids lie in ``0..G-1`` (groups may be empty on either side).
-        kernel: ``"padded"`` (grouped conv on equal padded blocks) or ``"blockdiag"`` (dense, masked).
+        kernel: ``"padded"`` (grouped conv on equal padded blocks), ``"blockdiag"`` (dense, masked)
+            or ``"fused"`` (compiled CPU kernel, learned connections only; padded elsewhere).
     """
 
-    KERNELS = ("padded", "blockdiag")
+    KERNELS = ("padded", "blockdiag", "fused")
 
     def __init__(self, weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Tensor, num_groups: int,
                  kernel: str = "padded") -> None:
@@ -77,7 +85,7 @@ class UnequalGroupConv2d(nn.Module):
             same_group = out_groups[:, None] == in_groups[None, :]
             padded = torch.where(same_group, weight.cpu(), torch.zeros((), dtype=weight.dtype))
             in_index, out_slot = torch.arange(c_in), torch.arange(c_out)
-        for g in range(num_groups if kernel == "padded" else 0):
+        for g in range(0 if kernel == "blockdiag" else num_groups):
             members_in = torch.nonzero(in_groups == g).flatten()
             members_out = torch.nonzero(out_groups == g).flatten()
             in_index[g * max_in: g * max_in + len(members_in)] = members_in
@@ -102,6 +110,9 @@ class UnequalGroupConv2d(nn.Module):
         self.register_buffer("out_groups", out_groups.to(weight.device), persistent=False)
         self.register_buffer("in_index", in_index.to(weight.device), persistent=False)
         self.register_buffer("out_index", out_slot.to(weight.device), persistent=False)
+        self.fused_tables: dict[str, Tensor] = {}
+        if kernel == "fused":
+            self.fused_tables = native.pack(weight, bias, in_groups, out_groups, num_groups)
 
     @property
     def learned_connections(self) -> int:
@@ -128,10 +139,37 @@ class UnequalGroupConv2d(nn.Module):
 
     @property
     def executed_connections(self) -> int:
-        """Multiply-adds per output position the chosen kernel really runs (padding / zeros included)."""
+        """Multiply-adds per output position the chosen kernel really runs (padding / zeros included).
+
+        The fused kernel computes filters 8 at a time, so a group of ``o`` filters costs
+        ``|in_g| * ceil(o / 8) * 8``: only vector lanes are padded, not channels.
+        """
+        if self.kernel == "fused":
+            return sum(i * -(-o // native.LANES) * native.LANES for i, o in zip(self.in_sizes, self.out_sizes) if o)
         return self.conv.weight.numel()
 
+    @property
+    def executed_outputs(self) -> int:
+        """Output channels the chosen kernel computes per position (each gets a bias add)."""
+        if self.kernel == "fused":
+            return sum(-(-o // native.LANES) * native.LANES for o in self.out_sizes)
+        return self.conv.out_channels
+
+    def _fused_applies(self, x: Tensor) -> bool:
+        if (self.kernel != "fused" or torch.jit.is_tracing() or torch.jit.is_scripting() or x.device.type != "cpu"
+                or x.dtype != torch.float32 or x.dim() != 4 or (x.requires_grad and torch.is_grad_enabled())):
+            return False
+        if not native.available():
+            if not getattr(UnequalGroupConv2d, "_warned_unavailable", False):
+                UnequalGroupConv2d._warned_unavailable = True
+                warnings.warn("fused unequal-group kernel unavailable (no working C compiler); "
+                              "running the padded grouped conv instead", stacklevel=3)
+            return False
+        return True
+
     def forward(self, x: Tensor) -> Tensor:
+        if self._fused_applies(x):
+            return native.unequal_group_conv1x1(x, self.fused_tables, self.out_channels)
         if self.gather_inputs:
             x = gather_channels(x, self.in_index)
         y = self.conv(x)

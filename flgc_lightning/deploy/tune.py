@@ -1,4 +1,4 @@
-"""Per-layer kernel choice for unequal-group convs, by timing both kernels on this machine."""
+"""Per-layer kernel choice for unequal-group convs, by timing every available kernel on this machine."""
 from __future__ import annotations
 
 import statistics
@@ -7,24 +7,29 @@ import time
 import torch
 from torch import nn
 
+from flgc_lightning.deploy import native
 from flgc_lightning.deploy.grouped import UnequalGroupConv2d
 
 
-def _median_seconds(fn, repeats: int) -> float:
+def available_kernels() -> tuple[str, ...]:
+    """The kernels that run here: ``fused`` only where its C source compiles."""
+    return UnequalGroupConv2d.KERNELS if native.available() else tuple(
+        k for k in UnequalGroupConv2d.KERNELS if k != "fused")
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
     fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return time.perf_counter() - start
 
 
 @torch.no_grad()
-def choose_kernels(net: nn.Module, batch: int = 64, channels_last: bool = True, repeats: int = 5) -> dict[str, str]:
-    """Replace every :class:`UnequalGroupConv2d` by its faster kernel variant (same outputs).
+def choose_kernels(net: nn.Module, batch: int = 64, channels_last: bool = True, repeats: int = 5,
+                   input_size: tuple[int, int, int] = (3, 32, 32)) -> dict[str, str]:
+    """Replace every :class:`UnequalGroupConv2d` by its fastest kernel variant (all give the same outputs).
 
-    Inputs are captured from one forward pass at ``batch``; both variants are timed interleaved.
+    Each layer's input is captured from one forward pass at ``batch``; the variants are timed
+    interleaved (one call each per round, after a warm-up call) and the lowest median wins.
     Returns ``{module name: chosen kernel}``.
     """
     layers = {name: m for name, m in net.named_modules() if isinstance(m, UnequalGroupConv2d)}
@@ -33,24 +38,26 @@ def choose_kernels(net: nn.Module, batch: int = 64, channels_last: bool = True, 
     inputs: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0]))
              for name, m in layers.items()]
-    x = torch.randn(batch, 3, 32, 32)
+    x = torch.randn(batch, *input_size)
     net(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
     for h in hooks:
         h.remove()
+    kernels = available_kernels()
     chosen = {}
     for name, layer in layers.items():
-        other_kind = "blockdiag" if layer.kernel == "padded" else "padded"
-        other = layer.rebuilt(other_kind)
+        variants = {k: layer if k == layer.kernel else layer.rebuilt(k) for k in kernels}
         if channels_last:
-            other = other.to(memory_format=torch.channels_last)
+            variants = {k: v.to(memory_format=torch.channels_last) for k, v in variants.items()}
         x = inputs[name]
-        times = {layer.kernel: [], other_kind: []}
+        for v in variants.values():
+            v(x)
+        times: dict[str, list[float]] = {k: [] for k in variants}
         for _ in range(repeats):
-            times[layer.kernel].append(_median_seconds(lambda: layer(x), 1))
-            times[other_kind].append(_median_seconds(lambda: other(x), 1))
+            for k, v in variants.items():
+                times[k].append(_seconds(lambda v=v, x=x: v(x)))
         best = min(times, key=lambda k: statistics.median(times[k]))
         chosen[name] = best
         if best != layer.kernel:
             parent_name, _, child = name.rpartition(".")
-            setattr(net.get_submodule(parent_name) if parent_name else net, child, other)
+            setattr(net.get_submodule(parent_name) if parent_name else net, child, variants[best])
     return chosen

@@ -1,0 +1,177 @@
+"""The fused CPU kernel for unequal-group 1x1 convolutions (``unequal_group_conv.c``), via ctypes.
+
+No library runs groups of unequal size: oneDNN, MKL and ONNX Runtime only have equal groups, so
+padding them costs extra MACs and a channel gather (benchmarks/README.md). The kernel reads each
+input row (one pixel, channels_last) once, computes every group's small matrix product in
+registers and writes each filter straight to its output channel.
+
+It is plain C (no Python or torch headers), compiled on first use with the system C compiler
+(``$CC`` or ``cc``; ``-O3 -march=native -fopenmp``, falling back to fewer flags) into a cache
+folder keyed by source, compiler, flags and CPU, so a shared home folder on a mixed cluster never
+loads a library built for another CPU. ``$FLGC_NATIVE_CACHE`` overrides the folder. OpenMP comes
+from the ``libgomp`` torch already loaded, so both share one thread pool.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("unequal_group_conv.c")
+LANES = 8  # filters per task: one 8-float vector (matches the C source)
+FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp"],
+    ["-O3", "-fopenmp"],
+    ["-O3", "-march=native"],
+    ["-O3"],
+)
+
+
+class NativeKernelUnavailable(RuntimeError):
+    """The fused kernel cannot be built here (no C compiler, or it failed)."""
+
+
+def cache_dir() -> Path:
+    if os.environ.get("FLGC_NATIVE_CACHE"):
+        return Path(os.environ["FLGC_NATIVE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "flgc_lightning" / "native"
+
+
+def _cpu_signature() -> str:
+    """CPU model and feature flags: a library built with -march=native only runs where these match."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compile(compiler: str, flags: list[str], target: Path) -> str | None:
+    """Build ``target``; ``None`` on success, else the compiler's message."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *flags, "-fPIC", "-shared", str(SOURCE), "-o", tmp],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            return done.stderr.strip() or f"exit code {done.returncode}"
+        os.replace(tmp, target)  # atomic: concurrent processes never load a half-written library
+        return None
+    except (OSError, subprocess.SubprocessError) as err:
+        return str(err)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@lru_cache(maxsize=None)
+def load_library() -> ctypes.CDLL:
+    """The compiled kernel (built once per machine); raises :class:`NativeKernelUnavailable`."""
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise NativeKernelUnavailable("no C compiler found (set $CC or install gcc/clang)")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise NativeKernelUnavailable(f"C compiler {compiler} does not run: {err}") from None
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, _cpu_signature()]).encode())
+        target = cache_dir() / f"unequal_group_conv-{key.hexdigest()[:16]}.so"
+        if not target.exists():
+            message = _compile(compiler, flags, target)
+            if message is not None:
+                errors.append(f"{' '.join(flags)}: {message.splitlines()[-1] if message else ''}")
+                continue
+        lib = ctypes.CDLL(str(target))
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.unequal_group_conv1x1.argtypes = [p, i64, i64, p, i64, p, p, p, i64, p, p, ctypes.c_int]
+        lib.unequal_group_conv1x1.restype = None
+        lib.flags = flags
+        return lib
+    raise NativeKernelUnavailable(f"compiling {SOURCE.name} with {compiler} failed: " + "; ".join(errors))
+
+
+def available() -> bool:
+    try:
+        load_library()
+        return True
+    except NativeKernelUnavailable:
+        return False
+
+
+def _runs(channels: list[int]) -> list[tuple[int, int]]:
+    """Sorted channel indices as ``(first, length)`` runs of consecutive channels."""
+    runs: list[list[int]] = []
+    for c in channels:
+        if runs and runs[-1][0] + runs[-1][1] == c:
+            runs[-1][1] += 1
+        else:
+            runs.append([c, 1])
+    return [(a, n) for a, n in runs]
+
+
+def pack(weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Tensor, num_groups: int) -> dict[str, Tensor]:
+    """The kernel's tables for a ``C_out x C_in`` 1x1 weight restricted to groups.
+
+    Filters of a group are taken 8 at a time (a "task": one vector of accumulators); a group's
+    inputs are read as runs of consecutive channels (one run when the deploy step made the group
+    contiguous), each with its ``[run length][8]`` weight block. A group without inputs gives its
+    filters' bias; inputs of a group without filters are never read.
+    """
+    weight = weight.detach().reshape(weight.shape[0], -1).cpu().float()
+    bias = torch.zeros(weight.shape[0]) if bias is None else bias.detach().cpu().float()
+    tasks, segments, out_index, weights, biases = [], [], [], [], []
+    w_offset = 0
+    for g in range(num_groups):
+        inputs = torch.nonzero(in_groups.cpu() == g).flatten().tolist()
+        filters = torch.nonzero(out_groups.cpu() == g).flatten().tolist()
+        runs = _runs(inputs)
+        for start in range(0, len(filters), LANES):
+            chunk = filters[start:start + LANES]
+            tasks.append([len(segments), len(runs), len(biases) * LANES, len(chunk), len(out_index)])
+            out_index.extend(chunk)
+            lane_bias = torch.zeros(LANES)
+            lane_bias[:len(chunk)] = bias[chunk]
+            biases.append(lane_bias)
+            for first, length in runs:
+                block = torch.zeros(length, LANES)
+                block[:, :len(chunk)] = weight[chunk][:, first:first + length].t()
+                segments.append([first, length, w_offset])
+                weights.append(block.flatten())
+                w_offset += block.numel()
+    long = dict(dtype=torch.long)
+    return {
+        # one zero vector keeps the pointers valid when there is nothing to read
+        "weight": torch.cat(weights) if weights else torch.zeros(LANES),
+        "bias": torch.stack(biases).flatten() if biases else torch.zeros(LANES),
+        "tasks": torch.tensor(tasks, **long).flatten() if tasks else torch.zeros(5, **long),
+        "segments": torch.tensor(segments, **long).flatten() if segments else torch.zeros(3, **long),
+        "out_index": torch.tensor(out_index, **long) if out_index else torch.zeros(1, **long),
+    }
+
+
+def unequal_group_conv1x1(x: Tensor, tables: dict[str, Tensor], out_channels: int) -> Tensor:
+    """Run the kernel on a CPU float32 NCHW-shaped tensor; the result is channels_last."""
+    lib = load_library()
+    x = x.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = x.shape
+    y = torch.empty(n, out_channels, h, w, memory_format=torch.channels_last)
+    lib.unequal_group_conv1x1(
+        x.data_ptr(), n * h * w, c, y.data_ptr(), out_channels, tables["weight"].data_ptr(),
+        tables["bias"].data_ptr(), tables["tasks"].data_ptr(), tables["tasks"].numel() // 5,
+        tables["segments"].data_ptr(), tables["out_index"].data_ptr(), torch.get_num_threads(),
+    )
+    return y
