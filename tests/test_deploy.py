@@ -204,7 +204,8 @@ def test_fused_kernel_falls_back_where_it_cannot_run(monkeypatch):
         torch.testing.assert_close(fused(x), layer(x), atol=1e-5, rtol=0)
     with pytest.raises(DeployError, match="fused kernel cannot be built here: no C compiler"):
         deploy_model(MobileNetV2(groups=4, use_flgc=True), kernel="fused")
-    auto = deploy_model(MobileNetV2(groups=4, use_flgc=True), kernel="auto", tune_batch=2)
+    with pytest.warns(UserWarning, match="choosing among padded and blockdiag"):
+        auto = deploy_model(MobileNetV2(groups=4, use_flgc=True), kernel="auto", tune_batch=2)
     assert {m.kernel for m in auto.modules() if isinstance(m, UnequalGroupConv2d)} <= {"padded", "blockdiag"}
 
 
@@ -318,7 +319,7 @@ def write_checkpoint(path: Path, groups: int, input_size=(3, 32, 32)) -> nn.Modu
 @pytest.mark.slow
 @pytest.mark.parametrize("input_size", [(3, 32, 32), (1, 16, 16)], ids=["cifar", "quickstart-digits"])
 def test_cli_deploys_and_exports_a_checkpoint(tmp_path, input_size):
-    write_checkpoint(tmp_path / "flgc.ckpt", groups=8, input_size=input_size)
+    trained = write_checkpoint(tmp_path / "flgc.ckpt", groups=8, input_size=input_size)
     proc = subprocess.run([sys.executable, "-m", "flgc_lightning.deploy", str(tmp_path / "flgc.ckpt"), "--out",
                            str(tmp_path / "out"), "--onnx", "--torchscript"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -327,6 +328,11 @@ def test_cli_deploys_and_exports_a_checkpoint(tmp_path, input_size):
     assert len(diffs) == 2 and max(diffs) <= 1e-4
     for name in ("deployed.pt", "deployed.torchscript.pt", "deployed.onnx"):
         assert (tmp_path / "out" / name).stat().st_size > 100_000
+    assert "FLGC layer kernels (auto):" in proc.stdout
+    reloaded = torch.load(tmp_path / "out" / "deployed.pt", weights_only=False)  # our own file: trusted
+    x = torch.randn(5, *input_size)
+    with torch.no_grad():
+        assert (reloaded(x.contiguous(memory_format=torch.channels_last)) - trained.eval()(x)).abs().max() <= 1e-4
 
 
 def test_cli_reports_a_missing_checkpoint(tmp_path):
