@@ -294,10 +294,16 @@ def test_torchscript_and_onnx_exports_match(images, tmp_path):
     with torch.no_grad():
         assert (reloaded(images) - expected).abs().max().item() <= 1e-4
         assert (scripted(images[:3]) - expected[:3]).abs().max().item() <= 1e-4
-    path = export_onnx(deployed, tmp_path / "net.onnx")
-    ort = onnxruntime_logits(path, images)  # batch 12 through an export traced at batch 1
-    assert ort.shape == expected.shape
-    assert (ort - expected).abs().max().item() <= 1e-4
+    for kernel in (None, "blockdiag"):  # as deployed (fused layers trace their padded form), or block-diagonal
+        path = export_onnx(deployed, tmp_path / f"net-{kernel}.onnx", kernel=kernel)
+        ort = onnxruntime_logits(path, images)  # batch 12 through an export traced at batch 1
+        assert ort.shape == expected.shape
+        assert (ort - expected).abs().max().item() <= 1e-4
+    import onnx
+    ops = {k: {n.op_type for n in onnx.load(str(tmp_path / f"net-{k}.onnx")).graph.node} for k in (None, "blockdiag")}
+    assert "Gather" in ops[None] or "GatherElements" in ops[None]  # padded form: channel gathers
+    assert not {"Gather", "GatherElements"} & ops["blockdiag"]
+    assert all(m.kernel == "fused" for m in deployed.modules() if isinstance(m, UnequalGroupConv2d))  # untouched
 
 
 def write_checkpoint(path: Path, groups: int, input_size=(3, 32, 32)) -> nn.Module:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -12,9 +13,14 @@ from flgc_lightning.deploy.grouped import UnequalGroupConv2d
 
 
 def available_kernels() -> tuple[str, ...]:
-    """The kernels that run here: ``fused`` only where its C source compiles."""
-    return UnequalGroupConv2d.KERNELS if native.available() else tuple(
-        k for k in UnequalGroupConv2d.KERNELS if k != "fused")
+    """The kernels that run here: ``fused`` only where its C source compiles (else a warning says why)."""
+    try:
+        native.load_library()
+        return UnequalGroupConv2d.KERNELS
+    except native.NativeKernelUnavailable as err:
+        warnings.warn(f"fused unequal-group kernel unavailable ({err}); choosing among padded and blockdiag",
+                      stacklevel=3)
+        return tuple(k for k in UnequalGroupConv2d.KERNELS if k != "fused")
 
 
 def _seconds(fn) -> float:
