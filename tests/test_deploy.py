@@ -341,6 +341,26 @@ def test_cli_deploys_and_exports_a_checkpoint(tmp_path, input_size):
         assert (reloaded(x.contiguous(memory_format=torch.channels_last)) - trained.eval()(x)).abs().max() <= 1e-4
 
 
+@pytest.mark.slow
+def test_cli_without_a_c_compiler(tmp_path):
+    """No compiler on PATH: auto warns and deploys with stock ops; --kernel fused is a clear error."""
+    import os
+
+    write_checkpoint(tmp_path / "flgc.ckpt", groups=4)
+    env = {**os.environ, "PATH": str(tmp_path / "empty"), "FLGC_NATIVE_CACHE": str(tmp_path / "cache")}
+    env.pop("CC", None)
+    base = [sys.executable, "-m", "flgc_lightning.deploy", str(tmp_path / "flgc.ckpt")]
+    auto = subprocess.run([*base, "--out", str(tmp_path / "auto")], cwd=REPO, env=env, capture_output=True, text=True)
+    assert auto.returncode == 0, auto.stderr
+    assert "fused unequal-group kernel unavailable (no C compiler found" in auto.stderr
+    assert "fused" not in auto.stdout.split("FLGC layer kernels (auto):")[1].splitlines()[0]
+    fused = subprocess.run([*base, "--out", str(tmp_path / "fused"), "--kernel", "fused"], cwd=REPO, env=env,
+                           capture_output=True, text=True)
+    assert fused.returncode == 1
+    assert fused.stderr.startswith("error: the fused kernel cannot be built here: no C compiler found")
+    assert not (tmp_path / "fused").exists()
+
+
 def test_cli_reports_a_missing_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "flgc_lightning.deploy", str(tmp_path / "nope.ckpt"), "--out",
                            str(tmp_path)], cwd=REPO, capture_output=True, text=True)

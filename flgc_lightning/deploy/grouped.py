@@ -1,7 +1,8 @@
-"""A 1x1 convolution whose channels form groups of unequal size, built from standard modules.
+"""A 1x1 convolution whose channels form groups of unequal size.
 
-No library layer runs unequal groups, so the learned block-diagonal weight is padded to
-``G`` equal blocks of ``max_in x max_out`` and run as one standard grouped ``nn.Conv2d``:
+No library layer runs unequal groups. The portable form (``kernel="padded"``) pads the learned
+block-diagonal weight to ``G`` equal blocks of ``max_in x max_out`` and runs one standard grouped
+``nn.Conv2d``:
 
     gather inputs -> grouped conv -> gather outputs
 
@@ -17,7 +18,8 @@ The input gather lays every group out as ``max_in`` consecutive channels (paddin
 any valid channel and meet zero weights, so the result is exact); the output gather drops the
 padding filters and puts the real ones back in the order the consumer expects. Filters of a
 group without inputs output only their bias; inputs of a group without filters are never read.
-Made of channel gathers and ``nn.Conv2d`` only, so TorchScript and ONNX export it as is.
+The padded and block-diagonal forms are channel gathers and ``nn.Conv2d`` only, so TorchScript
+and ONNX export them as is.
 """
 from __future__ import annotations
 

@@ -20,7 +20,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -76,9 +75,27 @@ def _compile(compiler: str, flags: list[str], target: Path) -> str | None:
             os.remove(tmp)
 
 
-@lru_cache(maxsize=None)
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+
+
 def load_library() -> ctypes.CDLL:
-    """The compiled kernel (built once per machine); raises :class:`NativeKernelUnavailable`."""
+    """The compiled kernel (built once per machine); raises :class:`NativeKernelUnavailable`.
+
+    Success and failure are both remembered for the process: a machine without a compiler tries once.
+    """
+    global _library, _failure
+    if _library is None and _failure is None:
+        try:
+            _library = _build_and_load()
+        except NativeKernelUnavailable as err:
+            _failure = str(err)
+    if _failure is not None:
+        raise NativeKernelUnavailable(_failure)
+    return _library
+
+
+def _build_and_load() -> ctypes.CDLL:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         raise NativeKernelUnavailable("no C compiler found (set $CC or install gcc/clang)")
