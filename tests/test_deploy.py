@@ -221,6 +221,10 @@ def test_fused_kernel_builds_from_scratch_in_its_cache_folder(tmp_path):
     assert "-O3" in proc.stdout
     assert len(list((tmp_path / "cache").glob("unequal_group_conv-*.so"))) == 1
     assert not list((tmp_path / "cache").glob("tmp*"))  # no half-written files left
+    (tmp_path / "not-a-folder").write_text("")  # cache folder cannot be created: the temp folder is used
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env={**env, "FLGC_NATIVE_CACHE": str(tmp_path / "not-a-folder" / "cache")})
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_auto_kernel_choice_keeps_logits(images):

@@ -56,11 +56,26 @@ def _cpu_signature() -> str:
         return platform.processor() + platform.machine()
 
 
+def _writable_cache_dir() -> Path:
+    """:func:`cache_dir`, or a per-user temp folder when that cannot be created (read-only home)."""
+    user = getattr(os, "getuid", lambda: "user")()
+    for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"flgc_lightning-native-{user}"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                return folder
+        except OSError:
+            continue
+    raise NativeKernelUnavailable(f"no writable folder for the compiled kernel ({cache_dir()} or the temp folder)")
+
+
 def _compile(compiler: str, flags: list[str], target: Path) -> str | None:
     """Build ``target``; ``None`` on success, else the compiler's message."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
+    try:
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+    except OSError as err:
+        return str(err)
     try:
         done = subprocess.run([compiler, *flags, "-fPIC", "-shared", str(SOURCE), "-o", tmp],
                               capture_output=True, text=True, timeout=120)
@@ -103,16 +118,20 @@ def _build_and_load() -> ctypes.CDLL:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as err:
         raise NativeKernelUnavailable(f"C compiler {compiler} does not run: {err}") from None
+    folder = _writable_cache_dir()
     errors = []
     for flags in FLAG_SETS:
         key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, _cpu_signature()]).encode())
-        target = cache_dir() / f"unequal_group_conv-{key.hexdigest()[:16]}.so"
-        if not target.exists():
-            message = _compile(compiler, flags, target)
-            if message is not None:
-                errors.append(f"{' '.join(flags)}: {message.splitlines()[-1] if message else ''}")
-                continue
-        lib = ctypes.CDLL(str(target))
+        target = folder / f"unequal_group_conv-{key.hexdigest()[:16]}.so"
+        message = None if target.exists() else _compile(compiler, flags, target)
+        if message is None:
+            try:
+                lib = ctypes.CDLL(str(target))
+            except OSError as err:
+                message = f"built but cannot be loaded: {err}"
+        if message is not None:
+            errors.append(f"{' '.join(flags)}: {message.splitlines()[-1] if message else ''}")
+            continue
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         lib.unequal_group_conv1x1.argtypes = [p, i64, i64, p, i64, p, p, p, i64, p, p, ctypes.c_int]
         lib.unequal_group_conv1x1.restype = None
@@ -140,7 +159,8 @@ def _runs(channels: list[int]) -> list[tuple[int, int]]:
     return [(a, n) for a, n in runs]
 
 
-def pack(weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Tensor, num_groups: int) -> dict[str, Tensor]:
+def pack(weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Tensor,
+         num_groups: int) -> dict[str, Tensor]:
     """The kernel's tables for a ``C_out x C_in`` 1x1 weight restricted to groups.
 
     Filters of a group are taken 8 at a time (a "task": one vector of accumulators); a group's
