@@ -12,6 +12,7 @@ from flgc_lightning.errors import UserError
 
 T = TypeVar("T")
 _STARTED = time.time()  # imported before Hydra creates the run directory
+ERROR_FILE = "error.txt"  # written by a sweep job that stopped on a user error
 
 
 class SweepJobFailed(Exception):
@@ -45,6 +46,15 @@ def remove_own_outputs() -> None:
         shutil.rmtree(run_dir)
 
 
+def _record_sweep_error(run_dir: Path, err: Exception) -> None:
+    """``error.txt`` in a failed sweep job's folder, so the sweep report can say why it failed."""
+    try:
+        if run_dir.is_dir():
+            (run_dir / ERROR_FILE).write_text(f"{err}\n")
+    except OSError:
+        pass  # the message is on stderr already
+
+
 def report_user_errors(fn: Callable[[], T]) -> T:
     try:
         return fn()
@@ -54,6 +64,7 @@ def report_user_errors(fn: Callable[[], T]) -> T:
         from hydra.types import RunMode
 
         if hydra is not None and hydra.mode == RunMode.MULTIRUN:  # a bad point must not cancel the sweep;
-            raise SweepJobFailed(str(err)) from None               # its folder stays for the sweep report
+            _record_sweep_error(Path(hydra.runtime.output_dir), err)  # its folder stays for the sweep report
+            raise SweepJobFailed(str(err)) from None
         remove_own_outputs()
         raise SystemExit(1) from None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from flgc_lightning.callbacks.run_summary import conv_type
+from flgc_lightning.cli import ERROR_FILE
 from flgc_lightning.errors import UserError
 
 CONV_TYPES = ("dense", "grouped", "FLGC")
@@ -90,6 +91,10 @@ def _from_hydra_config(name: str, path: Path) -> RunRow:
     except Exception:  # unreadable config: still list the run
         pass
     kind = conv_type(int(groups), bool(use_flgc)) if groups is not None else "unknown"
+    error_file = path.parent.parent / ERROR_FILE
+    if error_file.is_file():  # a user error (bad config, missing data) stopped it; cli.py recorded which
+        return RunRow(name, kind, groups, None, None, None, None, None, 0, max_epochs, None, "failed",
+                      error_file.read_text(errors="replace").strip() or "unknown error")
     return RunRow(name, kind, groups, None, None, None, None, None, 0, max_epochs, None, "failed/unknown",
                   "no summary.json: the run stopped before training started")
 
@@ -163,8 +168,9 @@ def write_markdown(rows: Sequence[RunRow], path: Path, source: Path) -> str:
         "MACs per image. *Nominal*: uniform groups (dense cost / G for FLGC). *Deployed*: the learned, "
         "unequal FLGC groups at the end of training (sum over groups of |in_g|·|out_g|·k²·H·W); for dense "
         "and standard grouped convs both equal the actual cost. Test accuracy is the validation metric "
-        "(the test split doubles as validation). *unfinished*: still running or killed; "
-        "*failed/unknown*: stopped before training began.\n\n![accuracy vs MACs](report.png)\n"
+        "(the test split doubles as validation). *unfinished*: still running or killed; *failed: …*: the "
+        "error that stopped the run; *failed/unknown*: stopped before training began without recording "
+        "why.\n\n![accuracy vs MACs](report.png)\n"
     )
     path.write_text(text)
     return table

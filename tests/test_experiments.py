@@ -100,10 +100,14 @@ def test_run_summary_records_a_failed_run_and_report_shows_it(tmp_path, capsys, 
     (unfinished / "summary.json").write_text(json.dumps({**summary, "status": "running", "error": None}))
     (tmp_path / "sweep" / "2" / ".hydra").mkdir(parents=True)
     (tmp_path / "sweep" / "2" / ".hydra" / "config.yaml").write_text("groups: 4\nmodel:\n  groups: ${groups}\n  use_flgc: false\n")
+    (tmp_path / "sweep" / "3" / ".hydra").mkdir(parents=True)  # stopped on a user error, which cli.py recorded
+    (tmp_path / "sweep" / "3" / ".hydra" / "config.yaml").write_text("groups: 8\nmodel:\n  use_flgc: true\n")
+    (tmp_path / "sweep" / "3" / "error.txt").write_text("CIFAR-10 not found under '/data'\nsecond line\n")
     report_main([str(tmp_path / "sweep")])
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
             for line in out.splitlines() if re.match(r"\| \d ", line)}
+    assert rows["3"][1:3] == ["FLGC", "8"] and rows["3"][-1] == "failed: CIFAR-10 not found under '/data'"
     assert rows["0"][1:3] == ["FLGC", "2"] and rows["0"][-1] == "failed: RuntimeError: disk full (simulated)"
     assert rows["0"][8] == "1/3" and rows["1"][-1] == "unfinished"
     assert rows["2"][1:3] == ["grouped", "4"] and rows["2"][-1].startswith("failed/unknown")
@@ -144,8 +148,10 @@ def test_tiny_sweep_report_table_csv_and_plot(cifar_subset, tmp_path):
         rows = list(csv.DictReader(fh))
     assert [(r["conv_type"], r["groups"], r["status"]) for r in rows] == [
         ("dense", "1", "finished"), ("dense", "1", "finished"), ("grouped", "2", "finished"),
-        ("grouped", "3", "failed/unknown"), ("FLGC", "2", "finished"), ("FLGC", "3", "finished"),
+        ("grouped", "3", "failed"), ("FLGC", "2", "finished"), ("FLGC", "3", "finished"),
     ]
+    failed = next(r for r in rows if r["status"] == "failed")
+    assert "divisible by groups=3" in failed["error"]  # the job's error.txt, written by cli.py
     by_kind = {(r["conv_type"], r["groups"]): r for r in rows}
     dense = MobileNetV2(10, 1, False, 0.25)
     assert int(by_kind[("dense", "1")]["params"]) == count_parameters(dense)
@@ -163,7 +169,7 @@ def test_tiny_sweep_report_table_csv_and_plot(cifar_subset, tmp_path):
         if r["status"] == "finished":
             assert 0 <= float(r["best_acc"]) <= 1 and r["epochs"] == "1" and float(r["wall_time_s"]) > 0
     table = (sweep / "report.md").read_text()
-    assert table.count("| finished |") == 5 and "failed/unknown" in table and "report.png" in table
+    assert table.count("| finished |") == 5 and "| failed: " in table and "report.png" in table
     assert "| FLGC | 3 |" in report.stdout and "report.png" in report.stdout
     with Image.open(sweep / "report.png") as png:
         assert png.size == (900, 600) and len(png.convert("RGB").getcolors(1 << 16) or []) > 20
