@@ -1,6 +1,7 @@
 """Deploy conversion: exact logits on real images, honest MACs, TorchScript/ONNX export, CLI."""
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -82,11 +83,12 @@ def assert_exact(model: nn.Module, images: torch.Tensor, kernels=("padded", "fus
         with torch.no_grad():
             got = deployed(images.contiguous(memory_format=torch.channels_last))
         assert (got - expected).abs().max().item() <= 1e-4, kernel
-        if kernel == "fused":  # the deploy step made each projection group's inputs one run of channels
-            for block in deployed.features:
+        if kernel == "fused":  # the deploy step made each projection group's inputs one run of channels:
+            for block in deployed.features:  # one segment per (group with inputs, 8 of its filters)
                 m = block.conv[-1][0] if hasattr(block, "shortcut") else None
                 if isinstance(m, UnequalGroupConv2d):
-                    assert m.fused_tables["tasks"].view(-1, 5)[:, 1].max() <= 1
+                    runs = sum(-(-o // 8) for i, o in zip(m.in_sizes, m.out_sizes) if i)
+                    assert m.fused_tables["tasks"].view(-1, 5)[:, 1].sum() == runs
     return nets[0]
 
 
@@ -157,6 +159,9 @@ def test_fused_kernel_against_float64_reference(threads):
     mask = (out_groups[:, None] == in_groups[None, :]).double()
     layer = UnequalGroupConv2d(weight, bias, in_groups, out_groups, g, "fused")
     assert layer.fused_tables["segments"].numel() // 3 > g  # scattered inputs -> several runs per group
+    filters_per_task = layer.fused_tables["tasks"].view(-1, 5)[:, 3]
+    chunks = sum(-(-int((out_groups == k).sum()) // 8) for k in range(g))
+    assert filters_per_task.max() <= 8 and len(filters_per_task) < chunks  # small groups share a task
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -195,13 +200,26 @@ def test_fused_kernel_falls_back_where_it_cannot_run(monkeypatch):
     out.sum().backward()
     assert x.grad is not None
 
+    with torch.no_grad():
+        with pytest.raises(RuntimeError):  # wrong channel count: an error (padded path), never a read past x
+            fused(torch.randn(2, 8, 3, 3))
+        # new weights (load_state_dict copies in place): the fused tables follow, like the padded form
+        other = Flgc2d(16, 12, 1, groups=4, bias=True)
+        other.load_state_dict({**layer.state_dict(), "weight": torch.randn(12, 16, 1, 1), "bias": torch.randn(12)})
+        fused.load_state_dict(UnequalGroupConv2d(other.weight, other.bias, layer.input_groups(),
+                                                 layer.filter_groups(), 4, "fused").state_dict())
+        torch.testing.assert_close(fused(x), other(x), atol=1e-5, rtol=0)
+        assert fused.fused_tables is fused.fused_tables  # rebuilt once, then cached
+        wide = copy.deepcopy(fused).double()  # float64 weights: the padded form runs, in float64
+        torch.testing.assert_close(wide(x.double()), copy.deepcopy(other).double()(x.double()))
+
     def no_compiler():
         raise native.NativeKernelUnavailable("no C compiler found")
 
     monkeypatch.setattr(native, "load_library", no_compiler)
     monkeypatch.setattr(UnequalGroupConv2d, "_warned_unavailable", False, raising=False)
     with torch.no_grad(), pytest.warns(UserWarning, match="padded grouped conv instead"):
-        torch.testing.assert_close(fused(x), layer(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(fused(x), other(x), atol=1e-5, rtol=0)
     with pytest.raises(DeployError, match="fused kernel cannot be built here: no C compiler"):
         deploy_model(MobileNetV2(groups=4, use_flgc=True), kernel="fused")
     with pytest.warns(UserWarning, match="choosing among padded and blockdiag"):
@@ -221,6 +239,11 @@ def test_fused_kernel_builds_from_scratch_in_its_cache_folder(tmp_path):
     assert "-O3" in proc.stdout
     assert len(list((tmp_path / "cache").glob("unequal_group_conv-*.so"))) == 1
     assert not list((tmp_path / "cache").glob("tmp*"))  # no half-written files left
+    (library,) = (tmp_path / "cache").glob("unequal_group_conv-*.so")
+    library.write_bytes(b"damaged")  # a broken cached library is rebuilt, not a crash
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert library.stat().st_size > 1000
     (tmp_path / "not-a-folder").write_text("")  # cache folder cannot be created: the temp folder is used
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           env={**env, "FLGC_NATIVE_CACHE": str(tmp_path / "not-a-folder" / "cache")})

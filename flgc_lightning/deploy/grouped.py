@@ -112,9 +112,21 @@ class UnequalGroupConv2d(nn.Module):
         self.register_buffer("out_groups", out_groups.to(weight.device), persistent=False)
         self.register_buffer("in_index", in_index.to(weight.device), persistent=False)
         self.register_buffer("out_index", out_slot.to(weight.device), persistent=False)
-        self.fused_tables: dict[str, Tensor] = {}
         if kernel == "fused":
-            self.fused_tables = native.pack(weight, bias, in_groups, out_groups, num_groups)
+            _ = self.fused_tables  # build now, not on the first call
+
+    @property
+    def fused_tables(self) -> dict[str, Tensor]:
+        """The fused kernel's tables, derived from ``conv`` and rebuilt whenever its weight or bias
+        changed (``load_state_dict``, in-place edits), so every kernel always applies the same weights."""
+        w, b = self.conv.weight, self.conv.bias
+        key = (w.data_ptr(), w._version, w.dtype, None if b is None else (b.data_ptr(), b._version))
+        if self.__dict__.get("_tables_key") != key:
+            bias = None if b is None else b.detach()[self.out_index].cpu()
+            self._tables = native.pack(self.dense_weight().cpu(), bias, self.in_groups, self.out_groups,
+                                       self.num_groups)
+            self._tables_key = key
+        return self._tables
 
     @property
     def learned_connections(self) -> int:
@@ -159,7 +171,9 @@ class UnequalGroupConv2d(nn.Module):
 
     def _fused_applies(self, x: Tensor) -> bool:
         if (self.kernel != "fused" or torch.jit.is_tracing() or torch.jit.is_scripting() or x.device.type != "cpu"
-                or x.dtype != torch.float32 or x.dim() != 4 or (x.requires_grad and torch.is_grad_enabled())):
+                or x.dtype != torch.float32 or self.conv.weight.dtype != torch.float32
+                or x.dim() != 4 or x.shape[1] != self.in_channels  # else the padded path raises the error
+                or (x.requires_grad and torch.is_grad_enabled())):
             return False
         if not native.available():
             if not getattr(UnequalGroupConv2d, "_warned_unavailable", False):

@@ -56,17 +56,24 @@ def _cpu_signature() -> str:
         return platform.processor() + platform.machine()
 
 
+def _private(folder: Path) -> bool:
+    """Ours and writable by nobody else: a library loaded from here cannot have been planted."""
+    st = folder.stat()
+    return not hasattr(os, "getuid") or (st.st_uid == os.getuid() and not st.st_mode & 0o022)
+
+
 def _writable_cache_dir() -> Path:
-    """:func:`cache_dir`, or a per-user temp folder when that cannot be created (read-only home)."""
+    """:func:`cache_dir`, or a private per-user temp folder when that cannot be created (read-only home)."""
     user = getattr(os, "getuid", lambda: "user")()
     for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"flgc_lightning-native-{user}"):
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            if os.access(folder, os.W_OK):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK) and _private(folder):
                 return folder
         except OSError:
             continue
-    raise NativeKernelUnavailable(f"no writable folder for the compiled kernel ({cache_dir()} or the temp folder)")
+    raise NativeKernelUnavailable(f"no private writable folder for the compiled kernel ({cache_dir()} or the "
+                                  "temp folder)")
 
 
 def _compile(compiler: str, flags: list[str], target: Path) -> str | None:
@@ -118,17 +125,25 @@ def _build_and_load() -> ctypes.CDLL:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as err:
         raise NativeKernelUnavailable(f"C compiler {compiler} does not run: {err}") from None
+    try:
+        source = SOURCE.read_text()
+    except OSError as err:
+        raise NativeKernelUnavailable(f"kernel source missing from the installation: {err}") from None
     folder = _writable_cache_dir()
     errors = []
     for flags in FLAG_SETS:
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, _cpu_signature()]).encode())
+        key = hashlib.sha256("\0".join([source, compiler, version, *flags, _cpu_signature()]).encode())
         target = folder / f"unequal_group_conv-{key.hexdigest()[:16]}.so"
         message = None if target.exists() else _compile(compiler, flags, target)
         if message is None:
             try:
                 lib = ctypes.CDLL(str(target))
-            except OSError as err:
-                message = f"built but cannot be loaded: {err}"
+            except OSError:  # e.g. a damaged cached file: build it again once
+                message = _compile(compiler, flags, target)
+                try:
+                    lib = ctypes.CDLL(str(target)) if message is None else None
+                except OSError as err:
+                    message = f"built but cannot be loaded: {err}"
         if message is not None:
             errors.append(f"{' '.join(flags)}: {message.splitlines()[-1] if message else ''}")
             continue
@@ -163,32 +178,47 @@ def pack(weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Ten
          num_groups: int) -> dict[str, Tensor]:
     """The kernel's tables for a ``C_out x C_in`` 1x1 weight restricted to groups.
 
-    Filters of a group are taken 8 at a time (a "task": one vector of accumulators); a group's
-    inputs are read as runs of consecutive channels (one run when the deploy step made the group
-    contiguous), each with its ``[run length][8]`` weight block. A group without inputs gives its
-    filters' bias; inputs of a group without filters are never read.
+    A "task" is one vector of 8 accumulators: up to 8 filters, of one group or of several
+    consecutive small groups (a group of more than 8 filters takes several tasks). Each group in a
+    task reads its inputs as runs of consecutive channels (one run when the deploy step made the
+    group contiguous), each run with a ``[run length][8]`` weight block that is zero in the lanes of
+    the task's other groups. Packing small groups together costs no extra multiply-adds (a task
+    costs one vector FMA per input it reads, however many lanes are used) and saves per-task work
+    on layers with a few filters per group. A group without inputs gives its filters' bias; inputs
+    of a group without filters are never read.
     """
     weight = weight.detach().reshape(weight.shape[0], -1).cpu().float()
     bias = torch.zeros(weight.shape[0]) if bias is None else bias.detach().cpu().float()
+    chunks = []  # (filters, input runs): up to 8 filters of one group
+    for g in range(num_groups):
+        filters = torch.nonzero(out_groups.cpu() == g).flatten().tolist()
+        runs = _runs(torch.nonzero(in_groups.cpu() == g).flatten().tolist())
+        chunks += [(filters[i:i + LANES], runs) for i in range(0, len(filters), LANES)]
+    bins: list[list[tuple[list[int], list[tuple[int, int]]]]] = []
+    for chunk in chunks:  # consecutive chunks share a task while their filters fit in 8 lanes
+        if bins and sum(len(f) for f, _ in bins[-1]) + len(chunk[0]) <= LANES:
+            bins[-1].append(chunk)
+        else:
+            bins.append([chunk])
     tasks, segments, out_index, weights, biases = [], [], [], [], []
     w_offset = 0
-    for g in range(num_groups):
-        inputs = torch.nonzero(in_groups.cpu() == g).flatten().tolist()
-        filters = torch.nonzero(out_groups.cpu() == g).flatten().tolist()
-        runs = _runs(inputs)
-        for start in range(0, len(filters), LANES):
-            chunk = filters[start:start + LANES]
-            tasks.append([len(segments), len(runs), len(biases) * LANES, len(chunk), len(out_index)])
-            out_index.extend(chunk)
-            lane_bias = torch.zeros(LANES)
-            lane_bias[:len(chunk)] = bias[chunk]
-            biases.append(lane_bias)
+    for members in bins:
+        filters = [f for chunk_filters, _ in members for f in chunk_filters]
+        tasks.append([len(segments), sum(len(runs) for _, runs in members), len(biases) * LANES, len(filters),
+                      len(out_index)])
+        out_index.extend(filters)
+        lane_bias = torch.zeros(LANES)
+        lane_bias[:len(filters)] = bias[filters]
+        biases.append(lane_bias)
+        lane = 0
+        for chunk_filters, runs in members:
             for first, length in runs:
                 block = torch.zeros(length, LANES)
-                block[:, :len(chunk)] = weight[chunk][:, first:first + length].t()
+                block[:, lane:lane + len(chunk_filters)] = weight[chunk_filters][:, first:first + length].t()
                 segments.append([first, length, w_offset])
                 weights.append(block.flatten())
                 w_offset += block.numel()
+            lane += len(chunk_filters)
     long = dict(dtype=torch.long)
     return {
         # one zero vector keeps the pointers valid when there is nothing to read
