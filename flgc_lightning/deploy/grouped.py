@@ -164,9 +164,10 @@ class UnequalGroupConv2d(nn.Module):
 
     @property
     def executed_outputs(self) -> int:
-        """Output channels the chosen kernel computes per position (each gets a bias add)."""
+        """Output channels the chosen kernel computes per position (each gets a bias add); for the
+        fused kernel, 8 lanes per task (small groups share a task)."""
         if self.kernel == "fused":
-            return sum(-(-o // native.LANES) * native.LANES for o in self.out_sizes)
+            return len(self.fused_tables["tasks"]) // 5 * native.LANES
         return self.conv.out_channels
 
     def _fused_applies(self, x: Tensor) -> bool:
