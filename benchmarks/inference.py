@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flgc_lightning.deploy import (  # noqa: E402
     UnequalGroupConv2d, deploy_model, deployed_macs, executed_macs, export_onnx, layer_group_report, native,
+    onnxruntime_session,
 )
 from flgc_lightning.models import MobileNetV2  # noqa: E402
 from flgc_lightning.utils.complexity import count_macs  # noqa: E402
@@ -54,7 +55,10 @@ def build_models(groups: int, checkpoint: str | None, seed: int) -> dict[str, to
     torch.manual_seed(seed)
     if checkpoint:
         from flgc_lightning.deploy import load_trained_network
-        flgc, _ = load_trained_network(checkpoint)
+        flgc, input_size = load_trained_network(checkpoint)
+        if tuple(input_size) != (3, 32, 32):
+            raise SystemExit(f"error: {checkpoint} was trained on {input_size} inputs; the benchmark compares "
+                             "CIFAR networks (3 x 32 x 32)")
     else:  # assignments as initialised: N(0, 1) logits, i.e. uniformly random unequal groups
         flgc = MobileNetV2(groups=groups, use_flgc=True)
     flgc.eval()
@@ -101,25 +105,25 @@ def torch_runner(model, x, sync=lambda: None):
     return run
 
 
+def model_input(name: str, x: torch.Tensor) -> torch.Tensor:
+    """Deployed models take channels_last; the training form runs NCHW, as the reference runs it."""
+    return x if name == "flgc_train" else x.contiguous(memory_format=torch.channels_last)
+
+
 def torch_cpu_row(models, batch, repeats):
     x = torch.randn(batch, 3, 32, 32)
-    runners = {name: torch_runner(model, x if name == "flgc_train" else x.contiguous(memory_format=torch.channels_last))
-               for name, model in models.items()}
+    runners = {name: torch_runner(model, model_input(name, x)) for name, model in models.items()}
     return time_interleaved(runners, repeats)
 
 
 def onnxruntime_rows(models, batches, repeats, threads, onnx_dir):
     """``{batch: {model: seconds}}``, measured after every PyTorch row: ORT's sessions (memory arenas,
     spinning worker threads) made the PyTorch rows timed after their creation up to 1.7x slower."""
-    import onnxruntime as ort
     sessions = {}
     for name, model in models.items():
         path = export_onnx(model, Path(onnx_dir) / f"{name}.onnx", example=torch.randn(1, 3, 32, 32),
                            kernel=ONNX_EXPORT_KERNEL.get(name))
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sessions[name] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        sessions[name] = onnxruntime_session(path, threads)
     rows = {}
     for batch in batches:
         x = torch.randn(batch, 3, 32, 32).numpy()
@@ -130,11 +134,8 @@ def onnxruntime_rows(models, batches, repeats, threads, onnx_dir):
 
 def cuda_rows(models, batch, repeats):
     x = torch.randn(batch, 3, 32, 32, device="cuda")
-    runners = {}
-    for name, model in models.items():
-        m = model.to("cuda")
-        xx = x.contiguous(memory_format=torch.channels_last) if name != "flgc_train" else x
-        runners[name] = torch_runner(m, xx, torch.cuda.synchronize)
+    runners = {name: torch_runner(model.to("cuda"), model_input(name, x), torch.cuda.synchronize)
+               for name, model in models.items()}
     return time_interleaved(runners, repeats)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flgc_lightning.deploy.grouped import UnequalGroupConv2d
+from flgc_lightning.deploy.grouped import UnequalGroupConv2d, replace_module
 
 
 def with_kernel(model: nn.Module, kernel: str | None) -> nn.Module:
@@ -23,8 +23,7 @@ def with_kernel(model: nn.Module, kernel: str | None) -> nn.Module:
     model = copy.deepcopy(model)
     for name, layer in list(model.named_modules()):
         if isinstance(layer, UnequalGroupConv2d) and layer.kernel != kernel:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, layer.rebuilt(kernel))
+            replace_module(model, name, layer.rebuilt(kernel))
     return model
 
 
@@ -60,11 +59,18 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None
     return Path(path)
 
 
-def onnxruntime_logits(path: str | Path, images: torch.Tensor, threads: int = 2) -> torch.Tensor:
+def onnxruntime_session(path: str | Path, threads: int = 2):
+    """A CPU ONNX Runtime session with ``threads`` intra-op threads that do not spin-wait when idle
+    (spinning threads take CPU from whatever runs next in the process)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnxruntime_logits(path: str | Path, images: torch.Tensor, threads: int = 2) -> torch.Tensor:
+    session = onnxruntime_session(path, threads)
     (logits,) = session.run(None, {session.get_inputs()[0].name: images.cpu().numpy()})
     return torch.from_numpy(logits)

@@ -155,11 +155,10 @@ class UnequalGroupConv2d(nn.Module):
     def executed_connections(self) -> int:
         """Multiply-adds per output position the chosen kernel really runs (padding / zeros included).
 
-        The fused kernel computes filters 8 at a time, so a group of ``o`` filters costs
-        ``|in_g| * ceil(o / 8) * 8``: only vector lanes are padded, not channels.
+        The fused kernel runs one 8-lane FMA per input a task reads, so only vector lanes are padded.
         """
         if self.kernel == "fused":
-            return sum(i * -(-o // native.LANES) * native.LANES for i, o in zip(self.in_sizes, self.out_sizes) if o)
+            return int(self.fused_tables["segments"][:, 1].sum()) * native.LANES
         return self.conv.weight.numel()
 
     @property
@@ -167,7 +166,7 @@ class UnequalGroupConv2d(nn.Module):
         """Output channels the chosen kernel computes per position (each gets a bias add); for the
         fused kernel, 8 lanes per task (small groups share a task)."""
         if self.kernel == "fused":
-            return len(self.fused_tables["tasks"]) // 5 * native.LANES
+            return len(self.fused_tables["tasks"]) * native.LANES
         return self.conv.out_channels
 
     def _fused_applies(self, x: Tensor) -> bool:
@@ -197,3 +196,9 @@ class UnequalGroupConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel={self.kernel}, in_sizes={self.in_sizes}, "
                 f"out_sizes={self.out_sizes}")
+
+
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where ``root.get_submodule(name)`` is."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)

@@ -27,6 +27,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("unequal_group_conv.c")
 LANES = 8  # filters per task: one 8-float vector (matches the C source)
+TASK_FIELDS, SEGMENT_FIELDS = 5, 3  # T_LEN, S_LEN in the C source
 FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp"],
     ["-O3", "-fopenmp"],
@@ -189,10 +190,11 @@ def pack(weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Ten
     """
     weight = weight.detach().reshape(weight.shape[0], -1).cpu().float()
     bias = torch.zeros(weight.shape[0]) if bias is None else bias.detach().cpu().float()
+    in_groups, out_groups = in_groups.cpu(), out_groups.cpu()
     chunks = []  # (filters, input runs): up to 8 filters of one group
     for g in range(num_groups):
-        filters = torch.nonzero(out_groups.cpu() == g).flatten().tolist()
-        runs = _runs(torch.nonzero(in_groups.cpu() == g).flatten().tolist())
+        filters = torch.nonzero(out_groups == g).flatten().tolist()
+        runs = _runs(torch.nonzero(in_groups == g).flatten().tolist())
         chunks += [(filters[i:i + LANES], runs) for i in range(0, len(filters), LANES)]
     bins: list[list[tuple[list[int], list[tuple[int, int]]]]] = []
     for chunk in chunks:  # consecutive chunks share a task while their filters fit in 8 lanes
@@ -220,13 +222,13 @@ def pack(weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Ten
                 w_offset += block.numel()
             lane += len(chunk_filters)
     long = dict(dtype=torch.long)
-    return {
-        # one zero vector keeps the pointers valid when there is nothing to read
-        "weight": torch.cat(weights) if weights else torch.zeros(LANES),
-        "bias": torch.stack(biases).flatten() if biases else torch.zeros(LANES),
-        "tasks": torch.tensor(tasks, **long).flatten() if tasks else torch.zeros(5, **long),
-        "segments": torch.tensor(segments, **long).flatten() if segments else torch.zeros(3, **long),
-        "out_index": torch.tensor(out_index, **long) if out_index else torch.zeros(1, **long),
+    return {  # rows of "tasks" / "segments" are the C source's T_* / S_* fields; the C side only reads
+        # what tasks point to, so empty tables are fine
+        "weight": torch.cat(weights) if weights else torch.zeros(0),
+        "bias": torch.cat(biases) if biases else torch.zeros(0),
+        "tasks": torch.tensor(tasks, **long).reshape(-1, TASK_FIELDS),
+        "segments": torch.tensor(segments, **long).reshape(-1, SEGMENT_FIELDS),
+        "out_index": torch.tensor(out_index, **long),
     }
 
 
@@ -238,7 +240,7 @@ def unequal_group_conv1x1(x: Tensor, tables: dict[str, Tensor], out_channels: in
     y = torch.empty(n, out_channels, h, w, memory_format=torch.channels_last)
     lib.unequal_group_conv1x1(
         x.data_ptr(), n * h * w, c, y.data_ptr(), out_channels, tables["weight"].data_ptr(),
-        tables["bias"].data_ptr(), tables["tasks"].data_ptr(), tables["tasks"].numel() // 5,
+        tables["bias"].data_ptr(), tables["tasks"].data_ptr(), len(tables["tasks"]),
         tables["segments"].data_ptr(), tables["out_index"].data_ptr(), torch.get_num_threads(),
     )
     return y

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from flgc_lightning.deploy import native
-from flgc_lightning.deploy.grouped import UnequalGroupConv2d
+from flgc_lightning.deploy.grouped import UnequalGroupConv2d, replace_module
 
 
 def available_kernels() -> tuple[str, ...]:
@@ -64,6 +64,5 @@ def choose_kernels(net: nn.Module, batch: int = 64, channels_last: bool = True, 
         best = min(times, key=lambda k: statistics.median(times[k]))
         chosen[name] = best
         if best != layer.kernel:
-            parent_name, _, child = name.rpartition(".")
-            setattr(net.get_submodule(parent_name) if parent_name else net, child, variants[best])
+            replace_module(net, name, variants[best])
     return chosen

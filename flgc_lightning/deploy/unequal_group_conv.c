@@ -1,7 +1,8 @@
 /* y[r, out] = bias + sum over the filter's group of x[r, in] * w, for unequal groups of a 1x1 conv.
    x: rows x xs floats (channels_last: a row is one pixel), y: rows x ys floats.
-   Work unit: 8 rows x (up to) 8 filters of one group, accumulated in eight 8-float vectors, so each
-   input value is loaded once per 8 filters and each weight vector once per 8 rows.
+   Work unit: 8 rows x one task (up to 8 filters: of one group, or of several small groups, with zero
+   weights in the other groups' lanes), accumulated in eight 8-float vectors, so each input value is
+   loaded once per task and each weight vector once per 8 rows.
    Built by flgc_lightning/deploy/native.py; GCC/Clang vector extensions, so it compiles to AVX,
    AVX-512 or NEON with -march=native and still to plain SSE/scalar code without it. */
 #include <stdint.h>
@@ -9,13 +10,14 @@
 /* aligned(4): loads need not be 32-byte aligned */
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 
-/* task (up to 8 filters of one group): first segment, segment count, bias offset (8 floats), filter count,
-   offset of their output channels in oidx. segment (run of contiguous input channels): first channel,
+/* task (up to 8 filters): first segment, segment count, bias offset (8 floats), filter count, offset of
+   their output channels in oidx. segment (a run of contiguous input channels of one group): first channel,
    length, weight offset (floats; [length][8]). */
 enum { T_S, T_NS, T_B, T_OC, T_OI, T_LEN };
 enum { S_IN, S_N, S_W, S_LEN };
 
 #define ROWS 8
+#define BLOCK_ROWS 64 /* rows per OpenMP work item */
 /* Prefetch (into L2) the rows 64 ahead: the hardware prefetcher misses the 8-row, column-block access
    pattern, and this halves the time on a 32x32 CIFAR layer (benchmarks/README.md). */
 #define PREFETCH_ROWS 64
@@ -70,10 +72,10 @@ static inline void block1(const float *x, float *y, const float *w, const float 
 void unequal_group_conv1x1(const float *x, int64_t rows, int64_t xs, float *y, int64_t ys, const float *w,
                            const float *b, const int64_t *tasks, int64_t ntasks, const int64_t *segs,
                            const int64_t *oidx, int nthreads) {
-    int64_t nblocks = (rows + 63) / 64;
+    int64_t nblocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t blk = 0; blk < nblocks; blk++) {
-        int64_t r = blk * 64, end = r + 64 < rows ? r + 64 : rows;
+        int64_t r = blk * BLOCK_ROWS, end = r + BLOCK_ROWS < rows ? r + BLOCK_ROWS : rows;
         for (; r + ROWS <= end; r += ROWS) {  /* 8 rows at a time, all tasks: the rows stay in L1 */
             if (r + PREFETCH_ROWS + ROWS <= rows) {
                 const char *ahead = (const char *)(x + (r + PREFETCH_ROWS) * xs);
