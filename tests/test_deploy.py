@@ -353,8 +353,10 @@ def write_checkpoint(path: Path, groups: int, input_size=(3, 32, 32)) -> nn.Modu
 @pytest.mark.parametrize("input_size", [(3, 32, 32), (1, 16, 16)], ids=["cifar", "quickstart-digits"])
 def test_cli_deploys_and_exports_a_checkpoint(tmp_path, input_size):
     trained = write_checkpoint(tmp_path / "flgc.ckpt", groups=8, input_size=input_size)
+    export_form = ["--export-kernel", "blockdiag"] if input_size[0] == 1 else []  # CIFAR case: default, padded
     proc = subprocess.run([sys.executable, "-m", "flgc_lightning.deploy", str(tmp_path / "flgc.ckpt"), "--out",
-                           str(tmp_path / "out"), "--onnx", "--torchscript"], cwd=REPO, capture_output=True, text=True)
+                           str(tmp_path / "out"), "--onnx", "--torchscript", *export_form], cwd=REPO,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "deployed : params" in proc.stdout and "MACs" in proc.stdout
     diffs = [float(line.rsplit(" ", 1)[1]) for line in proc.stdout.splitlines() if "max |logit difference|" in line]
@@ -362,6 +364,9 @@ def test_cli_deploys_and_exports_a_checkpoint(tmp_path, input_size):
     for name in ("deployed.pt", "deployed.torchscript.pt", "deployed.onnx"):
         assert (tmp_path / "out" / name).stat().st_size > 100_000
     assert "FLGC layer kernels (auto):" in proc.stdout
+    import onnx
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "out" / "deployed.onnx")).graph.node}
+    assert bool({"Gather", "GatherElements"} & ops) == (not export_form)  # padded form gathers channels
     reloaded = torch.load(tmp_path / "out" / "deployed.pt", weights_only=False)  # our own file: trusted
     x = torch.randn(5, *input_size)
     with torch.no_grad():
