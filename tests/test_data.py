@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torchvision import transforms
 
 from flgc_lightning.data import CifarDataModule, DataNotFoundError
 from flgc_lightning.data.cifar import CIFAR_MEAN, CIFAR_STD
+from flgc_lightning.errors import ConfigError
 
 
 def write_fake_cifar(root: Path, per_file: int = 6, seed: int = 0) -> dict:
@@ -29,40 +29,67 @@ def write_fake_cifar(root: Path, per_file: int = 6, seed: int = 0) -> dict:
 
 
 def test_shared_subset_loads_with_reference_pipeline(cifar_subset):
-    dm = CifarDataModule(root=str(cifar_subset), download=False, num_workers=0, batch_size=128)
+    dm = CifarDataModule(root=str(cifar_subset), download=False, batch_size=128)
     dm.prepare_data()
     dm.setup("fit")
-    assert len(dm.train_set) == 4660 and len(dm.test_set) == 932
-    assert dm.num_classes == 10 and dm.input_size == (3, 32, 32)
-    images, labels = next(iter(dm.train_dataloader()))
-    assert images.shape == (128, 3, 32, 32) and labels.dtype == torch.int64
+    assert len(dm.train_set) == 4660 and len(dm.test_set) == 932 and dm.val_set is dm.test_set
+    assert dm.validation_is_test and dm.num_classes == 10 and dm.input_size == (3, 32, 32)
+    batch = next(iter(dm.train_dataloader()))
+    images, labels = dm.on_after_batch_transfer(batch, 0)
+    assert images.shape == (128, 3, 32, 32) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    assert batch.images.dtype == torch.uint8 and batch.crops.shape == (128, 3)
     assert sorted(set(dm.test_set.labels.tolist())) == list(range(10))
-    # Test transform is exactly ToTensor + Normalize(reference mean/std) on the raw pixels.
+    # Evaluation: exactly ToTensor + Normalize(reference mean/std) on the raw pixels, in order.
+    images, labels = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
     raw = dm.test_set.images[0]
-    expected = (torch.from_numpy(raw).permute(2, 0, 1).float() / 255 - torch.tensor(CIFAR_MEAN)[:, None, None]) \
-        / torch.tensor(CIFAR_STD)[:, None, None]
-    torch.testing.assert_close(dm.test_set[0][0], expected)
-    train_ops = [type(t) for t in dm.train_set.transform.transforms]
-    assert train_ops == [transforms.RandomCrop, transforms.RandomHorizontalFlip, transforms.ToTensor, transforms.Normalize]
-    assert dm.train_set.transform.transforms[0].padding == 4
+    expected = (raw.float() / 255 - torch.tensor(CIFAR_MEAN)[:, None, None]) / torch.tensor(CIFAR_STD)[:, None, None]
+    torch.testing.assert_close(images[0], expected)
+    assert labels.tolist() == dm.test_set.labels[:128].tolist()  # eval_batch_size defaults to batch_size
+    assert dm.crop_padding == 4 and dm.hflip
 
 
 def test_generated_copy_loads_exact_pixels_and_labels(tmp_path):
     written = write_fake_cifar(tmp_path)
     for root in (tmp_path, tmp_path / "cifar-10-batches-py"):  # parent folder or the batches folder itself
-        dm = CifarDataModule(root=str(root), download=False, num_workers=0, batch_size=4)
+        dm = CifarDataModule(root=str(root), download=False, batch_size=4)
         dm.setup()
         assert len(dm.train_set) == 30 and len(dm.test_set) == 6
         data, labels = written["data_batch_2"]
         image = dm.train_set.images[6]  # first image of the second file
-        assert np.array_equal(image, data[0].reshape(3, 32, 32).transpose(1, 2, 0))
+        assert np.array_equal(image.numpy(), data[0].reshape(3, 32, 32))
         assert dm.train_set.labels[6] == labels[0]
         assert dm.test_set.labels.tolist() == written["test_batch"][1]
 
 
+def test_validation_split_is_held_out_stratified_disjoint_and_reproducible(cifar_subset):
+    def split(seed):
+        dm = CifarDataModule(root=str(cifar_subset), download=False, val_size=500, val_seed=seed)
+        dm.setup()
+        return dm
+    a, b, c = split(0), split(0), split(1)
+    assert len(a.train_set) == 4160 and len(a.val_set) == 500 and len(a.test_set) == 932 and not a.validation_is_test
+    assert torch.equal(a.val_set.images, b.val_set.images) and torch.equal(a.train_set.labels, b.train_set.labels)
+    assert not torch.equal(a.val_set.images, c.val_set.images)
+    # disjoint: no training image is a validation image (compare pixels, the images themselves)
+    train_keys = {bytes(x.numpy()) for x in a.train_set.images}
+    assert not any(bytes(x.numpy()) in train_keys for x in a.val_set.images)
+    full = CifarDataModule(root=str(cifar_subset), download=False)
+    full.setup()
+    assert len(train_keys | {bytes(x.numpy()) for x in a.val_set.images}) == len({bytes(x.numpy()) for x in full.train_set.images})
+    # stratified: class shares of the held-out images follow the training split's
+    share = torch.bincount(full.train_set.labels, minlength=10).double() / len(full.train_set)
+    held = torch.bincount(a.val_set.labels, minlength=10).double()
+    assert (held - 500 * share).abs().max() <= 1.0
+    # validation batches come from the held-out images, test batches from the test split
+    _, val_labels = a.on_after_batch_transfer(next(iter(a.val_dataloader())), 0)
+    assert val_labels.tolist() == a.val_set.labels[:len(val_labels)].tolist()
+    with pytest.raises(ConfigError, match="val_size"):
+        CifarDataModule(root=str(cifar_subset), download=False, val_size=0)
+
+
 def test_limits(tmp_path):
     write_fake_cifar(tmp_path)
-    dm = CifarDataModule(root=str(tmp_path), download=False, num_workers=0, limit_train=7, limit_test=3)
+    dm = CifarDataModule(root=str(tmp_path), download=False, limit_train=7, limit_test=3)
     dm.setup()
     assert len(dm.train_set) == 7 and len(dm.test_set) == 3
 
@@ -76,7 +103,7 @@ def test_missing_data_offline_is_one_clear_error_and_writes_nothing(tmp_path, mo
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", offline)
     root = tmp_path / "nowhere" / "cifar"
     for download in (False, True):
-        dm = CifarDataModule(root=str(root), download=download, num_workers=0)
+        dm = CifarDataModule(root=str(root), download=download)
         with pytest.raises(DataNotFoundError) as err:
             dm.prepare_data()
         message = str(err.value)
@@ -92,7 +119,7 @@ def test_download_lands_in_root_when_online(tmp_path, monkeypatch):
         write_fake_cifar(Path(download_root))
 
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", fake_download)
-    dm = CifarDataModule(root=str(tmp_path / "data"), download=True, num_workers=0)
+    dm = CifarDataModule(root=str(tmp_path / "data"), download=True)
     dm.prepare_data()
     dm.setup()
     assert len(dm.train_set) == 30 and (tmp_path / "data" / "cifar-10-batches-py" / "test_batch").is_file()
@@ -101,17 +128,30 @@ def test_download_lands_in_root_when_online(tmp_path, monkeypatch):
 def test_unreadable_batch_file_is_a_clear_error(tmp_path):
     write_fake_cifar(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
-    dm = CifarDataModule(root=str(tmp_path), download=False, num_workers=0)
+    dm = CifarDataModule(root=str(tmp_path), download=False)
     with pytest.raises(DataNotFoundError, match="data_batch_3"):
         dm.setup()
 
 
 def test_loaders_yield_batches_for_train_val_and_test(tmp_path):
     write_fake_cifar(tmp_path)
-    dm = CifarDataModule(root=str(tmp_path), download=False, num_workers=0, batch_size=4, eval_batch_size=5)
-    dm.setup()
-    for loader, size in ((dm.train_dataloader(), 4), (dm.val_dataloader(), 5), (dm.test_dataloader(), 5)):
-        images, labels = next(iter(loader))
-        assert images.shape == (size, 3, 32, 32) and labels.shape == (size,)
-    assert [label for _, label in dm.test_set] == [int(y) for y in next(iter(dm.test_dataloader()))[1]][:5] + \
-        [label for _, label in dm.test_set][5:]  # evaluation runs in order
+    for resident, workers in ((True, 4), (False, 0), (False, 2)):
+        dm = CifarDataModule(root=str(tmp_path), download=False, batch_size=4, eval_batch_size=5, resident=resident,
+                             num_workers=workers)
+        dm.setup()
+        for loader, size in ((dm.train_dataloader(), 4), (dm.val_dataloader(), 5), (dm.test_dataloader(), 5)):
+            images, labels = dm.on_after_batch_transfer(next(iter(loader)), 0)
+            assert images.shape == (size, 3, 32, 32) and labels.shape == (size,)
+        test_labels = torch.cat([b.labels for b in dm.test_dataloader()])
+        assert test_labels.tolist() == dm.test_set.labels.tolist()  # evaluation runs in order
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("limit_train", 0, "limit_train must be a positive integer or null, got 0"),
+    ("num_workers", -1, "num_workers must be a non-negative integer, got -1"),
+    ("batch_size", 0, "batch_size must be a positive integer, got 0"),
+    ("dataset", "mnist", "dataset must be one of"),
+])
+def test_constructor_checks_its_values(tmp_path, key, value, message):
+    with pytest.raises(ConfigError, match=message):
+        CifarDataModule(root=str(tmp_path), **{key: value})

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision import transforms
 
-from flgc_lightning.data import DataNotFoundError, DigitsDataModule, ImageFolderDataModule
+from flgc_lightning.data import DataNotFoundError, DigitsDataModule, ImageFolderDataModule, ResidentImages
 from flgc_lightning.data.stats import channel_stats
 from flgc_lightning.errors import ConfigError
 
@@ -23,28 +22,28 @@ def test_digits_split_is_fixed_stratified_and_exact():
     assert len(dm.train_set) == 1347 and len(dm.test_set) == 450
     digits = load_digits()
     # Stratified: each digit's share of the test split is 25 % of its count, up to rounding.
-    assert np.abs(np.bincount(dm.test_set.labels) - 0.25 * np.bincount(digits.target)).max() <= 1
+    assert np.abs(np.bincount(dm.test_set.labels.numpy()) - 0.25 * np.bincount(digits.target)).max() <= 1
     expected = np.round(digits.images * 255 / 16).astype(np.uint8)
     # Every split image is one of sklearn's images with the same label.
     lookup = {img.tobytes(): int(lab) for img, lab in zip(expected, digits.target)}
     for image, label in zip(dm.test_set.images[:50], dm.test_set.labels[:50]):
-        assert lookup[image[..., 0].tobytes()] == label
+        assert lookup[image[0].numpy().tobytes()] == label
     again = DigitsDataModule(image_size=8)
     again.setup()
-    assert np.array_equal(again.test_set.labels, dm.test_set.labels)  # same split every time
+    assert torch.equal(again.test_set.labels, dm.test_set.labels)  # same split every time
 
 
-def test_digits_upscaled_transforms_scale_with_size():
+def test_digits_upscaled_augmentation_scales_with_size():
     dm = DigitsDataModule(image_size=16, limit_train=100, limit_test=40)
     dm.setup()
     assert dm.input_size == (1, 16, 16) and len(dm.train_set) == 100 and len(dm.test_set) == 40
-    image, _ = dm.test_set[0]
-    assert image.shape == (1, 16, 16)
-    ops = dm.train_set.transform.transforms
-    assert [type(t) for t in ops] == [transforms.RandomCrop, transforms.ToTensor, transforms.Normalize]  # no flip
-    assert ops[0].padding == 2  # size / 8
-    pixels = dm.train_set.images.astype(np.float64) / 255  # normalised with the train split's own stats
-    assert ops[2].mean == pytest.approx([pixels.mean()]) and ops[2].std == pytest.approx([pixels.std()])
+    assert dm.test_set.images.shape[1:] == (1, 16, 16)
+    assert dm.crop_padding == 2 and not dm.hflip  # size / 8; no flips for digits
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.crops[:, 2].eq(0).all() and batch.crops[:, :2].max() <= 4
+    pixels = dm.train_set.images.double() / 255  # normalised with the train split's own stats
+    assert dm.transform.mean == pytest.approx([pixels.mean().item()])
+    assert dm.transform.std == pytest.approx([pixels.std(unbiased=False).item()])
 
 
 def write_png_tree(root: Path, classes=("cat", "dog", "owl"), per_class=(6, 3), size=12, mode="RGB", seed=0) -> dict:
@@ -65,22 +64,25 @@ def write_png_tree(root: Path, classes=("cat", "dog", "owl"), per_class=(6, 3), 
 
 def test_imagefolder_colour_classes_labels_and_stats(tmp_path):
     saved = write_png_tree(tmp_path)
-    dm = ImageFolderDataModule(root=str(tmp_path), num_workers=0, batch_size=4)
-    assert dm.classes == ["cat", "dog", "owl"] and dm.num_classes == 3 and dm.input_size == (3, 12, 12)
-    dm.prepare_data()
-    dm.setup()
-    assert len(dm.train_set) == 18 and len(dm.test_set) == 9
-    train_pixels = np.stack([saved[("train", c, i)] for c in ("cat", "dog", "owl") for i in range(6)])
-    mean, std = channel_stats(train_pixels)
-    val = dm.test_set.dataset
-    image, label = dm.test_set[4]  # val is sorted by class: index 4 = dog/1.png
-    assert label == 1 and Path(val.samples[4][0]).name == "1.png"
-    expected = (torch.from_numpy(saved[("val", "dog", 1)]).permute(2, 0, 1).float() / 255
-                - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
-    torch.testing.assert_close(image, expected)
-    ops = dm.train_set.dataset.transform.transforms[1].transforms
-    assert [type(t) for t in ops][:2] == [transforms.RandomCrop, transforms.RandomHorizontalFlip]
-    assert ops[0].padding == 1  # 12 // 8
+    for resident in (False, True):
+        dm = ImageFolderDataModule(root=str(tmp_path), num_workers=0, batch_size=4, resident=resident)
+        assert dm.classes == ["cat", "dog", "owl"] and dm.num_classes == 3 and dm.input_size == (3, 12, 12)
+        dm.prepare_data()
+        dm.setup()
+        assert len(dm.train_set) == 18 and len(dm.test_set) == 9
+        assert isinstance(dm.train_set, ResidentImages) == resident
+        train_pixels = np.stack([saved[("train", c, i)] for c in ("cat", "dog", "owl") for i in range(6)])
+        mean, std = channel_stats(torch.from_numpy(train_pixels).permute(0, 3, 1, 2))
+        assert dm.transform.mean == pytest.approx(mean) and dm.transform.std == pytest.approx(std)
+        images, labels = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
+        # val is sorted by class: index 4 = dog/1.png
+        assert labels.tolist() == [0, 0, 0, 1]
+        expected = (torch.from_numpy(saved[("val", "dog", 0)]).permute(2, 0, 1).float() / 255
+                    - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+        torch.testing.assert_close(images[3], expected)
+        assert dm.crop_padding == 1 and dm.hflip  # 12 // 8
+        epoch = list(dm.train_dataloader())
+        assert sorted(torch.cat([b.labels for b in epoch]).tolist()) == [0] * 6 + [1] * 6 + [2] * 6
 
 
 def test_imagefolder_grayscale_resize_and_missing_val_class(tmp_path):
@@ -91,10 +93,10 @@ def test_imagefolder_grayscale_resize_and_missing_val_class(tmp_path):
     dm = ImageFolderDataModule(root=str(tmp_path), image_size=16, mean=[0.5], std=[0.5], num_workers=0)
     assert dm.input_size == (1, 16, 16)
     dm.setup()
-    labels = [label for _, label in dm.test_set.dataset.samples]
+    labels = [label for _, label in dm.test_set.samples]
     assert labels == [1, 1, 1, 2, 2, 2]
     image, _ = dm.test_set[0]
-    assert image.shape == (1, 16, 16)
+    assert image.shape == (1, 16, 16) and image.dtype == torch.uint8
     forced = ImageFolderDataModule(root=str(tmp_path), channels=3, num_workers=0)
     assert forced.input_size == (3, 20, 20)
     forced.setup()

@@ -83,7 +83,7 @@ def ensure_downloaded(root: str | Path, layout: CifarLayout, download: bool) -> 
 
 
 def load_split(folder: Path, layout: CifarLayout, train: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Images as ``N x 32 x 32 x 3`` uint8 and labels as int64."""
+    """Images as ``N x 3 x 32 x 32`` uint8 (the files' own plane order) and labels as int64."""
     images, labels = [], []
     for name in layout.train_files if train else layout.test_files:
         path = folder / name
@@ -94,4 +94,4 @@ def load_split(folder: Path, layout: CifarLayout, train: bool) -> tuple[np.ndarr
             labels.extend(entry[layout.label_key])
         except Exception as err:
             raise DataNotFoundError(f"could not read {layout.name} file '{path}': {err}") from err
-    return np.concatenate(images).transpose(0, 2, 3, 1).copy(), np.asarray(labels, dtype=np.int64)
+    return np.concatenate(images), np.asarray(labels, dtype=np.int64)

@@ -9,16 +9,16 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
+import torch
 from PIL import Image
 
 from flgc_lightning.data.base import ImageClassificationDataModule
-
-from flgc_lightning.data.cifar import ArrayImageDataset, reference_transforms
+from flgc_lightning.data.batches import ResidentImages
 from flgc_lightning.data.stats import channel_stats
 
 
 def load_digit_images(image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """All digits as ``N x S x S x 1`` uint8 (0-255) and int64 labels."""
+    """All digits as ``N x 1 x S x S`` uint8 (0-255) and int64 labels."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -27,18 +27,18 @@ def load_digit_images(image_size: int) -> tuple[np.ndarray, np.ndarray]:
         pixels = np.stack([
             np.asarray(Image.fromarray(p).resize((image_size, image_size), Image.BILINEAR)) for p in pixels
         ])
-    return pixels[..., None], digits.target.astype(np.int64)
+    return pixels[:, None], digits.target.astype(np.int64)
 
 
 class DigitsDataModule(ImageClassificationDataModule):
-    """Digits with a fixed stratified train/test split; the test split doubles as validation.
+    """Digits with a fixed stratified train/test split; the test split doubles as validation unless ``val_size`` is set.
 
     Args:
         image_size: side length after upscaling from 8 px.
         test_fraction / split_seed: the fixed split (default 25 %: 1,347 train / 450 test).
         hflip: horizontal flips in the training augmentation. Off by default: a mirrored
             digit is a different (or no) digit. Random crops (padding size/8) stay on.
-        batch_size / num_workers / limit_train / limit_test / seed: as for CIFAR.
+        The other arguments: see :class:`~flgc_lightning.data.base.ImageClassificationDataModule`.
     """
 
     def __init__(
@@ -50,13 +50,17 @@ class DigitsDataModule(ImageClassificationDataModule):
         batch_size: int = 64,
         eval_batch_size: Optional[int] = None,
         num_workers: int = 0,
+        pin_memory: bool = True,
+        seed: int = 0,
+        resident: bool = True,
+        val_size: Optional[int] = None,
+        val_seed: int = 0,
         limit_train: Optional[int] = None,
         limit_test: Optional[int] = None,
-        seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory=True, seed=seed)
-        self.image_size, self.test_fraction, self.split_seed, self.hflip = image_size, test_fraction, split_seed, hflip
-        self.limit_train, self.limit_test = limit_train, limit_test
+        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, seed, resident, val_size, val_seed,
+                         limit_train, limit_test)
+        self.image_size, self.test_fraction, self.split_seed, self._hflip = image_size, test_fraction, split_seed, hflip
 
     @property
     def num_classes(self) -> int:
@@ -66,18 +70,19 @@ class DigitsDataModule(ImageClassificationDataModule):
     def input_size(self) -> tuple[int, int, int]:
         return (1, self.image_size, self.image_size)
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        if self.train_set is not None:
-            return
+    @property
+    def hflip(self) -> bool:
+        return self._hflip
+
+    def load_splits(self) -> tuple[ResidentImages, ResidentImages]:
         from sklearn.model_selection import train_test_split
 
         images, labels = load_digit_images(self.image_size)
         train_x, test_x, train_y, test_y = train_test_split(
             images, labels, test_size=self.test_fraction, random_state=self.split_seed, stratify=labels
         )
-        train_x, train_y = train_x[: self.limit_train], train_y[: self.limit_train]
-        test_x, test_y = test_x[: self.limit_test], test_y[: self.limit_test]
-        mean, std = channel_stats(train_x)
-        size = self.image_size
-        self.train_set = ArrayImageDataset(train_x, train_y, reference_transforms(True, size, mean, std, self.hflip))
-        self.test_set = ArrayImageDataset(test_x, test_y, reference_transforms(False, size, mean, std))
+        return (ResidentImages(torch.from_numpy(train_x), torch.from_numpy(train_y)),
+                ResidentImages(torch.from_numpy(test_x), torch.from_numpy(test_y)))
+
+    def normalization(self, train: ResidentImages):
+        return channel_stats(train.images)

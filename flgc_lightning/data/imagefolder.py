@@ -3,9 +3,10 @@
 The class list comes from the train folders (sorted names, as ImageFolder does) and is
 reused for ``val/`` so the label ids agree even when ``val/`` lacks a class. Channels
 (1 = grayscale, 3 = colour) and image size are read from the first training image unless
-set. The reference augmentation is scaled to the size (random crop with padding size/8,
-horizontal flip), and normalisation uses the training set's own per-channel statistics
-unless ``mean``/``std`` are given.
+set. Worker processes decode and resize the images into uint8 tensors (``resident: true``
+decodes them all once and keeps them on the device); the reference augmentation, scaled to the
+size (random crop with padding size/8, horizontal flip), runs on whole batches on the device, and
+normalisation uses the training set's own per-channel statistics unless ``mean``/``std`` are given.
 """
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 from PIL import Image
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from flgc_lightning.data.base import ImageClassificationDataModule
-from flgc_lightning.data.cifar import reference_transforms
+from flgc_lightning.data.batches import ResidentImages
 from flgc_lightning.data.cifar_files import DataNotFoundError
 from flgc_lightning.data.stats import channel_stats
 from flgc_lightning.errors import ConfigError
@@ -54,7 +56,8 @@ def _spread(n_total: int, n: Optional[int], seed: int = 0) -> list[int]:
 
 
 class ImageFolderDataModule(ImageClassificationDataModule):
-    """Train on ``root/train``, validate and test on ``root/val`` (as the reference does with CIFAR's test set).
+    """Train on ``root/train``; test on ``root/val`` (also the validation split unless ``val_size`` is set,
+    as the reference does with CIFAR's test set).
 
     Args:
         root: folder holding ``train/`` and ``val/`` (names set by ``train_dir`` / ``val_dir``).
@@ -64,6 +67,9 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         mean / std: per-channel normalisation; null = computed from up to ``stats_images``
             training images (after resize), so any dataset is normalised sensibly.
         hflip: horizontal flips in the training augmentation (turn off for text, digits...).
+        resident: decode every image once and keep the splits on the device (default: read
+            batches with ``num_workers`` decoding processes).
+        The other arguments: see :class:`~flgc_lightning.data.base.ImageClassificationDataModule`.
     """
 
     def __init__(
@@ -80,20 +86,26 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         batch_size: int = 128,
         eval_batch_size: Optional[int] = None,
         num_workers: int = 4,
+        pin_memory: bool = True,
+        seed: int = 0,
+        resident: bool = False,
+        val_size: Optional[int] = None,
+        val_seed: int = 0,
         limit_train: Optional[int] = None,
         limit_test: Optional[int] = None,
-        seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory=True, seed=seed)
+        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, seed, resident, val_size, val_seed,
+                         limit_train, limit_test)
         if channels not in (None, 1, 3):
-            raise ConfigError(f"data.channels must be 1, 3 or null (detect), got {channels!r}")
+            raise ConfigError(f"channels must be 1, 3 or null (detect), got {channels!r}")
         if (mean is None) != (std is None):
-            raise ConfigError("set both data.mean and data.std, or neither (computed from the train set)")
+            raise ConfigError("set both mean and std, or neither (computed from the train set)")
+        if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+            raise ConfigError(f"image_size must be a positive integer or null, got {image_size!r}")
         self.root = Path(str(root)).expanduser()
         self.train_root, self.val_root = self.root / train_dir, self.root / val_dir
         self._image_size, self._channels = image_size, channels
-        self.mean, self.std, self.stats_images, self.hflip = mean, std, stats_images, hflip
-        self.limit_train, self.limit_test = limit_train, limit_test
+        self.mean, self.std, self.stats_images, self._hflip = mean, std, stats_images, hflip
         self._classes: Optional[list[str]] = None
 
     # -- what the model needs to know before setup() ---------------------------------------
@@ -113,6 +125,10 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         if self._image_size is None or self._channels is None:
             self._inspect_first_image()
         return (self._channels, self._image_size, self._image_size)
+
+    @property
+    def hflip(self) -> bool:
+        return self._hflip
 
     def _check_folders(self) -> None:
         layout = "DIR/train/<class>/*.png and DIR/val/<class>/*.png"
@@ -148,31 +164,44 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         self._check_folders()
         self._first_image()
 
-    def _folder(self, root: Path, transform) -> _ClassListImageFolder:
+    def _folder(self, root: Path) -> _ClassListImageFolder:
+        """Items are ``(uint8 C x S x S tensor, label)``: decoded, converted and resized, not augmented."""
         mode = "L" if self.input_size[0] == 1 else "RGB"
-        return _ClassListImageFolder(str(root), self.classes, transform=transform, loader=partial(load_image, mode=mode))
+        size = self.input_size[1]
+        decode = transforms.Compose([transforms.Resize((size, size)), transforms.PILToTensor()])
+        return _ClassListImageFolder(str(root), self.classes, transform=decode, loader=partial(load_image, mode=mode))
 
-    def _stats(self, train: ImageFolder) -> tuple[Sequence[float], Sequence[float]]:
+    def _decoded(self, split: Dataset) -> ResidentImages:
+        """Every image of ``split`` decoded once (by the worker processes) into one uint8 tensor."""
+        images, labels = [], []
+        for x, y in DataLoader(split, batch_size=256, num_workers=self.num_workers):
+            images.append(x)
+            labels.append(y)
+        return ResidentImages(torch.cat(images), torch.cat(labels))
+
+    def load_splits(self) -> tuple[Dataset, Dataset]:
+        train, test = self._folder(self.train_root), self._folder(self.val_root)
+        for split, root in ((train, self.train_root), (test, self.val_root)):
+            if len(split) == 0:
+                raise DataNotFoundError(f"no images under '{root}'")
+        if self.resident:
+            return self._decoded(train), self._decoded(test)
+        return train, test
+
+    def labels_of(self, split: Dataset) -> np.ndarray:
+        if isinstance(split, ResidentImages):
+            return split.labels.numpy()
+        return np.asarray(split.targets)
+
+    def limited(self, length: int, limit: Optional[int]) -> np.ndarray:
+        """Class folders are stored in order: a limit takes a fixed random spread, not the first N."""
+        return np.asarray(_spread(length, limit), dtype=np.int64)
+
+    def normalization(self, train: Dataset):
         if self.mean is not None:
             return tuple(self.mean), tuple(self.std)
-        size = self.input_size[1]
-        resize = transforms.Resize((size, size))
-        picked = _spread(len(train), self.stats_images)
-        images = np.stack([np.asarray(resize(train.loader(train.samples[i][0]))) for i in picked])
-        return channel_stats(images.reshape(len(picked), size, size, -1))
-
-    def setup(self, stage: Optional[str] = None) -> None:
-        if self.train_set is not None:
-            return
-        size = self.input_size[1]
-        train = self._folder(self.train_root, None)
-        if len(train) == 0:
-            raise DataNotFoundError(f"no images under '{self.train_root}'")
-        mean, std = self._stats(train)
-        resize = transforms.Resize((size, size))
-        train.transform = transforms.Compose([resize, reference_transforms(True, size, mean, std, self.hflip)])
-        test = self._folder(self.val_root, transforms.Compose([resize, reference_transforms(False, size, mean, std)]))
-        if len(test) == 0:
-            raise DataNotFoundError(f"no images under '{self.val_root}'")
-        self.train_set = Subset(train, _spread(len(train), self.limit_train))
-        self.test_set = Subset(test, _spread(len(test), self.limit_test))
+        if isinstance(train, ResidentImages):
+            picked = train.images[torch.as_tensor(_spread(len(train), self.stats_images))]
+        else:
+            picked = torch.stack([train[i][0] for i in _spread(len(train), self.stats_images)])
+        return channel_stats(picked)
