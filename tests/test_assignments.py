@@ -19,7 +19,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from flgc_lightning.assignments.changes import assignment_groups_many, layer_record
+from flgc_lightning.assignments.changes import layer_groups_many, layer_record
 from flgc_lightning.assignments.checkpoints import records_from_checkpoints
 from flgc_lightning.assignments.records import RecordsError, read_records
 from flgc_lightning.assignments.report import main as report_main
@@ -136,23 +136,32 @@ def test_logit_edits_give_exactly_the_expected_records(tmp_path):
     # Checkpoint state is plain ints: loads with weights_only=True and holds the last epoch's ids.
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     state = ckpt["callbacks"]["AssignmentTracker"]
-    assert state == {"epoch": 2, "layers": [{"name": "0", "inputs": [2, 1, 1, 2], "filters": [0, 0, 0, 1, 1, 2]},
-                                            {"name": "2", "inputs": [0, 1, 2, 0, 1, 2], "filters": [2, 1]}]}
+    assert state == {"epoch": 2, "layers": [
+        {"name": "0", "inputs": [2, 1, 1, 2], "filters": [0, 0, 0, 1, 1, 2],
+         "ever_inputs": [1, 1, 0, 0], "ever_filters": [0, 0, 0, 0, 0, 1]},  # channels that ever changed group
+        {"name": "2", "inputs": [0, 1, 2, 0, 1, 2], "filters": [2, 1],
+         "ever_inputs": [0, 0, 0, 0, 0, 0], "ever_filters": [1, 0]}]}
+    ever = [float(r["assign/ever_moved"]) for r in csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv"))
+            if r.get("assign/ever_moved")]
+    assert ever == [2.0, 4.0, 4.0]
 
 
-def test_batched_group_ids_equal_each_layers_own(tmp_path):
-    """One softmax over stacked rows (per group count) gives the layers' own ids, ties included."""
+def test_group_ids_of_many_layers_follow_each_layers_own_rule(tmp_path):
+    """One host copy for all layers; learned/frozen layers use argmax, balanced layers their equal-size rule."""
+    from flgc_lightning.layers import BalancedFlgc2d
+
     torch.manual_seed(0)
-    layers = [Flgc2d(7, 5, 1, groups=3), Flgc2d(5, 9, 1, groups=5), Flgc2d(9, 4, 1, groups=3)]
+    layers = [Flgc2d(7, 5, 1, groups=3), BalancedFlgc2d(8, 12, 1, groups=4),
+              Flgc2d(9, 4, 1, groups=3, learn_assignments=False)]
     with torch.no_grad():
-        for layer in layers:
-            layer.in_assign.copy_((layer.in_assign * 2).round() / 2)  # many exact ties
-            layer.out_assign[0] = 1.0  # a whole row tied: group 0
-    ids = assignment_groups_many([m for layer in layers for m in (layer.in_assign, layer.out_assign)])
-    for layer, inputs, filters in zip(layers, ids[0::2], ids[1::2]):
+        layers[0].in_assign.copy_((layers[0].in_assign * 2).round() / 2)  # many exact ties
+        layers[0].out_assign[0] = 1.0  # a whole row tied: group 0
+    ids = layer_groups_many(layers)
+    for layer, (inputs, filters) in zip(layers, ids):
         assert inputs.tolist() == layer.input_groups().tolist()
         assert filters.tolist() == layer.filter_groups().tolist()
-    assert ids[1][0] == 0 and len(ids[3]) == 9
+    assert ids[0][1][0] == 0 and len(ids[2][0]) == 9
+    assert np.bincount(ids[1][0]).tolist() == [2, 2, 2, 2] and np.bincount(ids[1][1]).tolist() == [3, 3, 3, 3]
 
 
 def test_model_without_flgc_writes_nothing(tmp_path):

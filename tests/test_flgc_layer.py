@@ -22,15 +22,17 @@ def independent_forward(layer: Flgc2d, x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, layer.weight * mask[:, :, None, None], layer.bias, layer.stride, layer.padding, layer.dilation)
 
 
-def independent_grads(layer: Flgc2d, x: torch.Tensor, grad_out: torch.Tensor):
-    """Gradients by hand: straight-through at the selected entry, then the softmax Jacobian."""
+def independent_grads(layer: Flgc2d, x: torch.Tensor, grad_out: torch.Tensor, ids=None):
+    """Gradients by hand: straight-through at the selected entry, then the softmax Jacobian.
+    ``ids``: the group-id rule (default: argmax of the softmax, in numpy)."""
+    ids = ids or numpy_group_ids
     grads = {}
     probs, hards = [], []
     for name in ("in_assign", "out_assign"):
         a = getattr(layer, name).detach()
         p = torch.softmax(a, dim=1)
         b = torch.zeros_like(p)
-        b[torch.arange(len(p)), torch.from_numpy(numpy_group_ids(a))] = 1.0
+        b[torch.arange(len(p)), torch.as_tensor(ids(a))] = 1.0
         probs.append(p)
         hards.append(b.requires_grad_(True))
     weight = layer.weight.detach().clone().requires_grad_(True)
@@ -132,3 +134,94 @@ def test_assignment_init_is_standard_normal():
     layer = Flgc2d(512, 512, 1, groups=16)
     values = torch.cat([layer.in_assign.detach().flatten(), layer.out_assign.detach().flatten()])
     assert abs(values.mean().item()) < 0.02 and abs(values.std().item() - 1.0) < 0.02
+
+
+# ---- controls: frozen and balanced assignments ---------------------------------------------------
+from flgc_lightning.layers import BalancedFlgc2d, balanced_group_ids, make_pointwise_conv  # noqa: E402
+
+
+def gale_shapley(logits: np.ndarray) -> np.ndarray:
+    """Rows propose one at a time (textbook deferred acceptance); each group keeps its C/G best by logit."""
+    rows, groups = logits.shape
+    capacity = rows // groups
+    preference = [sorted(range(groups), key=lambda g: (-logits[r, g], g)) for r in range(rows)]
+    nxt, held = [0] * rows, {g: [] for g in range(groups)}
+    free = list(range(rows))
+    while free:
+        r = free.pop(0)
+        g = preference[r][nxt[r]]
+        nxt[r] += 1
+        held[g].append(r)
+        held[g].sort(key=lambda q: (-logits[q, g], q))
+        if len(held[g]) > capacity:
+            free.append(held[g].pop())
+    ids = np.empty(rows, dtype=np.int64)
+    for g, members in held.items():
+        ids[members] = g
+    return ids
+
+
+@pytest.mark.parametrize("rows, groups", [(8, 8), (16, 2), (48, 8), (96, 4), (64, 16), (24, 3)])
+def test_balanced_ids_are_the_stable_matching_with_equal_groups(rows, groups):
+    gen = torch.Generator().manual_seed(rows * groups)
+    for _ in range(5):
+        logits = torch.randn(rows, groups, generator=gen)
+        ids = balanced_group_ids(logits)
+        assert torch.bincount(ids, minlength=groups).tolist() == [rows // groups] * groups
+        assert ids.tolist() == gale_shapley(logits.double().numpy()).tolist()
+    ties = balanced_group_ids(torch.zeros(rows, groups))  # all equal: rows fill the groups in order
+    assert ties.tolist() == np.repeat(np.arange(groups), rows // groups).tolist()
+
+
+def test_balanced_layer_keeps_equal_groups_at_every_step_and_learns_through_straight_through():
+    torch.manual_seed(0)
+    layer = BalancedFlgc2d(48, 24, 1, groups=4, bias=False).double()
+    opt = torch.optim.SGD(layer.parameters(), lr=50.0)  # large: assignments must move
+    x = torch.randn(4, 48, 5, 5, dtype=torch.float64)
+    moved = 0
+    for _ in range(20):
+        before = layer.input_groups().clone()
+        opt.zero_grad()
+        out = layer(x)
+        grad_out = 2 * out.detach() / out.numel()
+        out.square().mean().backward()
+        expected = independent_grads(layer, x, grad_out, ids=lambda a: gale_shapley(a.numpy()))
+        for name, grad in expected.items():
+            torch.testing.assert_close(getattr(layer, name).grad, grad, rtol=1e-9, atol=1e-12, msg=name)
+        opt.step()
+        for side in layer.group_sizes():
+            assert side.tolist() == [side.sum().item() // 4] * 4
+        moved += int((layer.input_groups() != before).sum())
+        # forward equals the masked conv of the balanced ids (independent mask)
+        gin, gout = layer.input_groups(), layer.filter_groups()
+        mask = (gout[:, None] == gin[None, :]).float()
+        mask = mask.double()
+        torch.testing.assert_close(layer(x), F.conv2d(x, layer.weight * mask[:, :, None, None]), rtol=0, atol=0)
+    assert moved > 0
+
+
+def test_balanced_layer_needs_divisible_channels():
+    with pytest.raises(ValueError, match="divisible"):
+        BalancedFlgc2d(10, 8, 1, groups=4)
+
+
+def test_frozen_assignments_never_change_while_the_weights_learn():
+    torch.manual_seed(0)
+    layer = make_pointwise_conv(32, 16, groups=4, use_flgc=True, assignment="frozen")
+    start_in, start_out, start_w = layer.in_assign.clone(), layer.out_assign.clone(), layer.weight.clone()
+    opt = torch.optim.SGD(layer.parameters(), lr=10.0, momentum=0.9, weight_decay=1e-2)
+    for _ in range(10):
+        opt.zero_grad()
+        layer(torch.randn(2, 32, 4, 4)).square().mean().backward()
+        opt.step()
+    assert torch.equal(layer.in_assign, start_in) and torch.equal(layer.out_assign, start_out)
+    assert not torch.equal(layer.weight, start_w)
+    assert not layer.learn_assignments and "frozen" in repr(layer)
+
+
+def test_assignment_init_scale():
+    torch.manual_seed(0)
+    layer = Flgc2d(500, 400, 1, groups=8, init_std=0.1)
+    assert abs(layer.in_assign.std().item() - 0.1) < 0.01
+    with pytest.raises(ValueError, match="assign_init_std"):
+        Flgc2d(4, 4, 1, groups=2, init_std=0.0)

@@ -6,39 +6,34 @@ lost and gained since the previous record, plus the groups left half-empty.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from flgc_lightning.layers.flgc import group_ids
+from flgc_lightning.layers.flgc import Flgc2d, balanced_group_ids, group_ids
 
 
 # Group id per channel (argmax of the row-wise softmax, first index on ties): the layer's own rule.
 assignment_groups = group_ids
 
 
-@torch.no_grad()
-def assignment_groups_many(logits: Sequence[Tensor]) -> list[np.ndarray]:
-    """``assignment_groups`` of many matrices with one softmax per group count and one host copy.
+def rule_for(assignment: str) -> Callable[[Tensor], Tensor]:
+    """The group-id rule of a model's ``assignment`` setting (``balanced`` or not)."""
+    return balanced_group_ids if assignment == "balanced" else group_ids
 
-    Softmax is row-wise, so stacking the rows of all matrices with the same number of
-    groups gives the same ids as one call per matrix, for a fraction of the kernel launches
-    and a single device sync.
-    """
-    by_width: dict[int, list[int]] = {}
-    for i, matrix in enumerate(logits):
-        by_width.setdefault(matrix.shape[1], []).append(i)
-    order = [i for members in by_width.values() for i in members]
-    flat = torch.cat([assignment_groups(torch.cat([logits[i] for i in members]))
-                      for members in by_width.values()]).cpu().numpy()
-    ids: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * len(logits)
-    start = 0
-    for i in order:
-        ids[i] = flat[start:start + logits[i].shape[0]]
-        start += logits[i].shape[0]
-    return ids
+
+@torch.no_grad()
+def layer_groups_many(layers: Sequence[Flgc2d]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(input ids, filter ids)`` of every layer, by each layer's own rule, with one device-to-host copy."""
+    ids = [side for layer in layers for side in (layer.input_groups(), layer.filter_groups())]
+    if not ids:
+        return []
+    flat = torch.cat(ids).cpu().numpy()
+    splits = np.cumsum([len(t) for t in ids])[:-1]
+    parts = np.split(flat, splits)
+    return list(zip(parts[0::2], parts[1::2]))
 
 
 def side_change(previous: Optional[np.ndarray], current: np.ndarray, num_groups: int) -> dict:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flgc_lightning.assignments.changes import assignment_groups, layer_record
+from flgc_lightning.assignments.changes import layer_record, rule_for
 from flgc_lightning.assignments.records import RecordsError
 from flgc_lightning.training.checkpoints import load_checkpoint
 
@@ -11,6 +11,7 @@ from flgc_lightning.training.checkpoints import load_checkpoint
 def checkpoint_groups(checkpoint: dict) -> list[dict]:
     """Per FLGC layer (state_dict order = module order): name, group count, input and filter group ids."""
     state = checkpoint["state_dict"]
+    rule = rule_for(checkpoint.get("hyper_parameters", {}).get("model", {}).get("assignment", "learned"))
     layers = []
     for key, logits in state.items():
         if not key.endswith(".in_assign") or key[: -len("in_assign")] + "out_assign" not in state:
@@ -20,8 +21,8 @@ def checkpoint_groups(checkpoint: dict) -> list[dict]:
         layers.append({
             "name": prefix[len("net."):] if prefix.startswith("net.") else prefix,
             "groups": int(logits.shape[1]),
-            "inputs": assignment_groups(logits.float()).numpy(),
-            "filters": assignment_groups(out_logits.float()).numpy(),
+            "inputs": rule(logits.float()).numpy(),
+            "filters": rule(out_logits.float()).numpy(),
         })
     return layers
 

@@ -24,7 +24,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-from flgc_lightning.assignments.changes import assignment_groups_many, layer_record
+from flgc_lightning.assignments.changes import layer_groups_many, layer_record
 from flgc_lightning.assignments.records import RECORDS_FILENAME, append_records, read_records, rewrite_records
 from flgc_lightning.layers.flgc import Flgc2d
 
@@ -44,8 +44,9 @@ class AssignmentTracker(Callback):
     Args:
         filename: records file, relative to ``run_dir``.
         run_dir: directory of the records file; ``None`` = the trainer's ``default_root_dir``.
-        log_scalars: log ``assign/layerNN/moved_inputs|moved_filters``, ``assign/moved_total``
-            and ``assign/empty_groups`` to the active loggers.
+        log_scalars: log ``assign/layerNN/moved_inputs|moved_filters``, ``assign/moved_total``,
+            ``assign/empty_groups`` and ``assign/ever_moved`` (channels that changed group at least
+            once since the start, as seen at epoch ends) to the active loggers.
     """
 
     def __init__(self, filename: str = RECORDS_FILENAME, run_dir: Optional[str] = None, log_scalars: bool = True):
@@ -56,13 +57,18 @@ class AssignmentTracker(Callback):
         self._layers: list[tuple[str, Flgc2d]] = []
         self._previous: Optional[list[tuple[np.ndarray, np.ndarray]]] = None
         self._last_epoch: Optional[int] = None
+        self._ever_moved: Optional[list[tuple[np.ndarray, np.ndarray]]] = None  # per layer: inputs, filters
         self._restored: Optional[dict] = None
 
     # ---- group ids -------------------------------------------------------------------------
     def _current_ids(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Group ids of every layer's inputs and filters (few kernels, one device-to-host copy)."""
-        ids = assignment_groups_many([m for _, layer in self._layers for m in (layer.in_assign, layer.out_assign)])
-        return list(zip(ids[0::2], ids[1::2]))
+        """Group ids of every layer's inputs and filters (each layer's own rule, one device-to-host copy)."""
+        return layer_groups_many([layer for _, layer in self._layers])
+
+    @property
+    def ever_moved(self) -> int:
+        """Channels (inputs and filters, all layers) that changed group at least once, seen at epoch ends."""
+        return int(sum(i.sum() + f.sum() for i, f in self._ever_moved or []))
 
     def _records(self, epoch: int, step: int, current: list[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
         previous = self._previous or [(None, None)] * len(current)
@@ -76,6 +82,11 @@ class AssignmentTracker(Callback):
     def _advance(self, trainer: pl.Trainer, epoch: int, current: list[tuple[np.ndarray, np.ndarray]]) -> list[dict]:
         """Record ``epoch`` against the previous assignment and make ``current`` the new previous."""
         records = self._records(epoch, trainer.global_step, current)
+        if self._previous is None or self._ever_moved is None:
+            self._ever_moved = [(np.zeros(len(i), bool), np.zeros(len(f), bool)) for i, f in current]
+        else:
+            self._ever_moved = [(ever_i | (i != pi), ever_f | (f != pf)) for (ever_i, ever_f), (i, f), (pi, pf)
+                                in zip(self._ever_moved, current, self._previous)]
         self._previous, self._last_epoch = current, epoch
         if trainer.is_global_zero:
             append_records(self.path, records)
@@ -93,6 +104,9 @@ class AssignmentTracker(Callback):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         if restored and self._matches(restored):
             self._previous = [(np.asarray(s["inputs"]), np.asarray(s["filters"])) for s in restored["layers"]]
+            self._ever_moved = [(np.asarray(s.get("ever_inputs", np.zeros(len(s["inputs"]))), bool),
+                                 np.asarray(s.get("ever_filters", np.zeros(len(s["filters"]))), bool))
+                                for s in restored["layers"]]
             self._last_epoch = int(restored["epoch"])
             self._keep_records_up_to(trainer, self._last_epoch)
         elif trainer.current_epoch > 0:
@@ -113,7 +127,8 @@ class AssignmentTracker(Callback):
             return
         records = self._advance(trainer, trainer.current_epoch, self._current_ids())
         if self.log_scalars:
-            pl_module.log_dict(self.summary_scalars(records), on_step=False, on_epoch=True)
+            scalars = {**self.summary_scalars(records), "assign/ever_moved": float(self.ever_moved)}
+            pl_module.log_dict(scalars, on_step=False, on_epoch=True)
 
     @staticmethod
     def summary_scalars(records: list[dict]) -> dict[str, float]:
@@ -147,8 +162,9 @@ class AssignmentTracker(Callback):
             return {}
         return {
             "epoch": self._last_epoch,
-            "layers": [{"name": name, "inputs": ins.tolist(), "filters": outs.tolist()}
-                       for (name, _), (ins, outs) in zip(self._layers, self._previous)],
+            "layers": [{"name": name, "inputs": ins.tolist(), "filters": outs.tolist(),
+                        "ever_inputs": ever_i.astype(int).tolist(), "ever_filters": ever_f.astype(int).tolist()}
+                       for (name, _), (ins, outs), (ever_i, ever_f) in zip(self._layers, self._previous, self._ever_moved)],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

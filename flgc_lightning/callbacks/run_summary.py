@@ -17,14 +17,17 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
-from flgc_lightning.utils.complexity import count_macs
+from flgc_lightning.utils.complexity import count_macs, group_size_imbalance
 
 
-def conv_type(groups: int, use_flgc: bool) -> str:
-    """``dense`` (1 group), ``FLGC`` (learned groups) or ``grouped`` (standard group conv)."""
+def conv_type(groups: int, use_flgc: bool, assignment: str = "learned") -> str:
+    """``dense`` (1 group), ``grouped`` (standard group conv), ``FLGC`` (learned groups),
+    ``FLGC-frozen`` (random groups that never change) or ``FLGC-balanced`` (learned, equal sizes)."""
     if groups == 1:
         return "dense"
-    return "FLGC" if use_flgc else "grouped"
+    if not use_flgc:
+        return "grouped"
+    return "FLGC" if assignment in (None, "learned") else f"FLGC-{assignment}"
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -49,8 +52,8 @@ class RunSummary(Callback):
 
     Args:
         path: where to write. A resumed run continues the file it finds there.
-        monitor: the accuracy whose best and last values are reported (the test split
-            doubles as validation in this project, so ``val/acc`` is the test accuracy).
+        monitor: the accuracy whose best and last values are reported (``val/acc``: the test
+            split in the reference setting, held-out training images with ``data.val_size``).
     """
 
     def __init__(self, path: str, monitor: str = "val/acc") -> None:
@@ -75,9 +78,12 @@ class RunSummary(Callback):
         groups, use_flgc = int(model.get("groups", 1)), bool(model.get("use_flgc", False))
         data = run.get("data") or {}
         return {
-            "conv_type": conv_type(groups, use_flgc),
+            "conv_type": conv_type(groups, use_flgc, model.get("assignment", "learned")),
             "groups": groups,
             "use_flgc": use_flgc,
+            "assignment": model.get("assignment", "learned"),
+            "assign_init_std": model.get("assign_init_std", 1.0),
+            "assign_optim": hparams.get("assign_optim"),
             "width_mult": model.get("width_mult"),
             "model": model.get("_target_"),
             "data": data.get("dataset") or data.get("_target_"),
@@ -85,6 +91,7 @@ class RunSummary(Callback):
             "optimizer": {k: v for k, v in (hparams.get("optimizer") or {}).items() if k != "params"},
             "scheduler": (hparams.get("scheduler") or {}).get("_target_"),
             "seed": run.get("seed"),
+            "val_size": data.get("val_size"),
         }
 
     def _set_complexity(self, pl_module: pl.LightningModule) -> None:
@@ -100,6 +107,7 @@ class RunSummary(Callback):
         if "macs_learned" in self.data:
             self.data["macs_learned"] = count_macs(net, input_size, "learned")
             self.data["macs_deployed"] = self.data["macs_learned"]
+            self.data["group_size_imbalance"] = group_size_imbalance(net)
         else:  # dense / standard grouped: the network runs as counted
             self.data["macs_deployed"] = self.data["macs"]
 
@@ -153,7 +161,19 @@ class RunSummary(Callback):
         self._set_complexity(pl_module)
         if trainer.is_global_zero:
             self._set_deployed_macs(pl_module)
+        moved = _metric(trainer, "assign/ever_moved")
+        if moved is not None:
+            self.data["channels_ever_moved"] = int(moved)
         self.data["status"] = "finished"
+        self._write(trainer)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``test_after_fit``: the test accuracy of the checkpoint the run selected (best on validation)."""
+        if not self.data or self.data.get("status") != "finished":
+            return
+        self.data["test_acc"] = _metric(trainer, "test/acc")
+        self.data["test_loss"] = _metric(trainer, "test/loss")
+        self.data["test_checkpoint"] = str(trainer.ckpt_path) if trainer.ckpt_path else None
         self._write(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

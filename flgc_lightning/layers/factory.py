@@ -3,20 +3,28 @@ from __future__ import annotations
 
 from torch import nn
 
-from flgc_lightning.layers.flgc import Flgc2d
+from flgc_lightning.layers.flgc import BalancedFlgc2d, Flgc2d
+
+ASSIGNMENTS = ("learned", "frozen", "balanced")
 
 
-def make_pointwise_conv(in_channels: int, out_channels: int, groups: int, use_flgc: bool) -> nn.Conv2d:
+def make_pointwise_conv(in_channels: int, out_channels: int, groups: int, use_flgc: bool,
+                        assignment: str = "learned", init_std: float = 1.0) -> nn.Conv2d:
     """A bias-free 1x1 conv: dense (``groups == 1``), standard grouped, or FLGC.
 
-    With ``use_flgc`` and ``groups == 1`` the layer is plain dense: a single
-    learned group is the dense convolution, and the reference's dense baseline
-    has no assignment maps.
+    FLGC's ``assignment``: ``"learned"`` (the reference), ``"frozen"`` (the N(0, init_std^2)
+    draw never changes: random unequal groups, a control) or ``"balanced"`` (learned, equal sizes).
+    With ``use_flgc`` and ``groups == 1`` the layer is plain dense: a single learned group is the
+    dense convolution, and the reference's dense baseline has no assignment maps.
     """
+    if assignment not in ASSIGNMENTS:
+        raise ValueError(f"assignment must be one of {', '.join(ASSIGNMENTS)}, got {assignment!r}")
     if groups == 1:
         return nn.Conv2d(in_channels, out_channels, 1, bias=False)
     if use_flgc:
-        return Flgc2d(in_channels, out_channels, 1, groups=groups, bias=False)
+        layer = BalancedFlgc2d if assignment == "balanced" else Flgc2d
+        return layer(in_channels, out_channels, 1, groups=groups, bias=False, init_std=init_std,
+                     learn_assignments=assignment != "frozen")
     if in_channels % groups or out_channels % groups:
         raise ValueError(
             f"standard grouped conv {in_channels}->{out_channels} needs both channel counts "

@@ -2,7 +2,9 @@
 
 The layer keeps a dense weight plus two assignment-logit matrices and, on every
 forward pass, masks the weight so that a filter only sees the input channels of
-its own (learned) group. Groups are unequal and may be empty on either side.
+its own (learned) group. Groups are unequal and may be empty on either side. Two controls share the layer:
+frozen assignments (``learn_assignments=False``: the N(0, 1) draw stays, same unequal-group cost,
+no learning) and :class:`BalancedFlgc2d` (learned membership, equal group sizes).
 """
 from __future__ import annotations
 
@@ -20,6 +22,44 @@ def group_ids(logits: Tensor) -> Tensor:
     return torch.softmax(logits.detach(), dim=1).argmax(dim=1)
 
 
+def balanced_group_ids(logits: Tensor) -> Tensor:
+    """Group id of every row such that every group gets exactly ``rows / G`` rows (``G`` divides ``rows``).
+
+    Deferred acceptance: every row proposes to the groups in the order of its logits (highest
+    first); a group keeps the ``rows / G`` proposers with the highest logit for it (ties: lower
+    row index) and rejects the rest, who propose to their next group in the next round. Rounds
+    run a fixed number of times (no data-dependent loop, so no host sync on a GPU); rows still
+    unplaced after them, which never happened in our tests, fill the free places in row order.
+    The result is the stable matching that gives each row the best group it can keep.
+    """
+    logits = logits.detach()
+    rows, groups = logits.shape
+    capacity = rows // groups
+    if capacity * groups != rows:
+        raise ValueError(f"balanced groups need {groups} to divide {rows} channels")
+    preference = torch.argsort(logits, dim=1, descending=True, stable=True)
+    choice = torch.zeros(rows, dtype=torch.long, device=logits.device)
+    row = torch.arange(rows, device=logits.device)
+    for _ in range(2 * groups + 2):
+        proposal = preference[row, choice.clamp(max=groups - 1)]
+        score = torch.where(choice < groups, logits[row, proposal], torch.full_like(logits[:, 0], -torch.inf))
+        by_score = torch.argsort(score, descending=True, stable=True)
+        order = by_score[torch.argsort(proposal[by_score], stable=True)]  # group, then score, then row
+        first = torch.searchsorted(proposal[order], torch.arange(groups, device=logits.device))
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(rows, device=logits.device) - first[proposal[order]]
+        rejected = (rank >= capacity) | (choice >= groups)
+        choice = choice + rejected.long()
+    placed = choice < groups
+    ids = torch.where(placed, preference[row, choice.clamp(max=groups - 1)], -1)
+    # Safety net: give unplaced rows the free places, in row order.
+    taken = F.one_hot(ids.clamp(min=0), groups).mul_(placed[:, None]).sum(0)
+    free_until = torch.cumsum(capacity - taken, 0)
+    unplaced_rank = torch.cumsum((~placed).long(), 0) - 1
+    slot = torch.searchsorted(free_until, unplaced_rank, right=True).clamp(max=groups - 1)
+    return torch.where(placed, ids, slot)
+
+
 def straight_through_one_hot(logits: Tensor) -> Tensor:
     """Row-wise one-hot of ``argmax(softmax(logits))`` with a straight-through gradient.
 
@@ -30,8 +70,13 @@ def straight_through_one_hot(logits: Tensor) -> Tensor:
     ``B + (P*B - (P*B).detach())`` equals ``B`` bit for bit (x - x == 0) while its
     derivative w.r.t. ``P`` is ``B``.
     """
+    return straight_through(logits, torch.softmax(logits, dim=1).argmax(dim=1))
+
+
+def straight_through(logits: Tensor, ids: Tensor) -> Tensor:
+    """One-hot of ``ids`` in value; gradient ``grad_B * B`` into the row-wise softmax of ``logits``."""
     probs = torch.softmax(logits, dim=1)
-    hard = F.one_hot(probs.argmax(dim=1), num_classes=logits.shape[1]).to(probs.dtype)
+    hard = F.one_hot(ids, num_classes=logits.shape[1]).to(probs.dtype)
     selected = probs * hard
     return hard + (selected - selected.detach())
 
@@ -60,6 +105,8 @@ class Flgc2d(nn.Conv2d):
         padding_mode: str = "zeros",
         device=None,
         dtype=None,
+        init_std: float = 1.0,
+        learn_assignments: bool = True,
     ) -> None:
         if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
             raise ValueError(f"Flgc2d: groups must be a positive integer, got {groups!r}")
@@ -67,21 +114,28 @@ class Flgc2d(nn.Conv2d):
             in_channels, out_channels, kernel_size, stride, padding, dilation,
             groups=1, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype,
         )
-        self.num_groups = groups
+        if not init_std > 0:
+            raise ValueError(f"assign_init_std must be > 0, got {init_std!r}")
+        self.num_groups, self.init_std = groups, init_std
         factory = {"device": device, "dtype": dtype}
-        self.in_assign = nn.Parameter(torch.empty(in_channels, groups, **factory))
-        self.out_assign = nn.Parameter(torch.empty(out_channels, groups, **factory))
+        self.in_assign = nn.Parameter(torch.empty(in_channels, groups, **factory), requires_grad=learn_assignments)
+        self.out_assign = nn.Parameter(torch.empty(out_channels, groups, **factory), requires_grad=learn_assignments)
         self.reset_assignments()
 
+    @property
+    def learn_assignments(self) -> bool:
+        return self.in_assign.requires_grad
+
     def reset_assignments(self) -> None:
-        """Draw both assignment-logit matrices from N(0, 1), as the reference does."""
-        nn.init.normal_(self.in_assign, 0.0, 1.0)
-        nn.init.normal_(self.out_assign, 0.0, 1.0)
+        """Draw both assignment-logit matrices from N(0, init_std^2); the reference uses N(0, 1)."""
+        with torch.no_grad():
+            self.in_assign.normal_(0.0, self.init_std)
+            self.out_assign.normal_(0.0, self.init_std)
 
     def connection_mask(self) -> Tensor:
         """``M = B_out @ B_in^T`` (C_out x C_in), 1 where filter and input share a group."""
-        b_in = straight_through_one_hot(self.in_assign)
-        b_out = straight_through_one_hot(self.out_assign)
+        b_in = straight_through(self.in_assign, self.input_groups())
+        b_out = straight_through(self.out_assign, self.filter_groups())
         return b_out @ b_in.t()
 
     def masked_weight(self) -> Tensor:
@@ -104,4 +158,30 @@ class Flgc2d(nn.Conv2d):
                 torch.bincount(self.filter_groups().cpu(), minlength=self.num_groups))
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", learned_groups={self.num_groups}"
+        frozen = "" if self.learn_assignments else ", frozen"
+        return super().extra_repr() + f", learned_groups={self.num_groups}{frozen}"
+
+
+class BalancedFlgc2d(Flgc2d):
+    """FLGC with equal group sizes (the constraint CondenseNet keeps and FLGC drops).
+
+    Membership is still learned from the assignment logits, through the same straight-through
+    gradient, but each side is split into ``G`` groups of exactly ``C / G`` channels by
+    :func:`balanced_group_ids`, so ``G`` must divide both channel counts. Deployed, the layer is a
+    standard grouped conv with its channel permutations folded into the neighbouring layers.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, *args, groups: int = 1, **kwargs) -> None:
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"balanced FLGC {in_channels}->{out_channels} needs both channel counts divisible "
+                             f"by groups={groups}")
+        super().__init__(in_channels, out_channels, kernel_size, *args, groups=groups, **kwargs)
+
+    def input_groups(self) -> Tensor:
+        return balanced_group_ids(self.in_assign)
+
+    def filter_groups(self) -> Tensor:
+        return balanced_group_ids(self.out_assign)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", balanced"

@@ -69,22 +69,25 @@ class InvertedResidual(nn.Module):
 
     def __init__(
         self, inp: int, oup: int, stride: int, expand_ratio: int, groups: int, use_flgc: bool,
-        group_expand: bool = False, group_shortcut: bool = False,
+        group_expand: bool = False, group_shortcut: bool = False, assignment: str = "learned",
+        assign_init_std: float = 1.0,
     ) -> None:
         super().__init__()
         hidden = int(round(inp * expand_ratio))
+
+        def pointwise(cin: int, cout: int, grouped: bool) -> nn.Module:
+            return make_pointwise_conv(cin, cout, groups if grouped else 1, use_flgc, assignment, assign_init_std)
+
         layers: list[nn.Module] = []
         if expand_ratio != 1:
-            expand_groups = groups if group_expand else 1
-            layers.append(conv_bn(make_pointwise_conv(inp, hidden, expand_groups, use_flgc), hidden, relu6=True))
+            layers.append(conv_bn(pointwise(inp, hidden, group_expand), hidden, relu6=True))
         layers.append(conv_bn(nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), hidden, relu6=True))
-        layers.append(conv_bn(make_pointwise_conv(hidden, oup, groups, use_flgc), oup, relu6=False))
+        layers.append(conv_bn(pointwise(hidden, oup, True), oup, relu6=False))
         self.conv = nn.Sequential(*layers)
         self.use_residual = stride == 1
         self.shortcut: Optional[nn.Module] = None
         if self.use_residual and inp != oup:
-            shortcut_groups = groups if group_shortcut else 1
-            self.shortcut = conv_bn(make_pointwise_conv(inp, oup, shortcut_groups, use_flgc), oup, relu6=False)
+            self.shortcut = conv_bn(pointwise(inp, oup, group_shortcut), oup, relu6=False)
 
     @property
     def projection(self) -> nn.Module:
@@ -108,6 +111,9 @@ class MobileNetV2(nn.Module):
         width_mult: channel multiplier, rounded with :func:`make_divisible`.
         group_expand / group_shortcut: also group the expand / shortcut 1x1 convs.
         in_channels: image channels (3 for CIFAR).
+        assignment: FLGC only: ``learned`` (the reference), ``frozen`` (random groups that never
+            change: the control for learning) or ``balanced`` (learned, equal group sizes).
+        assign_init_std: std of the N(0, std^2) assignment-logit init (reference 1.0).
     """
 
     def __init__(
@@ -119,17 +125,25 @@ class MobileNetV2(nn.Module):
         group_expand: bool = False,
         group_shortcut: bool = False,
         in_channels: int = 3,
+        assignment: str = "learned",
+        assign_init_std: float = 1.0,
         settings: Sequence[Sequence[int]] = CIFAR_SETTINGS,
     ) -> None:
         super().__init__()
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
             raise ValueError(f"groups must be a positive integer, got {groups!r}")
+        if not width_mult > 0:
+            raise ValueError(f"width_mult must be > 0, got {width_mult!r}")
+        for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.groups, self.use_flgc = groups, use_flgc
         stem = make_divisible(32 * width_mult)
         self.last_channels = make_divisible(1280 * max(1.0, width_mult))
         features: list[nn.Module] = [conv_bn(nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False), stem, relu6=True)]
         for inp, oup, stride, t in block_specs(width_mult, settings):
-            features.append(InvertedResidual(inp, oup, stride, t, groups, use_flgc, group_expand, group_shortcut))
+            features.append(InvertedResidual(inp, oup, stride, t, groups, use_flgc, group_expand, group_shortcut,
+                                             assignment, assign_init_std))
         features.append(conv_bn(nn.Conv2d(oup, self.last_channels, 1, bias=False), self.last_channels, relu6=True))
         self.features = nn.Sequential(*features)
         self.classifier = nn.Linear(self.last_channels, num_classes)

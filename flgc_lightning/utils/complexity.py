@@ -31,6 +31,19 @@ def learned_connections(layer: Flgc2d) -> int:
     return int((in_sizes * out_sizes).sum())
 
 
+def group_size_imbalance(model: nn.Module) -> float | None:
+    """Mean over FLGC layers and sides (inputs, filters) of largest group / mean group size.
+
+    1.0 means equal groups (balanced FLGC); random N(0, 1) assignments give about 1.5 to 2.
+    ``None`` without FLGC layers.
+    """
+    ratios = []
+    for layer in (m for m in model.modules() if isinstance(m, Flgc2d)):
+        for sizes in layer.group_sizes():
+            ratios.append(float(sizes.max()) / float(sizes.float().mean()))
+    return sum(ratios) / len(ratios) if ratios else None
+
+
 def _flgc_hook(cost: FlgcCost):
     def hook(module: Flgc2d, inputs, output) -> None:
         batch = output.shape[0]
