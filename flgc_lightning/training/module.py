@@ -1,4 +1,10 @@
-"""The LightningModule: a classifier built from config dicts, trained with the reference recipe."""
+"""The LightningModule: a classifier built from config dicts, trained with the reference recipe.
+
+The training step never waits for the device: metrics skip their value checks, and the
+non-finite-loss check records the first bad step on the device and is read on the host only
+every ``log_every_n_steps`` steps and before every checkpoint is written (so no checkpoint ever
+holds weights updated by a non-finite loss).
+"""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -34,6 +40,9 @@ class ImageClassifier(pl.LightningModule):
         optimizer: optimizer config; ``params`` is filled in (SGD 0.1/0.9/4e-5 in the reference).
         scheduler: LR scheduler config stepped once per epoch, or ``None``.
         input_size: C x H x W of one image, used for MAC counts.
+        assign_optim: how the optimizer treats FLGC assignment logits: ``lr_mult`` (their
+            learning rate is ``optimizer.lr * lr_mult``) and ``weight_decay`` (``None``: the
+            optimizer's). The reference treats them like every other parameter (1.0, ``None``).
     """
 
     def __init__(
@@ -42,23 +51,33 @@ class ImageClassifier(pl.LightningModule):
         optimizer: dict,
         scheduler: Optional[dict] = None,
         input_size: tuple[int, int, int] = (3, 32, 32),
+        assign_optim: Optional[dict] = None,
     ) -> None:
         super().__init__()
+        assign_optim = {"lr_mult": 1.0, "weight_decay": None, **(plain(assign_optim) or {})}
+        if not assign_optim["lr_mult"] >= 0:
+            raise ValueError(f"assign_optim.lr_mult must be >= 0, got {assign_optim['lr_mult']!r}")
         self.save_hyperparameters({
             "model": plain(model), "optimizer": plain(optimizer), "scheduler": plain(scheduler),
-            "input_size": list(input_size),
+            "input_size": list(input_size), "assign_optim": assign_optim,
         })
         self.net = instantiate(self.hparams.model)
         num_classes = self.hparams.model["num_classes"]
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        # No argument validation / NaN checks in the metrics: each would wait for the device every step.
+        accuracy = dict(num_classes=num_classes, average="micro", validate_args=False)
+        self.train_acc, self.val_acc, self.test_acc = (MulticlassAccuracy(**accuracy) for _ in range(3))
+        self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(3))
         self.complexity: dict[str, int] = {}
         # Full composed run config; saved into every checkpoint (see on_save_checkpoint).
         self.run_config: Optional[dict] = None
+        # Runtime options (not hyperparameters: test.py and deploy rebuild the network without them).
+        self.channels_last = False
+        self.compile_network = False
+        self._first_nonfinite: Optional[torch.Tensor] = None  # device scalar: first step with a bad loss, or -1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
     def _step(self, batch, loss_metric: MeanMetric, acc_metric: MulticlassAccuracy) -> torch.Tensor:
@@ -69,14 +88,27 @@ class ImageClassifier(pl.LightningModule):
         acc_metric.update(logits.detach(), targets)
         return loss
 
+    # -- non-finite loss: recorded on the device, checked at host sync points ----------------
+    def _record_nonfinite(self, loss: torch.Tensor) -> None:
+        if self._first_nonfinite is None or self._first_nonfinite.device != loss.device:
+            self._first_nonfinite = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach()) & (self._first_nonfinite < 0)
+        self._first_nonfinite = torch.where(bad, self.global_step, self._first_nonfinite)
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if any training loss so far was NaN/inf (one host sync)."""
+        if self._first_nonfinite is None:
+            return
+        step = int(self._first_nonfinite)
+        if step >= 0:
+            raise NonFiniteLossError(
+                f"training loss is not finite at global step {step}; the run stopped and no checkpoint was written "
+                "after that step (the last one on disk is from before it). Lower optimizer.lr or check the data."
+            )
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, self.train_loss, self.train_acc)
-        if not torch.isfinite(loss):  # stop before the optimizer writes NaNs into the weights
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} at global step {self.global_step} "
-                f"(epoch {self.current_epoch}, batch {batch_idx}); the run stopped and the last good "
-                "checkpoint was kept. Lower optimizer.lr or check the data."
-            )
+        self._record_nonfinite(loss)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
@@ -91,8 +123,28 @@ class ImageClassifier(pl.LightningModule):
         self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if (batch_idx + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            self.check_finite()
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite()
+
+    def parameter_groups(self) -> list[dict] | Any:
+        """All parameters in one group, as the reference does, unless ``assign_optim`` treats the
+        FLGC assignment logits differently: then they form a second group."""
+        lr_mult, decay = self.hparams.assign_optim["lr_mult"], self.hparams.assign_optim["weight_decay"]
+        assign = [p for n, p in self.named_parameters() if n.endswith((".in_assign", ".out_assign"))]
+        if not assign or (lr_mult == 1.0 and decay is None):
+            return self.parameters()
+        ids = {id(p) for p in assign}
+        group = {"params": assign, "lr": self.hparams.optimizer["lr"] * lr_mult}
+        if decay is not None:
+            group["weight_decay"] = decay
+        return [{"params": [p for p in self.parameters() if id(p) not in ids]}, group]
+
     def configure_optimizers(self):
-        optimizer = instantiate(self.hparams.optimizer, params=self.parameters())
+        optimizer = instantiate(self.hparams.optimizer, params=self.parameter_groups())
         if not self.hparams.scheduler:
             return optimizer
         scheduler = instantiate(self.hparams.scheduler, optimizer=optimizer)
@@ -100,6 +152,10 @@ class ImageClassifier(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.complexity = complexity_summary(self.net, tuple(self.hparams.input_size))
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if self.compile_network:  # in place: parameter names (checkpoints) stay those of the plain network
+            self.net.compile()
         if self.trainer.is_global_zero:
             rank_zero_info(
                 "model: " + ", ".join(f"{k}={format_millions(v)}" for k, v in self.complexity.items())
@@ -108,5 +164,6 @@ class ImageClassifier(pl.LightningModule):
                 logger.log_metrics({f"model/{k}": float(v) for k, v in self.complexity.items()}, step=0)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite()  # never write weights that a non-finite loss has touched
         if self.run_config is not None:
             checkpoint["flgc_config"] = self.run_config

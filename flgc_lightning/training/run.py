@@ -39,8 +39,10 @@ def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> ImageCl
         optimizer=plain(cfg.optimizer),
         scheduler=plain(cfg.scheduler) or None,
         input_size=tuple(datamodule.input_size),
+        assign_optim=plain(cfg.get("assign_optim")),
     )
     module.run_config = plain(cfg)
+    module.compile_network = bool(cfg.get("compile", False))
     return module
 
 
@@ -70,6 +72,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                         "match an uninterrupted run):\n  - %s", "\n  - ".join(changes))
         del checkpoint  # Lightning reads the file again; don't hold two copies
     trainer = build_trainer(cfg)
+    channels_last = cfg.get("channels_last", "auto")
+    module.channels_last = trainer.strategy.root_device.type == "cuda" if channels_last == "auto" else bool(channels_last)
     log.info("run directory: %s", cfg.run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
