@@ -30,8 +30,29 @@ def _hydra_subdir(ckpt_path: Optional[str], stamp: str) -> str:
     return f".hydra/resume-{stamp}" if checkpoint_run_dir(ckpt_path) is not None else ".hydra"
 
 
+ARM_KINDS = {  # conv type of a study arm -> (use_flgc, assignment)
+    "grouped": (False, "learned"), "FLGC": (True, "learned"), "FLGC-frozen": (True, "frozen"),
+    "FLGC-balanced": (True, "balanced"),
+}
+
+
+def parse_arm(arm: str) -> dict:
+    """A study arm, ``dense`` or ``<conv type>-<G>`` (``grouped-8``, ``FLGC-frozen-4``), as model settings."""
+    if arm == "dense":
+        return {"groups": 1, "use_flgc": False, "assignment": "learned"}
+    kind, _, groups = str(arm).rpartition("-")
+    if kind not in ARM_KINDS or not groups.isdigit() or int(groups) < 2:
+        raise ValueError(f"arm must be 'dense' or '<{'|'.join(ARM_KINDS)}>-<groups >= 2>', got {arm!r}")
+    use_flgc, assignment = ARM_KINDS[kind]
+    return {"groups": int(groups), "use_flgc": use_flgc, "assignment": assignment}
+
+
+def _arm(field: str, arm: str):
+    return parse_arm(arm)[field]
+
+
 def register_resolvers() -> None:
-    for name, fn in (("flgc_run_dir", _run_dir), ("flgc_hydra_subdir", _hydra_subdir)):
+    for name, fn in (("flgc_run_dir", _run_dir), ("flgc_hydra_subdir", _hydra_subdir), ("flgc_arm", _arm)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -1,25 +1,27 @@
-"""Sweep report: ``python -m flgc_lightning.report MULTIRUN_DIR [--out DIR]``.
+"""The runs of a sweep, one :class:`RunRow` each, read from their folders.
 
-Reads every run directory below ``MULTIRUN_DIR`` (its ``summary.json``, written by
-:class:`flgc_lightning.callbacks.RunSummary`, or only ``.hydra/config.yaml`` for a run that
-died before training started) and writes ``report.md``, ``report.csv`` and ``report.png``
-(test accuracy against MACs, one line per conv type). Failed and unfinished runs stay in
-the tables with their status; they are never dropped silently.
+Every run directory below a sweep folder is read: its ``summary.json`` (written by
+:class:`flgc_lightning.callbacks.RunSummary`), its ``.hydra/overrides.yaml`` (what the sweep set
+for it, which says which runs differ only in their seed), or only ``.hydra/config.yaml`` for a run
+that died before training started. Failed and unfinished runs are kept with their status; they are
+never dropped silently.
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from flgc_lightning.callbacks.run_summary import conv_type
 from flgc_lightning.cli import ERROR_FILE
 from flgc_lightning.errors import UserError
 
-CONV_TYPES = ("dense", "grouped", "FLGC")
+CONV_TYPES = ("dense", "grouped", "FLGC", "FLGC-frozen", "FLGC-balanced")
+# Overrides that say what a run is apart from its conv type; the seed is the replicate axis.
+SEED_KEYS = ("seed",)
+ARM_KEYS = ("arm", "groups", "model.groups", "model.use_flgc", "model.assignment")
+IGNORED_KEYS = ("ckpt_path", "hydra.")
 STATUS_SHOWN = {"running": "unfinished", "finished": "finished", "failed": "failed", "interrupted": "interrupted"}
 
 
@@ -31,13 +33,45 @@ class RunRow:
     params: Optional[int]
     macs_nominal: Optional[int]  # uniform-group cost (= actual cost for dense and grouped)
     macs_deployed: Optional[int]  # learned-group cost at the end of training (FLGC), else actual
-    best_acc: Optional[float]  # best test (= validation) accuracy, 0-1
+    best_acc: Optional[float]  # best validation accuracy, 0-1 (the test split in the reference setting)
     last_acc: Optional[float]
     epochs: Optional[int]
     max_epochs: Optional[int]
     wall_time_s: Optional[float]
     status: str
     error: str = ""
+    seed: Optional[int] = None
+    test_acc: Optional[float] = None  # test accuracy of the checkpoint selected on validation (test_after_fit)
+    validation: str = "test split"  # or "N held-out training images"
+    channels_ever_moved: Optional[int] = None
+    group_size_imbalance: Optional[float] = None
+    config_key: str = ""  # the run's overrides without its seed: runs with equal keys are replicates
+    shared_key: str = ""  # the same without the conv type and G: what paired comparisons must share
+
+    @property
+    def selected_acc(self) -> Optional[float]:
+        """The accuracy to compare: test accuracy of the validation-selected checkpoint where there is one;
+        otherwise the best validation accuracy, which in the reference setting is the (optimistic) best test accuracy."""
+        return self.test_acc if self.test_acc is not None else self.best_acc
+
+
+def run_overrides(run_dir: Path) -> Optional[list[str]]:
+    """The command-line overrides of a run (``.hydra/overrides.yaml``), if Hydra saved them."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    try:
+        return [str(o) for o in OmegaConf.load(path)]
+    except Exception:  # unreadable: fall back to the summary's config
+        return None
+
+
+def _keys(overrides: list[str], drop: tuple[str, ...]) -> str:
+    kept = [o for o in overrides if not o.lstrip("+~").split("=", 1)[0].startswith(IGNORED_KEYS)
+            and o.lstrip("+~").split("=", 1)[0] not in drop]
+    return " ".join(sorted(kept))
 
 
 def find_run_dirs(root: Path) -> list[Path]:
@@ -54,7 +88,8 @@ def find_run_dirs(root: Path) -> list[Path]:
 
 def _from_summary(name: str, summary: dict) -> RunRow:
     config = summary.get("config") or {}
-    kind = config.get("conv_type") or conv_type(int(config.get("groups", 1)), bool(config.get("use_flgc")))
+    kind = config.get("conv_type") or conv_type(int(config.get("groups", 1)), bool(config.get("use_flgc")),
+                                                config.get("assignment", "learned"))
     macs = summary.get("macs")
     deployed = summary.get("macs_deployed")
     if deployed is None and kind != "FLGC":
@@ -74,6 +109,11 @@ def _from_summary(name: str, summary: dict) -> RunRow:
         wall_time_s=summary.get("wall_time_s"),
         status=STATUS_SHOWN.get(status, status),
         error=summary.get("error") or "",
+        seed=config.get("seed"),
+        test_acc=summary.get("test_acc"),
+        validation="test split" if not config.get("val_size") else f"{config['val_size']} held-out training images",
+        channels_ever_moved=summary.get("channels_ever_moved"),
+        group_size_imbalance=summary.get("group_size_imbalance"),
     )
 
 
@@ -104,11 +144,21 @@ def read_run(run_dir: Path, root: Path) -> RunRow:
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         try:
-            return _from_summary(name, json.loads(summary_path.read_text()))
+            row = _from_summary(name, json.loads(summary_path.read_text()))
         except (ValueError, TypeError) as err:
-            return RunRow(name, "unknown", None, None, None, None, None, None, None, None, None,
-                          "failed/unknown", f"unreadable summary.json: {err}")
-    return _from_hydra_config(name, run_dir / ".hydra" / "config.yaml")
+            row = RunRow(name, "unknown", None, None, None, None, None, None, None, None, None,
+                         "failed/unknown", f"unreadable summary.json: {err}")
+    else:
+        row = _from_hydra_config(name, run_dir / ".hydra" / "config.yaml")
+    overrides = run_overrides(run_dir)
+    if overrides is None:  # a run without Hydra's record: what the summary says it is
+        overrides = [f"conv_type={row.conv_type}", f"groups={row.groups}"]
+    row.config_key = _keys(overrides, SEED_KEYS) or f"conv_type={row.conv_type} groups={row.groups}"
+    row.shared_key = _keys(overrides, SEED_KEYS + ARM_KEYS + ("conv_type",))
+    if row.seed is None:
+        row.seed = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("seed=")
+                         and o.split("=", 1)[1].lstrip("-").isdigit()), None)
+    return row
 
 
 def collect(root: Path) -> list[RunRow]:
@@ -120,138 +170,3 @@ def collect(root: Path) -> list[RunRow]:
         raise UserError(f"no runs under '{root}' (no summary.json or .hydra/config.yaml found)")
     order = {k: i for i, k in enumerate(CONV_TYPES)}
     return sorted(rows, key=lambda r: (order.get(r.conv_type, 9), r.groups or 0, r.run))
-
-
-# -- formatting ------------------------------------------------------------------------------
-def _millions(value: Optional[float]) -> str:
-    return "–" if value is None else f"{value / 1e6:.2f} M"
-
-
-def _percent(value: Optional[float]) -> str:
-    return "–" if value is None else f"{100 * value:.2f}"
-
-
-def _duration(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "–"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-
-
-def _status(row: RunRow) -> str:
-    if not row.error or row.status == "finished":
-        return row.status
-    first = row.error.strip().splitlines()[0] if row.error.strip() else ""
-    return f"{row.status}: {first[:80]}".replace("|", "\\|")
-
-
-HEADER = ("run", "conv type", "groups", "params", "MACs nominal", "MACs deployed",
-          "best test acc %", "last test acc %", "epochs", "wall time", "status")
-
-
-def markdown_table(rows: Sequence[RunRow]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
-    for r in rows:
-        epochs = "–" if r.epochs is None else f"{r.epochs}" + (f"/{r.max_epochs}" if r.max_epochs else "")
-        cells = (r.run, r.conv_type, "–" if r.groups is None else str(r.groups), _millions(r.params),
-                 _millions(r.macs_nominal), _millions(r.macs_deployed), _percent(r.best_acc), _percent(r.last_acc),
-                 epochs, _duration(r.wall_time_s), _status(r))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_markdown(rows: Sequence[RunRow], path: Path, source: Path) -> str:
-    table = markdown_table(rows)
-    text = (
-        f"# Sweep report: {source}\n\n{table}\n\n"
-        "MACs per image. *Nominal*: uniform groups (dense cost / G for FLGC). *Deployed*: the learned, "
-        "unequal FLGC groups at the end of training (sum over groups of |in_g|·|out_g|·k²·H·W); for dense "
-        "and standard grouped convs both equal the actual cost. Test accuracy is the validation metric "
-        "(the test split doubles as validation). *unfinished*: still running or killed; *failed: …*: the "
-        "error that stopped the run; *failed/unknown*: stopped before training began without recording "
-        "why.\n\n![accuracy vs MACs](report.png)\n"
-    )
-    path.write_text(text)
-    return table
-
-
-def write_csv(rows: Sequence[RunRow], path: Path) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[f.name for f in fields(RunRow)])
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
-
-
-def plot(rows: Sequence[RunRow], path: Path) -> None:
-    """Best test accuracy against MACs; finished runs joined per conv type, others hollow."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    styles = {"dense": ("tab:gray", "*"), "grouped": ("tab:blue", "s"), "FLGC": ("tab:red", "o")}
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
-    unplotted = 0
-    for kind in list(CONV_TYPES) + sorted({r.conv_type for r in rows} - set(CONV_TYPES)):
-        color, marker = styles.get(kind, ("tab:green", "^"))
-        runs = [r for r in rows if r.conv_type == kind]
-        points = [(r.macs_deployed or r.macs_nominal, r) for r in runs if r.best_acc is not None
-                  and (r.macs_deployed or r.macs_nominal)]
-        unplotted += len(runs) - len(points)
-        done = sorted(((x, r) for x, r in points if r.status == "finished"), key=lambda p: p[0])
-        if done:
-            ax.plot([x / 1e6 for x, _ in done], [100 * r.best_acc for _, r in done], marker=marker, color=color,
-                    markersize=9 if marker == "*" else 7, linewidth=1.5, label=kind)
-        partial = [(x, r) for x, r in points if r.status != "finished"]
-        if partial:
-            ax.scatter([x / 1e6 for x, _ in partial], [100 * r.best_acc for _, r in partial], marker=marker,
-                       facecolors="none", edgecolors=color, s=55, label=f"{kind} (not finished)")
-        for x, r in points:
-            ax.annotate(f"G={r.groups}", (x / 1e6, 100 * r.best_acc), textcoords="offset points",
-                        xytext=(5, 5), fontsize=8, color=color)
-    ax.set_xlabel("MACs per image (millions; FLGC: learned groups at end of training)")
-    ax.set_ylabel("best test accuracy (%)")
-    title = "Test accuracy vs. compute"
-    if unplotted:
-        title += f"  ({unplotted} run(s) without results not plotted, see table)"
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.margins(x=0.08, y=0.1)  # room for the G= labels
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="best", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def make_report(root: Path, out: Optional[Path] = None) -> tuple[list[RunRow], str]:
-    root = Path(root).expanduser()
-    rows = collect(root)
-    out = Path(out).expanduser() if out else root
-    out.mkdir(parents=True, exist_ok=True)
-    table = write_markdown(rows, out / "report.md", root)
-    write_csv(rows, out / "report.csv")
-    plot(rows, out / "report.png")
-    return rows, table
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    from flgc_lightning.cli import report_user_errors
-
-    parser = argparse.ArgumentParser(prog="python -m flgc_lightning.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("multirun_dir", type=Path, help="a multirun directory (multirun/<date>/<time>)")
-    parser.add_argument("--out", type=Path, default=None, help="where to write report.* (default: multirun_dir)")
-    args = parser.parse_args(argv)
-
-    def run() -> None:
-        _, table = make_report(args.multirun_dir, args.out)
-        out = args.out or args.multirun_dir
-        print(table)
-        print(f"\nwrote {out / 'report.md'}, {out / 'report.csv'}, {out / 'report.png'}")
-
-    report_user_errors(run)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,3 @@
+from flgc_lightning.report import main
+
+main()

@@ -1,0 +1,114 @@
+"""Seeds as an axis: mean ± std per configuration, and paired differences with 95 % intervals."""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from flgc_lightning.report.runs import RunRow
+
+# Paired comparisons the study asks for, at equal G: (treatment, control).
+COMPARISONS = (("FLGC", "grouped"), ("FLGC", "FLGC-frozen"), ("FLGC-balanced", "grouped"),
+               ("FLGC-balanced", "FLGC"))
+
+
+def t_quantile(df: int, level: float = 0.95) -> float:
+    """Two-sided Student t quantile (scipy, which scikit-learn already installs)."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.5 + level / 2, df))
+
+
+@dataclass
+class Summary:
+    """mean, std (n-1), n and the 95 % interval of the mean of some values."""
+
+    mean: Optional[float]
+    std: Optional[float]
+    n: int
+    low: Optional[float] = None
+    high: Optional[float] = None
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> "Summary":
+        values = [v for v in values if v is not None]
+        if not values:
+            return cls(None, None, 0)
+        mean = statistics.fmean(values)
+        if len(values) < 2:
+            return cls(mean, None, 1)
+        std = statistics.stdev(values)
+        half = t_quantile(len(values) - 1) * std / math.sqrt(len(values))
+        return cls(mean, std, len(values), mean - half, mean + half)
+
+
+@dataclass
+class ConfigGroup:
+    """Runs that differ only in their seed."""
+
+    key: str
+    conv_type: str
+    groups: Optional[int]
+    runs: list[RunRow]
+
+    def values(self, field: str) -> list[float]:
+        return [getattr(r, field) for r in self.runs if r.status == "finished" and getattr(r, field) is not None]
+
+    def summary(self, field: str) -> Summary:
+        return Summary.of(self.values(field))
+
+    @property
+    def seeds(self) -> list:
+        return [r.seed for r in self.runs]
+
+
+def group_by_seed(rows: Sequence[RunRow]) -> list[ConfigGroup]:
+    groups: dict[str, ConfigGroup] = {}
+    for row in rows:
+        group = groups.setdefault(row.config_key, ConfigGroup(row.config_key, row.conv_type, row.groups, []))
+        group.runs.append(row)
+    return list(groups.values())
+
+
+@dataclass
+class Comparison:
+    treatment: ConfigGroup
+    control: ConfigGroup
+    field: str
+    differences: list[float]  # treatment - control, seed by seed
+    seeds: list
+
+    @property
+    def summary(self) -> Summary:
+        return Summary.of(self.differences)
+
+    @property
+    def verdict(self) -> str:
+        s = self.summary
+        if s.n < 2:
+            return "too few paired seeds"
+        if s.low > 0:
+            return "treatment better (interval above 0)"
+        if s.high < 0:
+            return "treatment worse (interval below 0)"
+        return "no difference shown (interval contains 0)"
+
+
+def _same_apart_from_arm(a: ConfigGroup, b: ConfigGroup) -> bool:
+    """Two configurations that differ only in conv type (the sweep's other settings equal)."""
+    return a.groups == b.groups and a.runs[0].shared_key == b.runs[0].shared_key
+
+
+def paired_comparisons(groups: Sequence[ConfigGroup], field: str,
+                       pairs=COMPARISONS) -> list[Comparison]:
+    """Treatment − control at equal G, paired by seed (only seeds both finished)."""
+    comparisons = []
+    for treatment_type, control_type in pairs:
+        for treatment in (g for g in groups if g.conv_type == treatment_type):
+            for control in (g for g in groups if g.conv_type == control_type and _same_apart_from_arm(treatment, g)):
+                a = {r.seed: getattr(r, field) for r in treatment.runs if r.status == "finished"}
+                b = {r.seed: getattr(r, field) for r in control.runs if r.status == "finished"}
+                seeds = sorted(s for s in a.keys() & b.keys() if a[s] is not None and b[s] is not None)
+                comparisons.append(Comparison(treatment, control, field, [a[s] - b[s] for s in seeds], seeds))
+    return comparisons

@@ -1,0 +1,83 @@
+"""Sweep report statistics on hand-made run folders: seeds aggregated, paired differences with t-intervals."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from flgc_lightning.report import make_report
+from flgc_lightning.report.stats import Summary
+
+
+def write_run(root: Path, job: int, arm: str, seed: int, test_acc: float, status: str = "finished",
+              conv_type: str = "FLGC", groups: int = 8, extra: tuple = ()) -> None:
+    run = root / str(job)
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(
+        "".join(f"- {o}\n" for o in (f"arm={arm}", f"seed={seed}", "data.root=/x", *extra)))
+    (run / "summary.json").write_text(json.dumps({
+        "status": status, "config": {"conv_type": conv_type, "groups": groups, "seed": seed, "val_size": 500},
+        "params": 1000, "macs": 2_000_000, "macs_nominal": 1_000_000, "macs_deployed": 1_100_000,
+        "best_val_acc": test_acc + 0.01, "last_val_acc": test_acc, "test_acc": test_acc, "epochs_done": 3,
+        "max_epochs": 3, "wall_time_s": 10.0, "channels_ever_moved": 4, "group_size_imbalance": 1.5,
+    }))
+
+
+def test_summary_is_mean_sample_std_and_t_interval():
+    s = Summary.of([0.50, 0.52, 0.57])
+    assert s.n == 3 and s.mean == pytest.approx(0.53)
+    assert s.std == pytest.approx(math.sqrt(((0.03) ** 2 + (0.01) ** 2 + (0.04) ** 2) / 2))
+    half = 4.302652729911275 * s.std / math.sqrt(3)  # t(0.975, df=2)
+    assert (s.low, s.high) == (pytest.approx(0.53 - half), pytest.approx(0.53 + half))
+    assert Summary.of([0.4]).std is None and Summary.of([]).n == 0
+
+
+def test_report_groups_seeds_and_pairs_comparisons_by_seed(tmp_path):
+    acc = {  # arm -> accuracy per seed
+        ("FLGC-8", "FLGC"): [0.60, 0.62, 0.64],
+        ("grouped-8", "grouped"): [0.55, 0.58, 0.58],
+        ("FLGC-frozen-8", "FLGC-frozen"): [0.61, 0.60, 0.66],
+    }
+    job = 0
+    for (arm, kind), values in acc.items():
+        for seed, value in enumerate(values):
+            write_run(tmp_path, job, arm, seed, value, conv_type=kind)
+            job += 1
+    write_run(tmp_path, job, "FLGC-8", 3, 0.99, status="running")  # unfinished: listed, not aggregated
+    rows, text = make_report(tmp_path)
+    assert len(rows) == 10
+    with open(tmp_path / "report_summary.csv") as fh:
+        table = list(csv.DictReader(fh))
+    flgc = next(r for r in table if r["kind"] == "configuration" and r["conv_type"] == "FLGC")
+    assert flgc["n"] == "3" and float(flgc["mean"]) == pytest.approx(0.62)
+    assert float(flgc["std"]) == pytest.approx(0.02)
+    diffs = {r["conv_type"]: r for r in table if r["kind"] == "difference"}
+    # FLGC - grouped, seed by seed: +0.05, +0.04, +0.06 -> mean 0.05, sd 0.01, interval excludes 0
+    vs_grouped = diffs["FLGC-grouped"]
+    assert float(vs_grouped["mean"]) == pytest.approx(0.05) and float(vs_grouped["std"]) == pytest.approx(0.01)
+    half = 4.302652729911275 * 0.01 / math.sqrt(3)
+    assert float(vs_grouped["ci_low"]) == pytest.approx(0.05 - half) and float(vs_grouped["ci_high"]) == pytest.approx(0.05 + half)
+    # FLGC - frozen: -0.01, +0.02, -0.02 -> interval contains 0
+    vs_frozen = diffs["FLGC-FLGC-frozen"]
+    assert float(vs_frozen["mean"]) == pytest.approx(-0.01 / 3)
+    assert float(vs_frozen["ci_low"]) < 0 < float(vs_frozen["ci_high"])
+    assert "treatment better (interval above 0)" in text and "no difference shown (interval contains 0)" in text
+    assert "62.00 ± 2.00" in text and "3/4" in text  # 3 finished of 4 runs
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_comparisons_only_pair_equal_settings_and_seeds(tmp_path):
+    write_run(tmp_path, 0, "FLGC-8", 0, 0.6, conv_type="FLGC")
+    write_run(tmp_path, 1, "FLGC-8", 1, 0.7, conv_type="FLGC")
+    write_run(tmp_path, 2, "grouped-8", 1, 0.5, conv_type="grouped")
+    write_run(tmp_path, 3, "grouped-8", 2, 0.4, conv_type="grouped")
+    write_run(tmp_path, 4, "grouped-8", 0, 0.1, conv_type="grouped", extra=("optimizer.lr=0.5",))  # other setting
+    _, text = make_report(tmp_path)
+    with open(tmp_path / "report_summary.csv") as fh:
+        diffs = [r for r in csv.DictReader(fh) if r["kind"] == "difference"]
+    # two grouped configurations (lr differs); FLGC pairs only with the one sharing its other settings, on seed 1
+    assert len(diffs) == 1 and diffs[0]["n"] == "1" and float(diffs[0]["mean"]) == pytest.approx(0.2)
+    assert "too few paired seeds" in text
