@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from flgc_lightning.data.cifar_files import DataNotFoundError
-from flgc_lightning.errors import UserError
+from flgc_lightning.errors import Stopped, UserError
 
 T = TypeVar("T")
 _STARTED = time.time()  # imported before Hydra creates the run directory
@@ -58,6 +58,9 @@ def _record_sweep_error(run_dir: Path, err: Exception) -> None:
 def report_user_errors(fn: Callable[[], T]) -> T:
     try:
         return fn()
+    except Stopped as stop:  # asked to stop: the whole command (a sweep too) ends, resumable
+        print(f"stopped: {stop}", file=sys.stderr)
+        raise SystemExit(stop.exit_code) from None
     except (UserError, DataNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         hydra = _hydra_config()

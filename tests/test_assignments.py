@@ -28,7 +28,6 @@ from flgc_lightning.callbacks import AssignmentTracker
 from flgc_lightning.layers.flgc import Flgc2d
 
 REPO = Path(__file__).resolve().parent.parent
-SUBSET = REPO.parent / "shared" / "data" / "cifar10-subset"
 
 # Group ids (inputs, filters) of layer 0 (4 -> 6 channels) and layer 1 (6 -> 2), G = 3.
 INITIAL = {0: ([0, 0, 1, 2], [0, 0, 0, 1, 1, 1]), 1: ([0, 1, 2, 0, 1, 2], [0, 1])}
@@ -282,12 +281,10 @@ def test_report_errors_are_user_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_py_records_continue_across_resume(tmp_path, capsys):
+def test_train_py_records_continue_across_resume(tmp_path, capsys, cifar_subset):
     """Real command lines on real images: 1 epoch, resume to 2, then the report."""
-    if not (SUBSET / "cifar-10-batches-py" / "test_batch").is_file():
-        pytest.skip(f"real CIFAR-10 subset not found at {SUBSET}")
     run = tmp_path / "run"
-    common = [f"data.root={SUBSET}", "data.num_workers=0", "data.limit_train=64", "data.limit_test=64",
+    common = [f"data.root={cifar_subset}", "data.limit_train=64", "data.limit_test=64",
               "data.batch_size=64", "trainer.accelerator=cpu", "logger=csv", "++trainer.enable_progress_bar=false"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 

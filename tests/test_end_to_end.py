@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import torch
@@ -49,10 +50,37 @@ def test_train_resume_test(tmp_path, cifar_subset):
     model_ckpt_state = [v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint")][0]
     assert model_ckpt_state["best_model_score"] is not None and best_before
 
-    tested = run_cli("test.py", f"ckpt_path={last}", data, "data.num_workers=0", "data.limit_test=32",
+    tested = run_cli("test.py", f"ckpt_path={last}", data, "data.limit_test=32",
                      "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path / 'test'}")
     assert "test acc" in tested.stdout and "%" in tested.stdout
     assert "params     : 2,364,954" in tested.stdout
+    # test.py's accuracy equals an independent evaluation of the same checkpoint: the network rebuilt from the
+    # checkpoint's saved model config, the 32 test images normalised by hand, in eval mode.
+    reported = json.loads((tmp_path / "test" / "test_results.json").read_text())["test_acc"]
+    assert f"{100 * reported:.2f} %" in tested.stdout
+    assert reported == pytest.approx(independent_accuracy(last, cifar_subset, 32), abs=1e-6)
+
+
+def independent_accuracy(checkpoint_path, root, count: int) -> float:
+    import pickle
+
+    import numpy as np
+
+    from flgc_lightning.models import MobileNetV2
+
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    model_cfg = {k: v for k, v in checkpoint["hyper_parameters"]["model"].items() if k != "_target_"}
+    net = MobileNetV2(**model_cfg)
+    net.load_state_dict({k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")})
+    with open(root / "cifar-10-batches-py" / "test_batch", "rb") as fh:
+        batch = pickle.load(fh, encoding="latin1")
+    pixels = np.asarray(batch["data"][:count], dtype=np.float32).reshape(count, 3, 32, 32) / 255.0
+    mean = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)[:, None, None]  # REFERENCE.md section 3
+    std = np.array([0.2023, 0.1994, 0.2010], dtype=np.float32)[:, None, None]
+    images = torch.from_numpy((pixels - mean) / std)
+    with torch.no_grad():
+        predictions = net.eval()(images).argmax(1)
+    return float((predictions == torch.tensor(batch["labels"][:count])).float().mean())
     assert (tmp_path / "test" / "test_results.json").is_file()
 
 

@@ -8,6 +8,7 @@ with the deployed MAC count of the learned groups) and on an exception (``failed
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from datetime import datetime, timezone
@@ -18,6 +19,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
 from flgc_lightning.utils.complexity import count_macs, group_size_imbalance
+
+log = logging.getLogger(__name__)
 
 
 def conv_type(groups: int, use_flgc: bool, assignment: str = "learned") -> str:
@@ -34,8 +37,12 @@ def write_json_atomic(path: Path, data: dict) -> None:
     """Readers never see a half-written file: write a temporary file, then rename it over."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 def _now() -> str:
@@ -69,7 +76,10 @@ class RunSummary(Callback):
             return
         self.data["updated"] = _now()
         self.data["wall_time_s"] = round(self._previous_wall + time.monotonic() - self._fit_started, 3)
-        write_json_atomic(self.path, self.data)
+        try:
+            write_json_atomic(self.path, self.data)
+        except OSError as err:  # a full disk must not hide the error that matters (e.g. the checkpoint's)
+            log.warning("could not write %s: %s", self.path, err.strerror or err)
 
     def _config(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         hparams = getattr(pl_module, "hparams", {})

@@ -1,10 +1,11 @@
-"""``last.ckpt`` after every epoch and every N optimizer steps, for exact resume."""
+"""``last.ckpt`` after every epoch, every N optimizer steps and when a run is stopped, for exact resume."""
 from __future__ import annotations
 
 from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -18,7 +19,11 @@ class StepCheckpoint(ModelCheckpoint):
       epoch: a resume from it skips that epoch's validation and epoch-end hooks (metrics,
       assignment records, best-checkpoint selection). The epoch-end save follows that batch
       moments later, so skipping it loses nothing and keeps resume exact.
+    - When a run is stopped at a step boundary (SIGTERM, Ctrl-C, SLURM requeue: see
+      :class:`~flgc_lightning.callbacks.Preemption`) it writes ``last.ckpt`` there, so the stop loses no step.
     """
+
+    stopped_checkpoint: str = ""  # last.ckpt written by the stop, for the message
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -30,3 +35,13 @@ class StepCheckpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Lightning raises SIGTERMException at a step boundary (after a complete training step, or after an
+        epoch's validation): the state there resumes exactly. Mid-validation or in the sanity check, the
+        previous ``last.ckpt`` stays."""
+        if not isinstance(exception, SIGTERMException) or trainer.sanity_checking or trainer.validating \
+                or not trainer.training or trainer.global_step == 0:
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self.stopped_checkpoint = self.last_model_path

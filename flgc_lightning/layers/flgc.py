@@ -53,7 +53,7 @@ def balanced_group_ids(logits: Tensor) -> Tensor:
     placed = choice < groups
     ids = torch.where(placed, preference[row, choice.clamp(max=groups - 1)], -1)
     # Safety net: give unplaced rows the free places, in row order.
-    taken = F.one_hot(ids.clamp(min=0), groups).mul_(placed[:, None]).sum(0)
+    taken = torch.zeros(groups, dtype=torch.long, device=logits.device).scatter_add_(0, ids.clamp(min=0), placed.long())
     free_until = torch.cumsum(capacity - taken, 0)
     unplaced_rank = torch.cumsum((~placed).long(), 0) - 1
     slot = torch.searchsorted(free_until, unplaced_rank, right=True).clamp(max=groups - 1)
@@ -76,7 +76,8 @@ def straight_through_one_hot(logits: Tensor) -> Tensor:
 def straight_through(logits: Tensor, ids: Tensor) -> Tensor:
     """One-hot of ``ids`` in value; gradient ``grad_B * B`` into the row-wise softmax of ``logits``."""
     probs = torch.softmax(logits, dim=1)
-    hard = F.one_hot(ids, num_classes=logits.shape[1]).to(probs.dtype)
+    # scatter, not F.one_hot: one_hot checks the ids' range on the host, a device sync per call on GPUs
+    hard = torch.zeros_like(probs).scatter_(1, ids[:, None], 1.0)
     selected = probs * hard
     return hard + (selected - selected.detach())
 

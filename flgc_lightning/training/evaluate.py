@@ -9,13 +9,14 @@ from typing import Any
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from flgc_lightning.deploy import deployed_complexity
 from flgc_lightning.errors import CheckpointError
 from flgc_lightning.training.checkpoints import load_checkpoint
 from flgc_lightning.training.module import ImageClassifier
+from flgc_lightning.training.schema import TestKeys, instantiate_checked
+from flgc_lightning.training.validation import validate_config
 from flgc_lightning.utils.complexity import complexity_summary, format_millions
 
 log = logging.getLogger(__name__)
@@ -39,13 +40,15 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     if not cfg.get("ckpt_path"):
         raise CheckpointError("no checkpoint given: run `python test.py ckpt_path=PATH/TO/last.ckpt`")
+    validate_config(cfg, TestKeys)
     checkpoint = load_checkpoint(cfg.ckpt_path)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(data_config(cfg, checkpoint["flgc_config"], overrides))
+    trainer = instantiate_checked(cfg.trainer, "trainer", logger=False, enable_checkpointing=False,
+                                  default_root_dir=cfg.run_dir)
+    datamodule = instantiate_checked(data_config(cfg, checkpoint["flgc_config"], overrides), "data")
     datamodule.prepare_data()
     module = ImageClassifier(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
-    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, default_root_dir=cfg.run_dir)
     (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
     result: dict[str, Any] = {
         "checkpoint": str(cfg.ckpt_path),

@@ -12,13 +12,13 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from flgc_lightning.errors import NonFiniteLossError
+from flgc_lightning.errors import ConfigError, NonFiniteLossError
+from flgc_lightning.training.schema import instantiate_checked
 from flgc_lightning.utils.complexity import complexity_summary, format_millions
 
 
@@ -56,12 +56,15 @@ class ImageClassifier(pl.LightningModule):
         super().__init__()
         assign_optim = {"lr_mult": 1.0, "weight_decay": None, **(plain(assign_optim) or {})}
         if not assign_optim["lr_mult"] >= 0:
-            raise ValueError(f"assign_optim.lr_mult must be >= 0, got {assign_optim['lr_mult']!r}")
+            raise ConfigError(f"invalid configuration:\n  - assign_optim.lr_mult must be >= 0, got {assign_optim['lr_mult']!r}")
+        if assign_optim["weight_decay"] is not None and not assign_optim["weight_decay"] >= 0:
+            raise ConfigError("invalid configuration:\n  - assign_optim.weight_decay must be >= 0 or null, got "
+                              f"{assign_optim['weight_decay']!r}")
         self.save_hyperparameters({
             "model": plain(model), "optimizer": plain(optimizer), "scheduler": plain(scheduler),
             "input_size": list(input_size), "assign_optim": assign_optim,
         })
-        self.net = instantiate(self.hparams.model)
+        self.net = instantiate_checked(self.hparams.model, "model")
         num_classes = self.hparams.model["num_classes"]
         # No argument validation / NaN checks in the metrics: each would wait for the device every step.
         accuracy = dict(num_classes=num_classes, average="micro", validate_args=False)
@@ -144,10 +147,10 @@ class ImageClassifier(pl.LightningModule):
         return [{"params": [p for p in self.parameters() if id(p) not in ids]}, group]
 
     def configure_optimizers(self):
-        optimizer = instantiate(self.hparams.optimizer, params=self.parameter_groups())
+        optimizer = instantiate_checked(self.hparams.optimizer, "optimizer", params=self.parameter_groups())
         if not self.hparams.scheduler:
             return optimizer
-        scheduler = instantiate(self.hparams.scheduler, optimizer=optimizer)
+        scheduler = instantiate_checked(self.hparams.scheduler, "scheduler", optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def on_fit_start(self) -> None:

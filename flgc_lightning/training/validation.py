@@ -2,58 +2,36 @@
 from __future__ import annotations
 
 import logging
-import numbers
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from flgc_lightning.errors import CheckpointError, ConfigError
 from flgc_lightning.models import groupable_convs
+from flgc_lightning.training.schema import TrainKeys, _Schema, schema_problems
 
 log = logging.getLogger(__name__)
 
 MOBILENET_TARGET = "flgc_lightning.models.MobileNetV2"
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_types(cfg: DictConfig) -> list[str]:
-    problems = []
-    expectations = [  # (key, predicate, what it should be)
-        ("groups", lambda v: _is_int(v) and v >= 1, "a positive integer"),
-        ("model.groups", lambda v: _is_int(v) and v >= 1, "a positive integer"),
-        ("seed", _is_int, "an integer"),
-        ("trainer.max_epochs", lambda v: v is None or (_is_int(v) and v >= -1), "an integer (-1 = no limit)"),
-        ("data.batch_size", lambda v: _is_int(v) and v >= 1, "a positive integer"),
-        ("optimizer.lr", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and v > 0, "a positive number"),
-    ]
-    for key, ok, what in expectations:
-        value = OmegaConf.select(cfg, key, default=None)
-        if OmegaConf.select(cfg, key, default="<absent>") == "<absent>":
-            continue
-        if key == "model.groups" and value == cfg.get("groups"):
-            continue  # interpolated from `groups`: reported once, under its own name
-        if not ok(value):
-            problems.append(f"{key} must be {what}, got {value!r}")
-    return problems
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` listing every problem found; warn about FLGC groups larger than layers."""
-    problems = _check_types(cfg)
+def validate_config(cfg: DictConfig, keys: type[_Schema] = TrainKeys) -> None:
+    """Raise :class:`ConfigError` listing every problem found (every key checked against its schema,
+    :mod:`flgc_lightning.training.schema`); warn about FLGC groups larger than layers."""
+    problems = schema_problems(cfg, keys)
     model = cfg.get("model")
     if not problems and model is not None and model.get("_target_") == MOBILENET_TARGET:
         groups = int(model.groups)
         convs = groupable_convs(model.get("width_mult", 1.0), model.get("group_expand", False),
                                 model.get("group_shortcut", False))
-        if groups > 1 and not model.get("use_flgc", False):
+        balanced = model.get("use_flgc", False) and model.get("assignment") == "balanced"
+        if groups > 1 and (not model.get("use_flgc", False) or balanced):
             bad = [f"{name} ({cin}->{cout})" for name, cin, cout in convs if cin % groups or cout % groups]
             if bad:
+                what = "balanced FLGC (model.assignment=balanced)" if balanced else "standard grouped conv (model.use_flgc=false)"
                 problems.append(
-                    f"standard grouped conv (model.use_flgc=false) needs channel counts divisible by groups={groups}; "
-                    f"these layers are not: {', '.join(bad)}. Use model.use_flgc=true (any group count) or another groups value"
+                    f"{what} needs channel counts divisible by groups={groups}; these layers are not: "
+                    f"{', '.join(bad)}. Use model.use_flgc=true with learned groups (any group count) or another groups value"
                 )
         elif groups > 1:
             small = [f"{name} ({cin}->{cout})" for name, cin, cout in convs if groups > min(cin, cout)]

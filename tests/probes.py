@@ -1,0 +1,97 @@
+"""Test-only Lightning callbacks, added to real command lines with ``+callbacks.NAME._target_=tests.probes.X``.
+
+They observe a run without changing what it computes (no RNG use, no state in checkpoints).
+"""
+from __future__ import annotations
+
+import builtins
+import hashlib
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+
+
+def _append(path: str, record: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+class StepRecorder(Callback):
+    """One JSON line per event: each finished training step (with its global step), validation start/end.
+
+    ``pause_in_validation`` seconds are slept after each validation batch, so a test can stop the run
+    while validation is under way.
+    """
+
+    def __init__(self, path: str, pause_in_validation: float = 0.0) -> None:
+        self.path, self.pause = path, pause_in_validation
+
+    def _record(self, trainer: pl.Trainer, event: str) -> None:
+        _append(self.path, {"pid": os.getpid(), "rank": trainer.global_rank, "event": event,
+                            "epoch": trainer.current_epoch, "step": trainer.global_step})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._record(trainer, "step")
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._record(trainer, "validation_start")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking and self.pause:
+            time.sleep(self.pause)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._record(trainer, "validation_end")
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+class RankProbe(Callback):
+    """Per rank: a digest of every training sample it saw, of its weights after each step, and every file
+    it opened for writing under the run directory (``<folder>/rank<N>.json``)."""
+
+    def __init__(self, folder: str, run_dir: str) -> None:
+        self.folder, self.run_dir = Path(folder), str(Path(run_dir).resolve())
+        self.samples: list[str] = []
+        self.weights: list[str] = []
+        self.writes: list[str] = []
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        original_open, probe = builtins.open, self
+
+        def watching_open(file, mode="r", *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)) and any(m in mode for m in "wax+"):
+                path = str(Path(file).resolve())
+                if path.startswith(probe.run_dir):
+                    probe.writes.append(path)
+            return original_open(file, mode, *args, **kwargs)
+
+        builtins.open = watching_open
+        io.open = watching_open
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        images, _ = batch
+        self.samples += [tensor_digest(x) for x in images]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        self.weights.append(tensor_digest(flat))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / f"rank{trainer.global_rank}-{os.getpid()}.json").write_text(json.dumps(
+            {"rank": trainer.global_rank, "samples": self.samples, "weights": self.weights, "writes": self.writes}))
+
+
+def read_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
