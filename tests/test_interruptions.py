@@ -35,7 +35,7 @@ def steps(records) -> list[int]:
     return [r["step"] for r in records if r["event"] == "step"]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_stop_signal_writes_a_checkpoint_at_the_next_step_and_resume_is_exact(tmp_path, cifar_subset, signum):
     data = f"data.root={cifar_subset}"
     run_cli("train.py", data, *SHORT, *probe(tmp_path / "full.jsonl"), f"hydra.run.dir={tmp_path / 'full'}")

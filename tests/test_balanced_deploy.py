@@ -1,0 +1,48 @@
+"""Balanced FLGC deploys exactly as standard grouped convs with its channel permutations folded in."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flgc_lightning.deploy import UnequalGroupConv2d, deploy_model, deployed_macs
+from flgc_lightning.layers import BalancedFlgc2d
+from flgc_lightning.models import MobileNetV2
+
+
+def trained_like(groups: int, **kwargs) -> MobileNetV2:
+    """Balanced FLGC with moved assignments and non-trivial BatchNorm statistics, in eval mode."""
+    torch.manual_seed(groups)
+    net = MobileNetV2(groups=groups, use_flgc=True, assignment="balanced", **kwargs)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, BalancedFlgc2d):
+                m.in_assign.normal_(0, 3)
+                m.out_assign.normal_(0, 3)
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.normal_(1, 0.1)
+                m.bias.normal_(0, 0.1)
+    return net.eval()
+
+
+@pytest.mark.parametrize("groups, kwargs", [(2, {}), (4, {}), (8, {}), (8, dict(group_expand=True, group_shortcut=True))])
+def test_balanced_network_deploys_exactly_as_grouped_convs(groups, kwargs):
+    net = trained_like(groups, **kwargs)
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    deployed = deploy_model(net, kernel="padded")
+    with torch.no_grad():
+        diff = (deployed(images.contiguous(memory_format=torch.channels_last)) - net(images)).abs().max().item()
+    assert diff <= 1e-4
+    layers = [m for m in deployed.modules() if isinstance(m, UnequalGroupConv2d)]
+    assert layers
+    for layer in layers:
+        # a standard grouped conv: G equal blocks, no padding (its weight holds exactly the learned connections)
+        assert layer.conv.groups == groups and len(set(layer.in_sizes)) == 1 and len(set(layer.out_sizes)) == 1
+        assert layer.conv.weight[:, :, 0, 0].numel() == layer.learned_connections
+    if not kwargs:  # projections only (the reference model): each input order is folded into the expand /
+        # depthwise convs (the stem for the first block), so no input gather is left
+        assert not any(m.gather_inputs for m in layers)
+    # cost: exactly that of the standard grouped network of the same G, deployed the same way
+    grouped = deploy_model(MobileNetV2(groups=groups, **kwargs).eval(), kernel="padded")
+    assert deployed_macs(deployed) == deployed_macs(grouped)
