@@ -71,9 +71,9 @@ class RankProbe(Callback):
 
         def watching_open(file, mode="r", *args, **kwargs):
             if isinstance(file, (str, os.PathLike)) and any(m in mode for m in "wax+"):
-                path = str(Path(file).resolve())
-                if path.startswith(probe.run_dir):
-                    probe.writes.append(path)
+                path = Path(file).resolve()
+                if path.is_relative_to(probe.run_dir):
+                    probe.writes.append(str(path))
             return original_open(file, mode, *args, **kwargs)
 
         builtins.open = watching_open

@@ -141,7 +141,7 @@ def test_a_killed_sweep_run_again_skips_finished_jobs_resumes_the_cut_one_and_ru
                 f"hydra.run.dir={single}")
         assert_same_run(single, sweep / job)
     report = run_cli("-m", "flgc_lightning.report", str(sweep))
-    assert report.stdout.count("| finished |") == 3 and "unfinished" not in report.stdout
+    assert report.stdout.count("| finished |") == 3 and "| unfinished |" not in report.stdout
 
 
 def limit_file_size(limit: int):

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from flgc_lightning.utils.complexity import count_macs, group_size_imbalance
 
@@ -178,18 +179,24 @@ class RunSummary(Callback):
         self._write(trainer)
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """``test_after_fit``: the test accuracy of the checkpoint the run selected (best on validation)."""
-        if not self.data or self.data.get("status") != "finished":
+        """``test_after_fit``: the test accuracy of the checkpoint the run selected (best on validation).
+        Also when a finished run is tested later by a new process (the file is read back then)."""
+        data = self.data or self._read_existing()
+        if data.get("status") != "finished" or not trainer.is_global_zero:
             return
-        self.data["test_acc"] = _metric(trainer, "test/acc")
-        self.data["test_loss"] = _metric(trainer, "test/loss")
-        self.data["test_checkpoint"] = str(trainer.ckpt_path) if trainer.ckpt_path else None
-        self._write(trainer)
+        data.update(test_acc=_metric(trainer, "test/acc"), test_loss=_metric(trainer, "test/loss"),
+                    test_checkpoint=str(trainer.ckpt_path) if trainer.ckpt_path else None, updated=_now())
+        self.data = data
+        try:
+            write_json_atomic(self.path, data)  # not _write: training wall time does not include the test
+        except OSError as err:
+            log.warning("could not write %s: %s", self.path, err.strerror or err)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not self.data:
             return
-        self.data["status"] = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+        stopped = isinstance(exception, (KeyboardInterrupt, SIGTERMException))  # Ctrl-C, preemption: resumable
+        self.data["status"] = "interrupted" if stopped else "failed"
         self.data["error"] = f"{type(exception).__name__}: {exception}"[:2000]
         self._set_complexity(pl_module)
         self._write(trainer)

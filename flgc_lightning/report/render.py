@@ -170,10 +170,14 @@ def plot(rows: Sequence[RunRow], groups: Sequence[ConfigGroup], path: Path) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.transforms import offset_copy
+
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
     kinds = list(CONV_TYPES) + sorted({g.conv_type for g in groups} - set(CONV_TYPES))
-    # nudge conv types apart on the x axis so equal-MAC points (dense twice, grouped vs balanced) don't hide each other
-    offsets = {kind: 1 + 0.012 * (i - len(kinds) / 2) for i, kind in enumerate(kinds)}
+    # conv types drawn a few screen points apart, so equal-MAC points (grouped and balanced FLGC) stay visible;
+    # the data coordinates stay exact
+    shift = {kind: offset_copy(ax.transData, fig=fig, x=3.0 * (i - (len(kinds) - 1) / 2), units="points")
+             for i, kind in enumerate(kinds)}
     unplotted = 0
     for kind in kinds:
         color, marker = STYLES.get(kind, ("tab:purple", "^"))
@@ -182,12 +186,16 @@ def plot(rows: Sequence[RunRow], groups: Sequence[ConfigGroup], path: Path) -> N
             acc, macs = g.summary("selected_acc"), g.summary("macs_deployed")
             unplotted += len(g.runs) - acc.n
             if acc.n and macs.mean:
-                points.append((macs.mean * offsets[kind] / 1e6, 100 * acc.mean, 100 * (acc.std or 0.0), g))
+                points.append((macs.mean / 1e6, 100 * acc.mean, 100 * (acc.std or 0.0), g))
         points.sort(key=lambda p: p[0])
         if points:
-            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker=marker,
-                        color=color, markersize=9 if marker == "*" else 6, linewidth=1.3, capsize=3,
-                        label=f"{kind} (n={'/'.join(sorted({str(p[3].summary('selected_acc').n) for p in points}))})")
+            counts = sorted({p[3].summary("selected_acc").n for p in points})
+            n = f"n={counts[0]}" if len(counts) == 1 else f"n={counts[0]}-{counts[-1]}"
+            drawn = ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                                marker=marker, color=color, markersize=9 if marker == "*" else 6, linewidth=1.3,
+                                capsize=3, label=f"{kind} ({n} seeds)")
+            for artist in drawn.get_children():  # after autoscaling, so the axes still fit the data
+                artist.set_transform(shift[kind])
             for x, y, _, g in points:
                 ax.annotate(f"G={g.groups}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7, color=color)
         partial = [r for r in rows if r.conv_type == kind and r.status != "finished" and r.selected_acc is not None

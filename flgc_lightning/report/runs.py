@@ -169,4 +169,5 @@ def collect(root: Path) -> list[RunRow]:
     if not rows:
         raise UserError(f"no runs under '{root}' (no summary.json or .hydra/config.yaml found)")
     order = {k: i for i, k in enumerate(CONV_TYPES)}
-    return sorted(rows, key=lambda r: (order.get(r.conv_type, 9), r.groups or 0, r.run))
+    natural = lambda name: tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in Path(name).parts)  # noqa: E731
+    return sorted(rows, key=lambda r: (order.get(r.conv_type, 9), r.groups or 0, natural(r.run)))

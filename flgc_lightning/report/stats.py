@@ -64,10 +64,15 @@ class ConfigGroup:
 
 
 def group_by_seed(rows: Sequence[RunRow]) -> list[ConfigGroup]:
+    """Runs with equal overrides apart from the seed; each group is named by the overrides that vary
+    between groups (those all runs share, such as ``data.root``, are left out of the name)."""
     groups: dict[str, ConfigGroup] = {}
     for row in rows:
         group = groups.setdefault(row.config_key, ConfigGroup(row.config_key, row.conv_type, row.groups, []))
         group.runs.append(row)
+    shared = set.intersection(*(set(key.split()) for key in groups)) if len(groups) > 1 else set()
+    for group in groups.values():
+        group.key = " ".join(o for o in group.key.split() if o not in shared) or group.key
     return list(groups.values())
 
 
