@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from flgc_lightning.deploy import native
+from flgc_lightning.deploy.blocks import DeployedInvertedResidual
 from flgc_lightning.deploy.fold import fold_bn_into_weight
 from flgc_lightning.deploy.grouped import UnequalGroupConv2d
 from flgc_lightning.errors import UserError
@@ -56,9 +57,11 @@ class FoldedConv:
         if self.in_groups is not None:
             self.in_groups = self.in_groups[index]
 
-    def build(self, kernel: str = "padded") -> nn.Module:
+    def build(self, kernel: str = "padded", relu6: bool = False) -> nn.Module:
+        """The deployed conv; ``relu6`` is folded into unequal-group layers only (their kernel applies it)."""
         if self.in_groups is not None:
-            return UnequalGroupConv2d(self.weight, self.bias, self.in_groups, self.out_groups, self.num_groups, kernel)
+            return UnequalGroupConv2d(self.weight, self.bias, self.in_groups, self.out_groups, self.num_groups, kernel,
+                                      relu6)
         t = self.template
         depthwise = t.groups > 1 and t.groups == t.in_channels == t.out_channels
         channels_out = self.weight.shape[0]
@@ -80,8 +83,11 @@ def _stage(conv_bn: nn.Sequential) -> tuple[FoldedConv, bool]:
 
 
 def _sequential(folded: FoldedConv, relu6: bool, kernel: str = "padded") -> nn.Sequential:
-    conv = folded.build(kernel)
-    return nn.Sequential(conv, nn.ReLU6(inplace=True)) if relu6 else nn.Sequential(conv)
+    """``conv [-> ReLU6]``; an unequal-group conv applies its ReLU6 itself (in the fused kernel's registers)."""
+    conv = folded.build(kernel, relu6)
+    if relu6 and not isinstance(conv, UnequalGroupConv2d):
+        return nn.Sequential(conv, nn.ReLU6(inplace=True))
+    return nn.Sequential(conv)
 
 
 def _group_hidden_channels(expand: FoldedConv, depthwise: FoldedConv, projection: FoldedConv) -> None:
@@ -110,8 +116,8 @@ def _group_block_inputs(producer: FoldedConv, depthwise: FoldedConv, projection:
 
 
 def _deploy_block(block: InvertedResidual, group_hidden: bool, kernel: str,
-                  producer: FoldedConv | None = None) -> None:
-    """Fold and build ``block`` in place; ``producer``: the folded conv that alone feeds it, if any."""
+                  producer: FoldedConv | None = None) -> DeployedInvertedResidual:
+    """Fold and build ``block``; ``producer``: the folded conv that alone feeds it, if any."""
     stages = [_stage(s) for s in block.conv]
     shortcut = None if block.shortcut is None else _stage(block.shortcut)
     projection = stages[-1][0]
@@ -120,9 +126,9 @@ def _deploy_block(block: InvertedResidual, group_hidden: bool, kernel: str,
             _group_hidden_channels(stages[0][0], stages[1][0], projection)
         elif producer is not None and (not block.use_residual or shortcut is not None):
             _group_block_inputs(producer, stages[0][0], projection, None if shortcut is None else shortcut[0])
-    block.conv = nn.Sequential(*(_sequential(f, relu, kernel) for f, relu in stages))
-    if shortcut is not None:
-        block.shortcut = _sequential(*shortcut, kernel)
+    conv = nn.Sequential(*(_sequential(f, relu, kernel) for f, relu in stages))
+    return DeployedInvertedResidual(conv, None if shortcut is None else _sequential(*shortcut, kernel),
+                                    block.use_residual)
 
 
 @torch.no_grad()
@@ -152,7 +158,7 @@ def deploy_model(model: nn.Module, channels_last: bool = True, group_hidden: boo
     for i, layer in enumerate(features):
         if isinstance(layer, InvertedResidual):
             producer = plain[i - 1][0] if i - 1 in plain else None
-            _deploy_block(layer, group_hidden, "padded" if kernel == "auto" else kernel, producer)
+            features[i] = _deploy_block(layer, group_hidden, "padded" if kernel == "auto" else kernel, producer)
         else:
             plain[i] = _stage(layer)
     for i, stage in plain.items():

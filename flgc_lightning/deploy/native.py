@@ -149,7 +149,8 @@ def _build_and_load() -> ctypes.CDLL:
             errors.append(f"{' '.join(flags)}: {message.splitlines()[-1] if message else ''}")
             continue
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.unequal_group_conv1x1.argtypes = [p, i64, i64, p, i64, p, p, p, i64, p, p, ctypes.c_int]
+        lib.unequal_group_conv1x1.argtypes = [p, i64, i64, p, i64, p, i64, ctypes.c_int, p, p, p, i64, p, p,
+                                              ctypes.c_int]
         lib.unequal_group_conv1x1.restype = None
         lib.flags = flags
         return lib
@@ -232,15 +233,25 @@ def pack(weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Ten
     }
 
 
-def unequal_group_conv1x1(x: Tensor, tables: dict[str, Tensor], out_channels: int) -> Tensor:
-    """Run the kernel on a CPU float32 NCHW-shaped tensor; the result is channels_last."""
+def unequal_group_conv1x1(x: Tensor, tables: dict[str, Tensor], out_channels: int, residual: Tensor | None = None,
+                          relu6: bool = False) -> Tensor:
+    """Run the kernel on a CPU float32 NCHW-shaped tensor; the result is channels_last.
+
+    ``residual`` (same shape as the result) is added in the same pass, then ReLU6 if ``relu6``.
+    """
     lib = load_library()
     x = x.contiguous(memory_format=torch.channels_last)
     n, c, h, w = x.shape
     y = torch.empty(n, out_channels, h, w, memory_format=torch.channels_last)
+    if residual is not None:
+        if residual.shape != y.shape or residual.dtype != torch.float32 or residual.device.type != "cpu":
+            raise ValueError(f"residual must be a CPU float32 tensor of shape {tuple(y.shape)}, got "
+                             f"{residual.dtype} {tuple(residual.shape)}")
+        residual = residual.contiguous(memory_format=torch.channels_last)
     lib.unequal_group_conv1x1(
-        x.data_ptr(), n * h * w, c, y.data_ptr(), out_channels, tables["weight"].data_ptr(),
-        tables["bias"].data_ptr(), tables["tasks"].data_ptr(), len(tables["tasks"]),
+        x.data_ptr(), n * h * w, c, y.data_ptr(), out_channels,
+        None if residual is None else residual.data_ptr(), out_channels, int(relu6),
+        tables["weight"].data_ptr(), tables["bias"].data_ptr(), tables["tasks"].data_ptr(), len(tables["tasks"]),
         tables["segments"].data_ptr(), tables["out_index"].data_ptr(), torch.get_num_threads(),
     )
     return y
