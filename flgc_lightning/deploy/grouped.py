@@ -228,6 +228,8 @@ def refresh_tables(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, UnequalGroupConv2d) and m.kernel == "fused":
             _ = m.fused_tables
+        elif hasattr(m, "prepare"):  # deployed blocks: cached depthwise taps of the fused depthwise kernel
+            m.prepare()
 
 
 def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:

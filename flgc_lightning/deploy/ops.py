@@ -1,4 +1,5 @@
-"""The fused unequal-group kernel as a PyTorch custom op: ``torch.ops.flgc.unequal_group_conv1x1``.
+"""The fused kernels as PyTorch custom ops: ``torch.ops.flgc.unequal_group_conv1x1`` and
+``torch.ops.flgc.depthwise_unequal_group_conv`` (a 3x3 depthwise conv + ReLU6 feeding it, in one pass).
 
 Registered with ``torch.library`` (with a fake implementation for shapes), so ``torch.compile`` keeps it as
 one opaque node inside the compiled graph (instead of breaking the graph around a ctypes call) and
@@ -55,3 +56,34 @@ def _(x, weight, bias, tasks, segments, out_index, dense_weight, dense_bias, res
     n, _, h, w = x.shape
     return torch.empty((n, dense_weight.shape[0], h, w), dtype=x.dtype, device=x.device,
                        memory_format=torch.channels_last)
+
+
+def depthwise_reference(x: Tensor, dw_taps: Tensor, dw_bias: Tensor, stride: int) -> Tensor:
+    """``relu6(depthwise3x3(x) + dw_bias)`` with stock ops (padding 1)."""
+    c = dw_taps.shape[1]
+    weight = dw_taps.t().reshape(c, 1, 3, 3)
+    return F.conv2d(x, weight, dw_bias, stride, 1, 1, c).clamp(0.0, 6.0)
+
+
+@torch.library.custom_op("flgc::depthwise_unequal_group_conv", mutates_args=())
+def depthwise_unequal_group_conv(x: Tensor, dw_taps: Tensor, dw_bias: Tensor, stride: int, weight: Tensor, bias: Tensor,
+                                 tasks: Tensor, segments: Tensor, out_index: Tensor, dense_weight: Tensor,
+                                 dense_bias: Tensor, residual: Tensor | None, relu6: bool) -> Tensor:
+    """:func:`unequal_group_conv1x1` of ``relu6(depthwise3x3(x, stride, padding 1))``, without writing the
+    depthwise output to memory; ``dw_taps``: ``9 x C`` (:func:`native.depthwise_taps`)."""
+    supported = x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+    if supported and x.shape[1] == dw_taps.shape[1] == dense_weight.shape[1] and native.available():
+        tables = {"weight": weight, "bias": bias, "tasks": tasks, "segments": segments, "out_index": out_index}
+        return native.depthwise_unequal_group_conv(x, dw_taps, dw_bias, stride, tables, dense_weight.shape[0],
+                                                   residual, relu6)
+    hidden = depthwise_reference(x, dw_taps, dw_bias, stride)
+    return unequal_group_conv1x1(hidden, weight, bias, tasks, segments, out_index, dense_weight, dense_bias,
+                                 residual, relu6)
+
+
+@depthwise_unequal_group_conv.register_fake
+def _(x, dw_taps, dw_bias, stride, weight, bias, tasks, segments, out_index, dense_weight, dense_bias, residual,
+      relu6):
+    n, _, h, w = x.shape
+    return torch.empty((n, dense_weight.shape[0], (h - 1) // stride + 1, (w - 1) // stride + 1), dtype=x.dtype,
+                       device=x.device, memory_format=torch.channels_last)

@@ -114,3 +114,81 @@ void unequal_group_conv1x1(const float *x, int64_t rows, int64_t xs, float *y, i
                 block1(x + r * xs, y + r * ys, res ? res + r * rs : 0, relu6, w, b, tasks + k * T_LEN, segs, oidx);
     }
 }
+
+/* A 3x3 depthwise conv (padding 1, stride 1 or 2, bias, ReLU6) feeding the unequal-group 1x1 conv above, in one
+   pass: for 8 output pixels at a time the depthwise outputs (all c channels) are computed into a per-thread
+   buffer that stays in L1, and the 1x1 tasks read them from there, so the depthwise output never goes to memory.
+   x: n x h x w x c (channels_last), dww: [3 * 3][c] (tap-major), dwb: [c]. y, res, w ... oidx as above. */
+#include <stdlib.h>
+
+typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
+
+static inline v8 lane_select(v8i mask, v8 yes, v8 no) { /* lane-wise mask ? yes : no (mask lanes are 0 or -1) */
+    return (v8)(((v8i)yes & mask) | ((v8i)no & ~mask));
+}
+
+void depthwise_unequal_group_conv(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, const float *dww,
+                                  const float *dwb, int64_t stride, int64_t ho, int64_t wo, float *y, int64_t ys,
+                                  const float *res, int64_t rs, int relu6, const float *pw, const float *pb,
+                                  const int64_t *tasks, int64_t ntasks, const int64_t *segs, const int64_t *oidx,
+                                  int nthreads) {
+    int64_t rows = n * ho * wo, nchunks = (rows + ROWS - 1) / ROWS;
+    float *zeros = calloc((size_t)c + 8, sizeof(float)); /* what padding taps read */
+    if (!zeros) return;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *d = aligned_alloc(64, ((size_t)ROWS * c * sizeof(float) + 63) / 64 * 64);
+        if (d) {
+#pragma omp for schedule(static)
+            for (int64_t chunk = 0; chunk < nchunks; chunk++) {
+                int64_t r0 = chunk * ROWS, valid = rows - r0 < ROWS ? rows - r0 : ROWS;
+                const float *tap[ROWS][9];
+                for (int64_t p = 0; p < ROWS; p++) {
+                    int64_t q = r0 + (p < valid ? p : 0), img = q / (ho * wo), oy = q / wo % ho, ox = q % wo;
+                    for (int64_t k = 0; k < 9; k++) {
+                        int64_t iy = oy * stride - 1 + k / 3, ix = ox * stride - 1 + k % 3;
+                        tap[p][k] = (iy < 0 || iy >= h || ix < 0 || ix >= w) ? zeros
+                                                                              : x + ((img * h + iy) * w + ix) * c;
+                    }
+                }
+                int64_t cb = 0;
+                for (; cb + 8 <= c; cb += 8) {
+                    v8 k0 = *(const v8 *)(dww + cb), k1 = *(const v8 *)(dww + c + cb),
+                       k2 = *(const v8 *)(dww + 2 * c + cb), k3 = *(const v8 *)(dww + 3 * c + cb),
+                       k4 = *(const v8 *)(dww + 4 * c + cb), k5 = *(const v8 *)(dww + 5 * c + cb),
+                       k6 = *(const v8 *)(dww + 6 * c + cb), k7 = *(const v8 *)(dww + 7 * c + cb),
+                       k8 = *(const v8 *)(dww + 8 * c + cb), bias = *(const v8 *)(dwb + cb);
+                    const v8 lo = {0, 0, 0, 0, 0, 0, 0, 0}, hi = {6, 6, 6, 6, 6, 6, 6, 6};
+                    for (int64_t p = 0; p < ROWS; p++) {
+                        const float *const *t = tap[p];
+                        v8 a = bias + *(const v8 *)(t[0] + cb) * k0 + *(const v8 *)(t[1] + cb) * k1
+                               + *(const v8 *)(t[2] + cb) * k2 + *(const v8 *)(t[3] + cb) * k3
+                               + *(const v8 *)(t[4] + cb) * k4 + *(const v8 *)(t[5] + cb) * k5
+                               + *(const v8 *)(t[6] + cb) * k6 + *(const v8 *)(t[7] + cb) * k7
+                               + *(const v8 *)(t[8] + cb) * k8;
+                        a = lane_select(a < lo, lo, a);
+                        a = lane_select(a > hi, hi, a);
+                        *(v8 *)(d + p * c + cb) = a;
+                    }
+                }
+                for (; cb < c; cb++) /* channel tail */
+                    for (int64_t p = 0; p < ROWS; p++) {
+                        float a = dwb[cb];
+                        for (int64_t k = 0; k < 9; k++) a += tap[p][k][cb] * dww[k * c + cb];
+                        d[p * c + cb] = a < 0.0f ? 0.0f : (a > 6.0f ? 6.0f : a);
+                    }
+                const float *rr = res ? res + r0 * rs : 0;
+                if (valid == ROWS)
+                    for (int64_t k = 0; k < ntasks; k++)
+                        block8(d, c, y + r0 * ys, ys, rr, rs, relu6, pw, pb, tasks + k * T_LEN, segs, oidx);
+                else
+                    for (int64_t p = 0; p < valid; p++)
+                        for (int64_t k = 0; k < ntasks; k++)
+                            block1(d + p * c, y + (r0 + p) * ys, rr ? rr + p * rs : 0, relu6, pw, pb,
+                                   tasks + k * T_LEN, segs, oidx);
+            }
+            free(d);
+        }
+    }
+    free(zeros);
+}
