@@ -32,6 +32,7 @@ class DeployedInvertedResidual(nn.Module):
     def __init__(self, conv: nn.Sequential, shortcut: nn.Module | None, use_residual: bool) -> None:
         super().__init__()
         self.conv, self.shortcut, self.use_residual = conv, shortcut, use_residual
+        self.fuse_depthwise = True  # False: every stage runs as its own module (cost counters hook modules)
 
     @property
     def projection(self) -> nn.Module:
@@ -57,7 +58,7 @@ class DeployedInvertedResidual(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         projection, last = self._unequal_projection(), len(self.conv) - 1
-        fusable = (projection is not None and projection.kernel == "fused" and last >= 1
+        fusable = (self.fuse_depthwise and projection is not None and projection.kernel == "fused" and last >= 1
                    and _fusable_depthwise(self.conv[last - 1]))
         h = x
         for i in range(last - 1 if fusable else last):

@@ -90,11 +90,16 @@ def _sequential(folded: FoldedConv, relu6: bool, kernel: str = "padded") -> nn.S
     return nn.Sequential(conv)
 
 
-def _group_hidden_channels(expand: FoldedConv, depthwise: FoldedConv, projection: FoldedConv) -> None:
-    """Order hidden channels by the projection's input group; drop those no filter reads."""
+def _group_hidden_channels(expand: FoldedConv, depthwise: FoldedConv, projection: FoldedConv, align: int = 1) -> None:
+    """Order hidden channels by the projection's input group; drop those no filter reads, but keep the count
+    a multiple of ``align`` (kept unread channels meet zero weights: still exact)."""
     filters_per_group = torch.bincount(projection.out_groups, minlength=projection.num_groups)
     order = torch.argsort(projection.in_groups, stable=True)
-    kept = order[filters_per_group[projection.in_groups[order]] > 0]
+    read = filters_per_group[projection.in_groups[order]] > 0
+    missing = -int(read.sum()) % align if align > 1 else 0
+    if missing:  # keep the first unread channels too, up to the next multiple of align
+        read[torch.nonzero(~read).flatten()[:missing]] = True
+    kept = order[read]
     if len(kept) == 0:  # no group has both sides: the projection outputs its bias only
         kept = order[:1]
     expand.keep_outputs(kept)
@@ -116,14 +121,14 @@ def _group_block_inputs(producer: FoldedConv, depthwise: FoldedConv, projection:
 
 
 def _deploy_block(block: InvertedResidual, group_hidden: bool, kernel: str,
-                  producer: FoldedConv | None = None) -> DeployedInvertedResidual:
+                  producer: FoldedConv | None = None, align: int = 1) -> DeployedInvertedResidual:
     """Fold and build ``block``; ``producer``: the folded conv that alone feeds it, if any."""
     stages = [_stage(s) for s in block.conv]
     shortcut = None if block.shortcut is None else _stage(block.shortcut)
     projection = stages[-1][0]
     if group_hidden and projection.in_groups is not None:
         if len(stages) == 3:
-            _group_hidden_channels(stages[0][0], stages[1][0], projection)
+            _group_hidden_channels(stages[0][0], stages[1][0], projection, align)
         elif producer is not None and (not block.use_residual or shortcut is not None):
             _group_block_inputs(producer, stages[0][0], projection, None if shortcut is None else shortcut[0])
     conv = nn.Sequential(*(_sequential(f, relu, kernel) for f, relu in stages))
@@ -133,7 +138,7 @@ def _deploy_block(block: InvertedResidual, group_hidden: bool, kernel: str,
 
 @torch.no_grad()
 def deploy_model(model: nn.Module, channels_last: bool = True, group_hidden: bool = True, kernel: str = "auto",
-                 tune_batch: int = 64, input_size: tuple[int, int, int] = (3, 32, 32)) -> nn.Module:
+                 tune_batch: int = 64, input_size: tuple[int, int, int] = (3, 32, 32), align_hidden: int = 1) -> nn.Module:
     """An eval-mode inference copy of ``model`` (on CPU) with BN folded and FLGC groups realised.
 
     ``kernel``: how FLGC layers run (:class:`UnequalGroupConv2d`): ``"fused"`` (compiled CPU
@@ -141,6 +146,8 @@ def deploy_model(model: nn.Module, channels_last: bool = True, group_hidden: boo
     blocks; portable, and what exports use), ``"blockdiag"`` (dense conv, zeros outside groups) or
     ``"auto"`` (per layer, whichever is fastest here on a ``tune_batch`` x ``input_size`` batch).
     ``group_hidden=False`` skips reordering/pruning the hidden channels (for cost comparisons).
+    ``align_hidden``: keep each pruned hidden width a multiple of this (16 for ONNX Runtime, whose fast NCHWc
+    convs need channel counts that are multiples of its 8/16-float blocks).
     """
     kernels = (*UnequalGroupConv2d.KERNELS, "auto")
     if kernel not in kernels:
@@ -158,7 +165,8 @@ def deploy_model(model: nn.Module, channels_last: bool = True, group_hidden: boo
     for i, layer in enumerate(features):
         if isinstance(layer, InvertedResidual):
             producer = plain[i - 1][0] if i - 1 in plain else None
-            features[i] = _deploy_block(layer, group_hidden, "padded" if kernel == "auto" else kernel, producer)
+            features[i] = _deploy_block(layer, group_hidden, "padded" if kernel == "auto" else kernel, producer,
+                                        align_hidden)
         else:
             plain[i] = _stage(layer)
     for i, stage in plain.items():
