@@ -42,6 +42,10 @@ class DeployedInvertedResidual(nn.Module):
         last = self.conv[-1]
         return last[0] if len(last) == 1 and isinstance(last[0], UnequalGroupConv2d) else None
 
+    def can_fuse_depthwise(self) -> bool:
+        """The projection is an unequal-group layer right after a 3x3 depthwise conv the fused kernel takes."""
+        return self._unequal_projection() is not None and len(self.conv) >= 2 and _fusable_depthwise(self.conv[-2])
+
     def _depthwise_taps(self, conv: nn.Conv2d) -> Tensor:
         """The depthwise weight as the fused kernel reads it (9 x C), rebuilt when the weight changes."""
         if torch.compiler.is_compiling():
