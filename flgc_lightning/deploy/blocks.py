@@ -33,6 +33,7 @@ class DeployedInvertedResidual(nn.Module):
         super().__init__()
         self.conv, self.shortcut, self.use_residual = conv, shortcut, use_residual
         self.fuse_depthwise = True  # False: every stage runs as its own module (cost counters hook modules)
+        self.prepare()
 
     @property
     def projection(self) -> nn.Module:
