@@ -91,10 +91,14 @@ def _sequential(folded: FoldedConv, relu6: bool, kernel: str = "padded") -> nn.S
 
 
 def _group_hidden_channels(expand: FoldedConv, depthwise: FoldedConv, projection: FoldedConv, align: int = 1) -> None:
-    """Order hidden channels by the projection's input group; drop those no filter reads, but keep the count
-    a multiple of ``align`` (kept unread channels meet zero weights: still exact)."""
+    """Order hidden channels by the projection's input group (by the expand conv's filter group first when that
+    conv is FLGC too: it writes them, the projection reads them from the fused kernel's L1 buffer); drop those no
+    filter reads, but keep the count a multiple of ``align`` (kept unread channels meet zero weights: exact)."""
     filters_per_group = torch.bincount(projection.out_groups, minlength=projection.num_groups)
-    order = torch.argsort(projection.in_groups, stable=True)
+    key = projection.in_groups
+    if expand.out_groups is not None:  # FLGC expand (paper variant): its filter groups first, so each group's
+        key = expand.out_groups * projection.num_groups + key  # outputs are consecutive (vector stores)
+    order = torch.argsort(key, stable=True)
     read = filters_per_group[projection.in_groups[order]] > 0
     missing = -int(read.sum()) % align if align > 1 else 0
     if missing:  # keep the first unread channels too, up to the next multiple of align

@@ -27,7 +27,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("unequal_group_conv.c")
 LANES = 8  # filters per task: one 8-float vector (matches the C source)
-TASK_FIELDS, SEGMENT_FIELDS = 5, 3  # T_LEN, S_LEN in the C source
+TASK_FIELDS, SEGMENT_FIELDS = 6, 3  # T_LEN, S_LEN in the C source
 FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp"],
     ["-O3", "-fopenmp"],
@@ -190,7 +190,9 @@ def pack(weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Ten
     the task's other groups. Packing small groups together costs no extra multiply-adds (a task
     costs one vector FMA per input it reads, however many lanes are used) and saves per-task work
     on layers with a few filters per group. A group without inputs gives its filters' bias; inputs
-    of a group without filters are never read.
+    of a group without filters are never read. A task whose 8 filters are 8 consecutive output channels
+    writes each row with one vector store instead of 8 scalar ones (what makes the paper variant's FLGC
+    expand convs, 18 outputs per 3 inputs, fast: the deploy step orders their outputs by group).
     """
     weight = weight.detach().reshape(weight.shape[0], -1).cpu().float()
     bias = torch.zeros(weight.shape[0]) if bias is None else bias.detach().cpu().float()
@@ -210,8 +212,9 @@ def pack(weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Ten
     w_offset = 0
     for members in bins:
         filters = [f for chunk_filters, _ in members for f in chunk_filters]
+        consecutive = len(filters) == LANES and filters == list(range(filters[0], filters[0] + LANES))
         tasks.append([len(segments), sum(len(runs) for _, runs in members), len(biases) * LANES, len(filters),
-                      len(out_index)])
+                      len(out_index), int(consecutive)])
         out_index.extend(filters)
         lane_bias = torch.zeros(LANES)
         lane_bias[:len(filters)] = bias[filters]

@@ -11,11 +11,34 @@
 
 /* aligned(4): loads need not be 32-byte aligned */
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
+
+static inline v8 lane_select(v8i mask, v8 yes, v8 no) { /* lane-wise mask ? yes : no (mask lanes are 0 or -1) */
+    return (v8)(((v8i)yes & mask) | ((v8i)no & ~mask));
+}
+
+/* ReLU6 of 8 lanes: two instructions (vmaxps, vminps) where AVX is on, compare-and-select elsewhere */
+static inline v8 clamp6(v8 a) {
+    const v8 lo = {0, 0, 0, 0, 0, 0, 0, 0}, hi = {6, 6, 6, 6, 6, 6, 6, 6};
+#if defined(__AVX__)
+    return __builtin_ia32_minps256(__builtin_ia32_maxps256(a, lo), hi);
+#else
+    a = lane_select(a < lo, lo, a);
+    return lane_select(a > hi, hi, a);
+#endif
+}
+
+/* one row's 8 consecutive outputs: + residual, ReLU6, one vector store */
+static inline void store8(float *y, v8 a, const float *res, int relu6) {
+    if (res) a += *(const v8 *)res;
+    if (relu6) a = clamp6(a);
+    *(v8 *)y = a;
+}
 
 /* task (up to 8 filters): first segment, segment count, bias offset (8 floats), filter count, offset of
-   their output channels in oidx. segment (a run of contiguous input channels of one group): first channel,
+   their output channels in oidx, and 1 if those are 8 consecutive channels (stored as one vector). segment (a run of contiguous input channels of one group): first channel,
    length, weight offset (floats; [length][8]). */
-enum { T_S, T_NS, T_B, T_OC, T_OI, T_LEN };
+enum { T_S, T_NS, T_B, T_OC, T_OI, T_VEC, T_LEN };
 enum { S_IN, S_N, S_W, S_LEN };
 
 #define ROWS 8
@@ -52,7 +75,23 @@ static inline void block8(const float *x, int64_t xs, float *y, int64_t ys, cons
         }
     }
     const int64_t *o = oidx + t[T_OI];
-    if (!res && !relu6) {
+    if (t[T_VEC]) {
+        int64_t c = o[0];
+        store8(y + c, a0, res ? res + c : 0, relu6);
+        store8(y + ys + c, a1, res ? res + rs + c : 0, relu6);
+        store8(y + 2 * ys + c, a2, res ? res + 2 * rs + c : 0, relu6);
+        store8(y + 3 * ys + c, a3, res ? res + 3 * rs + c : 0, relu6);
+        store8(y + 4 * ys + c, a4, res ? res + 4 * rs + c : 0, relu6);
+        store8(y + 5 * ys + c, a5, res ? res + 5 * rs + c : 0, relu6);
+        store8(y + 6 * ys + c, a6, res ? res + 6 * rs + c : 0, relu6);
+        store8(y + 7 * ys + c, a7, res ? res + 7 * rs + c : 0, relu6);
+        return;
+    }
+    if (!res) {
+        if (relu6) {
+            a0 = clamp6(a0), a1 = clamp6(a1), a2 = clamp6(a2), a3 = clamp6(a3);
+            a4 = clamp6(a4), a5 = clamp6(a5), a6 = clamp6(a6), a7 = clamp6(a7);
+        }
         for (int64_t j = 0; j < t[T_OC]; j++) {
             int64_t c = o[j];
             y[c] = a0[j];
@@ -121,11 +160,6 @@ void unequal_group_conv1x1(const float *x, int64_t rows, int64_t xs, float *y, i
    x: n x h x w x c (channels_last), dww: [3 * 3][c] (tap-major), dwb: [c]. y, res, w ... oidx as above. */
 #include <stdlib.h>
 
-typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
-
-static inline v8 lane_select(v8i mask, v8 yes, v8 no) { /* lane-wise mask ? yes : no (mask lanes are 0 or -1) */
-    return (v8)(((v8i)yes & mask) | ((v8i)no & ~mask));
-}
 
 void depthwise_unequal_group_conv(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, const float *dww,
                                   const float *dwb, int64_t stride, int64_t ho, int64_t wo, float *y, int64_t ys,
@@ -158,7 +192,6 @@ void depthwise_unequal_group_conv(const float *x, int64_t n, int64_t h, int64_t 
                        k4 = *(const v8 *)(dww + 4 * c + cb), k5 = *(const v8 *)(dww + 5 * c + cb),
                        k6 = *(const v8 *)(dww + 6 * c + cb), k7 = *(const v8 *)(dww + 7 * c + cb),
                        k8 = *(const v8 *)(dww + 8 * c + cb), bias = *(const v8 *)(dwb + cb);
-                    const v8 lo = {0, 0, 0, 0, 0, 0, 0, 0}, hi = {6, 6, 6, 6, 6, 6, 6, 6};
                     for (int64_t p = 0; p < ROWS; p++) {
                         const float *const *t = tap[p];
                         v8 a = bias + *(const v8 *)(t[0] + cb) * k0 + *(const v8 *)(t[1] + cb) * k1
@@ -166,9 +199,7 @@ void depthwise_unequal_group_conv(const float *x, int64_t n, int64_t h, int64_t 
                                + *(const v8 *)(t[4] + cb) * k4 + *(const v8 *)(t[5] + cb) * k5
                                + *(const v8 *)(t[6] + cb) * k6 + *(const v8 *)(t[7] + cb) * k7
                                + *(const v8 *)(t[8] + cb) * k8;
-                        a = lane_select(a < lo, lo, a);
-                        a = lane_select(a > hi, hi, a);
-                        *(v8 *)(d + p * c + cb) = a;
+                        *(v8 *)(d + p * c + cb) = clamp6(a);
                     }
                 }
                 for (; cb < c; cb++) /* channel tail */
