@@ -108,7 +108,8 @@ def worker(engine: str, folder: Path, batches: list[int], repeats: int, threads:
     torch.set_num_threads(threads)
     result = {}
     if engine == "onnxruntime":
-        sessions = {name: onnxruntime_session(folder / f"{name}.onnx", threads) for name in MODELS}
+        # ONNX Runtime's defaults (spinning worker threads): this process runs nothing else
+        sessions = {name: onnxruntime_session(folder / f"{name}.onnx", threads, spinning=True) for name in MODELS}
         for batch in batches:
             x = torch.randn(batch, 3, 32, 32).numpy()
             result[batch] = time_interleaved(

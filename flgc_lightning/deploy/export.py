@@ -87,14 +87,16 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None
     return Path(path)
 
 
-def onnxruntime_session(path: str | Path, threads: int = 2):
-    """A CPU ONNX Runtime session with ``threads`` intra-op threads that do not spin-wait when idle
-    (spinning threads take CPU from whatever runs next in the process); full graph optimisation."""
+def onnxruntime_session(path: str | Path, threads: int = 2, spinning: bool = False):
+    """A CPU ONNX Runtime session with ``threads`` intra-op threads, full graph optimisation. By default the
+    threads do not spin-wait when idle (spinning threads take CPU from whatever runs next in the process);
+    ``spinning=True`` is ONNX Runtime's own default, for a process that runs nothing else."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
