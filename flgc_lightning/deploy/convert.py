@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from flgc_lightning.deploy import native
+from flgc_lightning.deploy.blocks import DeployedInvertedResidual
 from flgc_lightning.deploy.fold import fold_bn_into_weight
 from flgc_lightning.deploy.grouped import UnequalGroupConv2d
 from flgc_lightning.errors import UserError
@@ -56,9 +57,11 @@ class FoldedConv:
         if self.in_groups is not None:
             self.in_groups = self.in_groups[index]
 
-    def build(self, kernel: str = "padded") -> nn.Module:
+    def build(self, kernel: str = "padded", relu6: bool = False) -> nn.Module:
+        """The deployed conv; ``relu6`` is folded into unequal-group layers only (their kernel applies it)."""
         if self.in_groups is not None:
-            return UnequalGroupConv2d(self.weight, self.bias, self.in_groups, self.out_groups, self.num_groups, kernel)
+            return UnequalGroupConv2d(self.weight, self.bias, self.in_groups, self.out_groups, self.num_groups, kernel,
+                                      relu6)
         t = self.template
         depthwise = t.groups > 1 and t.groups == t.in_channels == t.out_channels
         channels_out = self.weight.shape[0]
@@ -80,15 +83,27 @@ def _stage(conv_bn: nn.Sequential) -> tuple[FoldedConv, bool]:
 
 
 def _sequential(folded: FoldedConv, relu6: bool, kernel: str = "padded") -> nn.Sequential:
-    conv = folded.build(kernel)
-    return nn.Sequential(conv, nn.ReLU6(inplace=True)) if relu6 else nn.Sequential(conv)
+    """``conv [-> ReLU6]``; an unequal-group conv applies its ReLU6 itself (in the fused kernel's registers)."""
+    conv = folded.build(kernel, relu6)
+    if relu6 and not isinstance(conv, UnequalGroupConv2d):
+        return nn.Sequential(conv, nn.ReLU6(inplace=True))
+    return nn.Sequential(conv)
 
 
-def _group_hidden_channels(expand: FoldedConv, depthwise: FoldedConv, projection: FoldedConv) -> None:
-    """Order hidden channels by the projection's input group; drop those no filter reads."""
+def _group_hidden_channels(expand: FoldedConv, depthwise: FoldedConv, projection: FoldedConv, align: int = 1) -> None:
+    """Order hidden channels by the projection's input group (by the expand conv's filter group first when that
+    conv is FLGC too: it writes them, the projection reads them from the fused kernel's L1 buffer); drop those no
+    filter reads, but keep the count a multiple of ``align`` (kept unread channels meet zero weights: exact)."""
     filters_per_group = torch.bincount(projection.out_groups, minlength=projection.num_groups)
-    order = torch.argsort(projection.in_groups, stable=True)
-    kept = order[filters_per_group[projection.in_groups[order]] > 0]
+    key = projection.in_groups
+    if expand.out_groups is not None:  # FLGC expand (paper variant): its filter groups first, so each group's
+        key = expand.out_groups * projection.num_groups + key  # outputs are consecutive (vector stores)
+    order = torch.argsort(key, stable=True)
+    read = filters_per_group[projection.in_groups[order]] > 0
+    missing = -int(read.sum()) % align if align > 1 else 0
+    if missing:  # keep the first unread channels too, up to the next multiple of align
+        read[torch.nonzero(~read).flatten()[:missing]] = True
+    kept = order[read]
     if len(kept) == 0:  # no group has both sides: the projection outputs its bias only
         kept = order[:1]
     expand.keep_outputs(kept)
@@ -110,24 +125,24 @@ def _group_block_inputs(producer: FoldedConv, depthwise: FoldedConv, projection:
 
 
 def _deploy_block(block: InvertedResidual, group_hidden: bool, kernel: str,
-                  producer: FoldedConv | None = None) -> None:
-    """Fold and build ``block`` in place; ``producer``: the folded conv that alone feeds it, if any."""
+                  producer: FoldedConv | None = None, align: int = 1) -> DeployedInvertedResidual:
+    """Fold and build ``block``; ``producer``: the folded conv that alone feeds it, if any."""
     stages = [_stage(s) for s in block.conv]
     shortcut = None if block.shortcut is None else _stage(block.shortcut)
     projection = stages[-1][0]
     if group_hidden and projection.in_groups is not None:
         if len(stages) == 3:
-            _group_hidden_channels(stages[0][0], stages[1][0], projection)
+            _group_hidden_channels(stages[0][0], stages[1][0], projection, align)
         elif producer is not None and (not block.use_residual or shortcut is not None):
             _group_block_inputs(producer, stages[0][0], projection, None if shortcut is None else shortcut[0])
-    block.conv = nn.Sequential(*(_sequential(f, relu, kernel) for f, relu in stages))
-    if shortcut is not None:
-        block.shortcut = _sequential(*shortcut, kernel)
+    conv = nn.Sequential(*(_sequential(f, relu, kernel) for f, relu in stages))
+    return DeployedInvertedResidual(conv, None if shortcut is None else _sequential(*shortcut, kernel),
+                                    block.use_residual)
 
 
 @torch.no_grad()
 def deploy_model(model: nn.Module, channels_last: bool = True, group_hidden: bool = True, kernel: str = "auto",
-                 tune_batch: int = 64, input_size: tuple[int, int, int] = (3, 32, 32)) -> nn.Module:
+                 tune_batch: int = 64, input_size: tuple[int, int, int] = (3, 32, 32), align_hidden: int = 1) -> nn.Module:
     """An eval-mode inference copy of ``model`` (on CPU) with BN folded and FLGC groups realised.
 
     ``kernel``: how FLGC layers run (:class:`UnequalGroupConv2d`): ``"fused"`` (compiled CPU
@@ -135,6 +150,8 @@ def deploy_model(model: nn.Module, channels_last: bool = True, group_hidden: boo
     blocks; portable, and what exports use), ``"blockdiag"`` (dense conv, zeros outside groups) or
     ``"auto"`` (per layer, whichever is fastest here on a ``tune_batch`` x ``input_size`` batch).
     ``group_hidden=False`` skips reordering/pruning the hidden channels (for cost comparisons).
+    ``align_hidden``: keep each pruned hidden width a multiple of this (16 for ONNX Runtime, whose fast NCHWc
+    convs need channel counts that are multiples of its 8/16-float blocks).
     """
     kernels = (*UnequalGroupConv2d.KERNELS, "auto")
     if kernel not in kernels:
@@ -152,7 +169,8 @@ def deploy_model(model: nn.Module, channels_last: bool = True, group_hidden: boo
     for i, layer in enumerate(features):
         if isinstance(layer, InvertedResidual):
             producer = plain[i - 1][0] if i - 1 in plain else None
-            _deploy_block(layer, group_hidden, "padded" if kernel == "auto" else kernel, producer)
+            features[i] = _deploy_block(layer, group_hidden, "padded" if kernel == "auto" else kernel, producer,
+                                        align_hidden)
         else:
             plain[i] = _stage(layer)
     for i, stage in plain.items():

@@ -25,6 +25,9 @@ def _ptflops_macs(model: nn.Module, input_size, connections: str) -> int:
     from ptflops import get_model_complexity_info
 
     probe = copy.deepcopy(model).cpu().eval()  # ptflops adds and removes attributes; leave the original alone
+    for block in probe.modules():  # count each conv on its own (the fused depthwise + projection kernel
+        if hasattr(block, "fuse_depthwise"):  # computes exactly the two convs' products)
+            block.fuse_depthwise = False
     macs, _ = get_model_complexity_info(
         probe, tuple(input_size), as_strings=False, print_per_layer_stat=False, backend="pytorch",
         custom_modules_hooks={UnequalGroupConv2d: _unequal_group_hook(connections)},

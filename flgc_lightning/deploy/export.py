@@ -1,4 +1,15 @@
-"""TorchScript and ONNX export of a deployed network, and an ONNX Runtime cross-check."""
+"""Export of a deployed network: ``torch.export`` programs (``.pt2``), ONNX, and ONNX Runtime sessions.
+
+- ``.pt2`` (:func:`export_program`): ``torch.export`` with a dynamic batch axis. Fused FLGC layers stay
+  one ``torch.ops.flgc.unequal_group_conv1x1`` node each; loading needs that op registered, which
+  ``import flgc_lightning.deploy.ops`` does (and nothing else of this package).
+- ONNX (:func:`export_onnx`): the current (``torch.export``-based, "dynamo") exporter, stock ONNX ops only:
+  ONNX Runtime's CPU build cannot load our C kernel (its custom-op API needs a header no package ships,
+  benchmarks/README.md), so FLGC layers are written as block-diagonal convs (the fastest stock form there)
+  or as padded grouped convs.
+- TorchScript is gone: ``torch.jit.trace``/``torch.jit.load`` are deprecated (FutureWarning since torch
+  2.14), and ``.pt2`` covers what it offered (a file that runs without the model's Python code).
+"""
 from __future__ import annotations
 
 import copy
@@ -7,19 +18,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flgc_lightning.deploy.grouped import UnequalGroupConv2d, replace_module
+from flgc_lightning.deploy.grouped import UnequalGroupConv2d, refresh_tables, replace_module
+
+ONNX_KERNELS = ("blockdiag", "padded")
 
 
 def with_kernel(model: nn.Module, kernel: str | None) -> nn.Module:
-    """``model`` itself (``None``), or a copy whose unequal-group layers all use ``kernel``.
-
-    Exports trace stock ops only, so a ``fused`` layer exports as its padded form. ONNX Runtime on
-    CPU runs ``blockdiag`` about as fast as dense and ``padded`` about 3x slower (benchmarks/inference.py).
-    """
+    """``model`` itself (``None``), or a copy whose unequal-group layers all use ``kernel``."""
     if kernel is None:
         return model
-    if kernel not in ("padded", "blockdiag"):
-        raise ValueError(f"export kernel must be 'padded' or 'blockdiag', got {kernel!r}")
+    if kernel not in UnequalGroupConv2d.KERNELS:
+        raise ValueError(f"kernel must be one of {UnequalGroupConv2d.KERNELS}, got {kernel!r}")
     model = copy.deepcopy(model)
     for name, layer in list(model.named_modules()):
         if isinstance(layer, UnequalGroupConv2d) and layer.kernel != kernel:
@@ -27,50 +36,71 @@ def with_kernel(model: nn.Module, kernel: str | None) -> nn.Module:
     return model
 
 
-def export_torchscript(model: nn.Module, path: str | Path, example: torch.Tensor | None = None,
-                       kernel: str | None = None) -> torch.jit.ScriptModule:
-    """Trace (the network has no data-dependent control flow) and save.
-
-    Traced with a channels_last example: the channel gathers then take their channels_last path.
-    ``kernel``: see :func:`with_kernel`.
-    """
-    model = with_kernel(model, kernel)
-    example = torch.randn(1, 3, 32, 32) if example is None else example
-    example = example.contiguous(memory_format=torch.channels_last)
+def _portable_copy(model: nn.Module) -> nn.Module:
+    """A copy with contiguous (NCHW-strided) weights: the exporters' weight packing mistakes a channels_last
+    3x3 weight for a slice of a larger tensor and warns. Same numbers; inputs may still be channels_last."""
+    model = copy.deepcopy(model).eval()
     with torch.no_grad():
-        traced = torch.jit.trace(model.eval(), example)
-    traced.save(str(path))
-    return traced
+        for p in model.parameters():
+            p.data = p.data.contiguous()
+    return model
 
 
-def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None = None, opset: int = 17,
-                kernel: str | None = None) -> Path:
-    """ONNX with a dynamic batch axis (legacy TorchScript-based exporter: no extra dependencies).
+def _example(example: torch.Tensor | None, input_size) -> torch.Tensor:
+    example = torch.randn(2, *input_size) if example is None else example
+    if example.shape[0] == 1:  # a batch of 1 would be specialised by torch.export's shape analysis
+        example = example.expand(2, *example.shape[1:]).clone()
+    return example.contiguous(memory_format=torch.channels_last)
 
-    ``kernel``: see :func:`with_kernel`.
+
+def export_program(model: nn.Module, path: str | Path | None = None, example: torch.Tensor | None = None,
+                   input_size=(3, 32, 32)) -> torch.export.ExportedProgram:
+    """``torch.export`` program of ``model`` with a dynamic batch; saved to ``path`` (``.pt2``) if given.
+
+    Load with ``torch.export.load(path).module()`` after ``import flgc_lightning.deploy.ops``.
     """
-    model = with_kernel(model, kernel)
-    example = torch.randn(1, 3, 32, 32) if example is None else example
+    refresh_tables(model)
+    model = _portable_copy(model)
+    batch = torch.export.Dim("batch", min=1, max=65536)
     with torch.no_grad():
-        torch.onnx.export(
-            model.eval(), (example,), str(path), input_names=["images"], output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset, dynamo=False,
-        )
+        program = torch.export.export(model, (_example(example, input_size),), dynamic_shapes=({0: batch},))
+    if path is not None:
+        torch.export.save(program, str(path))
+    return program
+
+
+def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None = None, opset: int = 18,
+                kernel: str = "blockdiag", input_size=(3, 32, 32)) -> Path:
+    """ONNX (``images`` -> ``logits``, dynamic batch) through the ``torch.export``-based exporter.
+
+    ``kernel``: how FLGC layers are written, ``"blockdiag"`` (dense conv with zeros outside the groups;
+    ONNX Runtime runs it about 3x faster than ``"padded"``, the grouped conv between channel gathers).
+    """
+    if kernel not in ONNX_KERNELS:
+        raise ValueError(f"ONNX export kernel must be one of {ONNX_KERNELS}, got {kernel!r}")
+    model = _portable_copy(with_kernel(model, kernel))
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with torch.no_grad():
+        torch.onnx.export(model, (_example(example, input_size),), str(path), input_names=["images"],
+                          output_names=["logits"], opset_version=opset, dynamo=True, dynamic_shapes=({0: batch},),
+                          external_data=False, verbose=False)
     return Path(path)
 
 
-def onnxruntime_session(path: str | Path, threads: int = 2):
-    """A CPU ONNX Runtime session with ``threads`` intra-op threads that do not spin-wait when idle
-    (spinning threads take CPU from whatever runs next in the process)."""
+def onnxruntime_session(path: str | Path, threads: int = 2, spinning: bool = False):
+    """A CPU ONNX Runtime session with ``threads`` intra-op threads, full graph optimisation. By default the
+    threads do not spin-wait when idle (spinning threads take CPU from whatever runs next in the process);
+    ``spinning=True`` is ONNX Runtime's own default, for a process that runs nothing else."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def onnxruntime_logits(path: str | Path, images: torch.Tensor, threads: int = 2) -> torch.Tensor:
     session = onnxruntime_session(path, threads)
-    (logits,) = session.run(None, {session.get_inputs()[0].name: images.cpu().numpy()})
+    (logits,) = session.run(None, {session.get_inputs()[0].name: images.contiguous().cpu().numpy()})
     return torch.from_numpy(logits)

@@ -11,8 +11,11 @@ outside the groups (no gathers, dense cost): on CPU it is faster for layers with
 feature maps and tiny groups, where oneDNN's grouped kernels gain nothing
 (:func:`flgc_lightning.deploy.tune.choose_kernels` picks per layer by timing).
 With ``kernel="fused"`` CPU inference runs :mod:`flgc_lightning.deploy.native`, a compiled kernel
-that computes exactly the learned connections with no padding and no gathers; the padded conv is
-kept too and runs when the fused kernel cannot (tracing/export, GPU, autograd, no compiler).
+that computes exactly the learned connections with no padding and no gathers, through the custom op
+``torch.ops.flgc.unequal_group_conv1x1`` (:mod:`flgc_lightning.deploy.ops`), so ``torch.compile`` and
+``torch.export`` keep it; the padded conv is kept too and runs where the op cannot (TorchScript tracing,
+GPU, autograd, no compiler in eager mode). The layer can also add a residual and apply ReLU6 in the same
+pass over its output (``forward(x, residual)``, ``relu6=True``), which the fused kernel does in registers.
 
 The input gather lays every group out as ``max_in`` consecutive channels (padding slots read
 any valid channel and meet zero weights, so the result is exact); the output gather drops the
@@ -28,7 +31,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from flgc_lightning.deploy import native
+from flgc_lightning.deploy import native, ops
 
 
 def gather_channels(x: Tensor, index: Tensor) -> Tensor:
@@ -58,13 +61,15 @@ class UnequalGroupConv2d(nn.Module):
         num_groups: ``G``; group ids lie in ``0..G-1`` (groups may be empty on either side).
         kernel: ``"padded"`` (grouped conv on equal padded blocks), ``"blockdiag"`` (dense, masked)
             or ``"fused"`` (compiled CPU kernel, learned connections only; padded elsewhere).
+        relu6: apply ReLU6 to the output (after the residual, if one is given).
     """
 
     KERNELS = ("padded", "blockdiag", "fused")
 
     def __init__(self, weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Tensor, num_groups: int,
-                 kernel: str = "padded") -> None:
+                 kernel: str = "padded", relu6: bool = False) -> None:
         super().__init__()
+        self.relu6 = relu6
         if kernel not in self.KERNELS:
             raise ValueError(f"kernel must be one of {self.KERNELS}, got {kernel!r}")
         self.kernel = kernel
@@ -123,10 +128,20 @@ class UnequalGroupConv2d(nn.Module):
         key = (w.data_ptr(), w._version, w.dtype, None if b is None else (b.data_ptr(), b._version))
         if self.__dict__.get("_tables_key") != key:
             bias = None if b is None else b.detach()[self.out_index].cpu()
-            self._tables = native.pack(self.dense_weight().cpu(), bias, self.in_groups, self.out_groups,
-                                       self.num_groups)
+            dense = self.dense_weight().cpu().float()
+            tables = native.pack(dense, bias, self.in_groups, self.out_groups, self.num_groups)
+            tables["dense_weight"] = dense
+            tables["dense_bias"] = torch.zeros(self.out_channels) if bias is None else bias.float()
+            self._tables = tables
             self._tables_key = key
         return self._tables
+
+    def op_tables(self) -> dict[str, Tensor]:
+        """:attr:`fused_tables` for the custom op; inside ``torch.compile`` / ``torch.export`` tracing the
+        tables built by the last eager access (:func:`refresh_tables` before tracing)."""
+        if torch.compiler.is_compiling():
+            return self._tables
+        return self.fused_tables
 
     @property
     def learned_connections(self) -> int:
@@ -149,7 +164,8 @@ class UnequalGroupConv2d(nn.Module):
     def rebuilt(self, kernel: str) -> "UnequalGroupConv2d":
         """The same layer (same outputs) with another kernel."""
         bias = None if self.conv.bias is None else self.conv.bias[self.out_index]
-        return UnequalGroupConv2d(self.dense_weight(), bias, self.in_groups, self.out_groups, self.num_groups, kernel)
+        return UnequalGroupConv2d(self.dense_weight(), bias, self.in_groups, self.out_groups, self.num_groups, kernel,
+                                  self.relu6)
 
     @property
     def executed_connections(self) -> int:
@@ -175,6 +191,8 @@ class UnequalGroupConv2d(nn.Module):
                 or x.dim() != 4 or x.shape[1] != self.in_channels  # else the padded path raises the error
                 or (x.requires_grad and torch.is_grad_enabled())):
             return False
+        if torch.compiler.is_compiling():  # the op itself falls back where the kernel cannot be built
+            return True
         if not native.available():
             if not getattr(UnequalGroupConv2d, "_warned_unavailable", False):
                 UnequalGroupConv2d._warned_unavailable = True
@@ -183,19 +201,35 @@ class UnequalGroupConv2d(nn.Module):
             return False
         return True
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self._fused_applies(x):
-            return native.unequal_group_conv1x1(x, self.fused_tables, self.out_channels)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``act(conv(x) [+ residual])``; ``residual`` has the output's shape."""
+        if self._fused_applies(x) and (residual is None or residual.dtype == torch.float32):
+            t = self.op_tables()
+            return ops.unequal_group_conv1x1(x, t["weight"], t["bias"], t["tasks"], t["segments"], t["out_index"],
+                                             t["dense_weight"], t["dense_bias"], residual, self.relu6)
         if self.gather_inputs:
             x = gather_channels(x, self.in_index)
         y = self.conv(x)
         if self.gather_outputs:
             y = gather_channels(y, self.out_index)
+        if residual is not None:
+            y = y + residual
+        if self.relu6:
+            y = torch.clamp(y, 0.0, 6.0)
         return y
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel={self.kernel}, in_sizes={self.in_sizes}, "
-                f"out_sizes={self.out_sizes}")
+                f"out_sizes={self.out_sizes}" + (", relu6=True" if self.relu6 else ""))
+
+
+def refresh_tables(model: nn.Module) -> None:
+    """Bring every fused layer's kernel tables up to date with its weights (call before tracing)."""
+    for m in model.modules():
+        if isinstance(m, UnequalGroupConv2d) and m.kernel == "fused":
+            _ = m.fused_tables
+        elif hasattr(m, "prepare"):  # deployed blocks: cached depthwise taps of the fused depthwise kernel
+            m.prepare()
 
 
 def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 SOURCE = Path(__file__).with_name("unequal_group_conv.c")
 LANES = 8  # filters per task: one 8-float vector (matches the C source)
-TASK_FIELDS, SEGMENT_FIELDS = 5, 3  # T_LEN, S_LEN in the C source
+TASK_FIELDS, SEGMENT_FIELDS = 6, 3  # T_LEN, S_LEN in the C source
 FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp"],
     ["-O3", "-fopenmp"],
@@ -149,8 +149,12 @@ def _build_and_load() -> ctypes.CDLL:
             errors.append(f"{' '.join(flags)}: {message.splitlines()[-1] if message else ''}")
             continue
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.unequal_group_conv1x1.argtypes = [p, i64, i64, p, i64, p, p, p, i64, p, p, ctypes.c_int]
+        lib.unequal_group_conv1x1.argtypes = [p, i64, i64, p, i64, p, i64, ctypes.c_int, p, p, p, i64, p, p,
+                                              ctypes.c_int]
         lib.unequal_group_conv1x1.restype = None
+        lib.depthwise_unequal_group_conv.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, i64, p, i64, p, i64,
+                                                     ctypes.c_int, p, p, p, i64, p, p, ctypes.c_int]
+        lib.depthwise_unequal_group_conv.restype = None
         lib.flags = flags
         return lib
     raise NativeKernelUnavailable(f"compiling {SOURCE.name} with {compiler} failed: " + "; ".join(errors))
@@ -186,7 +190,9 @@ def pack(weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Ten
     the task's other groups. Packing small groups together costs no extra multiply-adds (a task
     costs one vector FMA per input it reads, however many lanes are used) and saves per-task work
     on layers with a few filters per group. A group without inputs gives its filters' bias; inputs
-    of a group without filters are never read.
+    of a group without filters are never read. A task whose 8 filters are 8 consecutive output channels
+    writes each row with one vector store instead of 8 scalar ones (what makes the paper variant's FLGC
+    expand convs, 18 outputs per 3 inputs, fast: the deploy step orders their outputs by group).
     """
     weight = weight.detach().reshape(weight.shape[0], -1).cpu().float()
     bias = torch.zeros(weight.shape[0]) if bias is None else bias.detach().cpu().float()
@@ -206,8 +212,9 @@ def pack(weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Ten
     w_offset = 0
     for members in bins:
         filters = [f for chunk_filters, _ in members for f in chunk_filters]
+        consecutive = len(filters) == LANES and filters == list(range(filters[0], filters[0] + LANES))
         tasks.append([len(segments), sum(len(runs) for _, runs in members), len(biases) * LANES, len(filters),
-                      len(out_index)])
+                      len(out_index), int(consecutive)])
         out_index.extend(filters)
         lane_bias = torch.zeros(LANES)
         lane_bias[:len(filters)] = bias[filters]
@@ -232,15 +239,56 @@ def pack(weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Ten
     }
 
 
-def unequal_group_conv1x1(x: Tensor, tables: dict[str, Tensor], out_channels: int) -> Tensor:
-    """Run the kernel on a CPU float32 NCHW-shaped tensor; the result is channels_last."""
+def unequal_group_conv1x1(x: Tensor, tables: dict[str, Tensor], out_channels: int, residual: Tensor | None = None,
+                          relu6: bool = False) -> Tensor:
+    """Run the kernel on a CPU float32 NCHW-shaped tensor; the result is channels_last.
+
+    ``residual`` (same shape as the result) is added in the same pass, then ReLU6 if ``relu6``.
+    """
     lib = load_library()
     x = x.contiguous(memory_format=torch.channels_last)
     n, c, h, w = x.shape
     y = torch.empty(n, out_channels, h, w, memory_format=torch.channels_last)
+    residual = _checked_residual(residual, y)
     lib.unequal_group_conv1x1(
-        x.data_ptr(), n * h * w, c, y.data_ptr(), out_channels, tables["weight"].data_ptr(),
-        tables["bias"].data_ptr(), tables["tasks"].data_ptr(), len(tables["tasks"]),
+        x.data_ptr(), n * h * w, c, y.data_ptr(), out_channels,
+        None if residual is None else residual.data_ptr(), out_channels, int(relu6),
+        tables["weight"].data_ptr(), tables["bias"].data_ptr(), tables["tasks"].data_ptr(), len(tables["tasks"]),
+        tables["segments"].data_ptr(), tables["out_index"].data_ptr(), torch.get_num_threads(),
+    )
+    return y
+
+
+def depthwise_taps(dw_weight: Tensor) -> Tensor:
+    """``C x 1 x 3 x 3`` depthwise weight -> ``9 x C`` float32 (one tap's channels contiguous, as the C code reads)."""
+    return dw_weight.detach().reshape(dw_weight.shape[0], 9).t().contiguous().float()
+
+
+def _checked_residual(residual: Tensor | None, y: Tensor) -> Tensor | None:
+    if residual is None:
+        return None
+    if residual.shape != y.shape or residual.dtype != torch.float32 or residual.device.type != "cpu":
+        raise ValueError(f"residual must be a CPU float32 tensor of shape {tuple(y.shape)}, got "
+                         f"{residual.dtype} {tuple(residual.shape)}")
+    return residual.contiguous(memory_format=torch.channels_last)
+
+
+def depthwise_unequal_group_conv(x: Tensor, dw_taps: Tensor, dw_bias: Tensor, stride: int, tables: dict[str, Tensor],
+                                 out_channels: int, residual: Tensor | None = None, relu6: bool = False) -> Tensor:
+    """``unequal_group_conv1x1(relu6(depthwise3x3(x) + dw_bias))`` in one pass (padding 1, ``stride`` 1 or 2):
+    the depthwise outputs of 8 pixels at a time stay in a per-thread buffer instead of going to memory.
+    ``dw_taps``: the depthwise weight as ``9 x C`` (:func:`depthwise_taps`)."""
+    lib = load_library()
+    x = x.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = x.shape
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    taps, bias = dw_taps.contiguous(), dw_bias.contiguous()
+    y = torch.empty(n, out_channels, ho, wo, memory_format=torch.channels_last)
+    residual = _checked_residual(residual, y)
+    lib.depthwise_unequal_group_conv(
+        x.data_ptr(), n, h, w, c, taps.data_ptr(), bias.data_ptr(), stride, ho, wo, y.data_ptr(), out_channels,
+        None if residual is None else residual.data_ptr(), out_channels, int(relu6),
+        tables["weight"].data_ptr(), tables["bias"].data_ptr(), tables["tasks"].data_ptr(), len(tables["tasks"]),
         tables["segments"].data_ptr(), tables["out_index"].data_ptr(), torch.get_num_threads(),
     )
     return y

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from flgc_lightning.deploy import native
+from flgc_lightning.deploy.blocks import DeployedInvertedResidual
 from flgc_lightning.deploy.grouped import UnequalGroupConv2d, replace_module
 
 
@@ -36,11 +37,25 @@ def choose_kernels(net: nn.Module, batch: int = 64, channels_last: bool = True, 
 
     Each layer's input is captured from one forward pass at ``batch``; the variants are timed
     interleaved (one call each per round, after a warm-up call) and the lowest median wins.
-    Returns ``{module name: chosen kernel}``.
+    Exception: a block's projection whose depthwise conv the fused kernel can take along is fused without
+    timing (on its own the layer may time close to the others; with the depthwise conv fused the block saves a
+    write and a read of its widest tensor, benchmarks/README.md). Returns ``{module name: chosen kernel}``.
     """
     layers = {name: m for name, m in net.named_modules() if isinstance(m, UnequalGroupConv2d)}
     if not layers:
         return {}
+    kernels = available_kernels()
+    chosen = {}
+    if "fused" in kernels:
+        for name, block in net.named_modules():
+            if isinstance(block, DeployedInvertedResidual) and block.can_fuse_depthwise():
+                layer_name = f"{name}.conv.{len(block.conv) - 1}.0"
+                chosen[layer_name] = "fused"
+                if layers[layer_name].kernel != "fused":
+                    replace_module(net, layer_name, layers[layer_name].rebuilt("fused"))
+                del layers[layer_name]
+    if not layers:
+        return chosen
     inputs: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: inputs.__setitem__(name, args[0]))
              for name, m in layers.items()]
@@ -48,8 +63,6 @@ def choose_kernels(net: nn.Module, batch: int = 64, channels_last: bool = True, 
     net(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
     for h in hooks:
         h.remove()
-    kernels = available_kernels()
-    chosen = {}
     for name, layer in layers.items():
         variants = {k: layer if k == layer.kernel else layer.rebuilt(k) for k in kernels}
         if channels_last:

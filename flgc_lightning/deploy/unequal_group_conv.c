@@ -1,5 +1,7 @@
-/* y[r, out] = bias + sum over the filter's group of x[r, in] * w, for unequal groups of a 1x1 conv.
-   x: rows x xs floats (channels_last: a row is one pixel), y: rows x ys floats.
+/* y[r, out] = act(bias + sum over the filter's group of x[r, in] * w [+ res[r, out]]), for unequal groups
+   of a 1x1 conv; act is ReLU6 (clamp to [0, 6]) when relu6 is set, else the identity.
+   x: rows x xs floats (channels_last: a row is one pixel), y: rows x ys floats, res (optional, may be NULL):
+   rows x rs floats, e.g. the residual branch of a MobileNetV2 block, added in the same pass over y.
    Work unit: 8 rows x one task (up to 8 filters: of one group, or of several small groups, with zero
    weights in the other groups' lanes), accumulated in eight 8-float vectors, so each input value is
    loaded once per task and each weight vector once per 8 rows.
@@ -9,11 +11,34 @@
 
 /* aligned(4): loads need not be 32-byte aligned */
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
+
+static inline v8 lane_select(v8i mask, v8 yes, v8 no) { /* lane-wise mask ? yes : no (mask lanes are 0 or -1) */
+    return (v8)(((v8i)yes & mask) | ((v8i)no & ~mask));
+}
+
+/* ReLU6 of 8 lanes: two instructions (vmaxps, vminps) where AVX is on, compare-and-select elsewhere */
+static inline v8 clamp6(v8 a) {
+    const v8 lo = {0, 0, 0, 0, 0, 0, 0, 0}, hi = {6, 6, 6, 6, 6, 6, 6, 6};
+#if defined(__AVX__)
+    return __builtin_ia32_minps256(__builtin_ia32_maxps256(a, lo), hi);
+#else
+    a = lane_select(a < lo, lo, a);
+    return lane_select(a > hi, hi, a);
+#endif
+}
+
+/* one row's 8 consecutive outputs: + residual, ReLU6, one vector store */
+static inline void store8(float *y, v8 a, const float *res, int relu6) {
+    if (res) a += *(const v8 *)res;
+    if (relu6) a = clamp6(a);
+    *(v8 *)y = a;
+}
 
 /* task (up to 8 filters): first segment, segment count, bias offset (8 floats), filter count, offset of
-   their output channels in oidx. segment (a run of contiguous input channels of one group): first channel,
+   their output channels in oidx, and 1 if those are 8 consecutive channels (stored as one vector). segment (a run of contiguous input channels of one group): first channel,
    length, weight offset (floats; [length][8]). */
-enum { T_S, T_NS, T_B, T_OC, T_OI, T_LEN };
+enum { T_S, T_NS, T_B, T_OC, T_OI, T_VEC, T_LEN };
 enum { S_IN, S_N, S_W, S_LEN };
 
 #define ROWS 8
@@ -22,8 +47,15 @@ enum { S_IN, S_N, S_W, S_LEN };
    pattern, and this halves the time on a 32x32 CIFAR layer (benchmarks/README.md). */
 #define PREFETCH_ROWS 64
 
-static inline void block8(const float *x, int64_t xs, float *y, int64_t ys, const float *w, const float *b,
-                          const int64_t *t, const int64_t *segs, const int64_t *oidx) {
+static inline float finish(float v, const float *res, int64_t at, int relu6) {
+    if (res) v += res[at];
+    if (relu6) v = v < 0.0f ? 0.0f : (v > 6.0f ? 6.0f : v);
+    return v;
+}
+
+static inline void block8(const float *x, int64_t xs, float *y, int64_t ys, const float *res, int64_t rs,
+                          int relu6, const float *w, const float *b, const int64_t *t, const int64_t *segs,
+                          const int64_t *oidx) {
     v8 bias = *(const v8 *)(b + t[T_B]);
     v8 a0 = bias, a1 = bias, a2 = bias, a3 = bias, a4 = bias, a5 = bias, a6 = bias, a7 = bias;
     for (int64_t s = t[T_S]; s < t[T_S] + t[T_NS]; s++) {
@@ -43,21 +75,51 @@ static inline void block8(const float *x, int64_t xs, float *y, int64_t ys, cons
         }
     }
     const int64_t *o = oidx + t[T_OI];
+    if (t[T_VEC]) {
+        int64_t c = o[0];
+        store8(y + c, a0, res ? res + c : 0, relu6);
+        store8(y + ys + c, a1, res ? res + rs + c : 0, relu6);
+        store8(y + 2 * ys + c, a2, res ? res + 2 * rs + c : 0, relu6);
+        store8(y + 3 * ys + c, a3, res ? res + 3 * rs + c : 0, relu6);
+        store8(y + 4 * ys + c, a4, res ? res + 4 * rs + c : 0, relu6);
+        store8(y + 5 * ys + c, a5, res ? res + 5 * rs + c : 0, relu6);
+        store8(y + 6 * ys + c, a6, res ? res + 6 * rs + c : 0, relu6);
+        store8(y + 7 * ys + c, a7, res ? res + 7 * rs + c : 0, relu6);
+        return;
+    }
+    if (!res) {
+        if (relu6) {
+            a0 = clamp6(a0), a1 = clamp6(a1), a2 = clamp6(a2), a3 = clamp6(a3);
+            a4 = clamp6(a4), a5 = clamp6(a5), a6 = clamp6(a6), a7 = clamp6(a7);
+        }
+        for (int64_t j = 0; j < t[T_OC]; j++) {
+            int64_t c = o[j];
+            y[c] = a0[j];
+            y[ys + c] = a1[j];
+            y[2 * ys + c] = a2[j];
+            y[3 * ys + c] = a3[j];
+            y[4 * ys + c] = a4[j];
+            y[5 * ys + c] = a5[j];
+            y[6 * ys + c] = a6[j];
+            y[7 * ys + c] = a7[j];
+        }
+        return;
+    }
     for (int64_t j = 0; j < t[T_OC]; j++) {
         int64_t c = o[j];
-        y[c] = a0[j];
-        y[ys + c] = a1[j];
-        y[2 * ys + c] = a2[j];
-        y[3 * ys + c] = a3[j];
-        y[4 * ys + c] = a4[j];
-        y[5 * ys + c] = a5[j];
-        y[6 * ys + c] = a6[j];
-        y[7 * ys + c] = a7[j];
+        y[c] = finish(a0[j], res, c, relu6);
+        y[ys + c] = finish(a1[j], res, rs + c, relu6);
+        y[2 * ys + c] = finish(a2[j], res, 2 * rs + c, relu6);
+        y[3 * ys + c] = finish(a3[j], res, 3 * rs + c, relu6);
+        y[4 * ys + c] = finish(a4[j], res, 4 * rs + c, relu6);
+        y[5 * ys + c] = finish(a5[j], res, 5 * rs + c, relu6);
+        y[6 * ys + c] = finish(a6[j], res, 6 * rs + c, relu6);
+        y[7 * ys + c] = finish(a7[j], res, 7 * rs + c, relu6);
     }
 }
 
-static inline void block1(const float *x, float *y, const float *w, const float *b, const int64_t *t,
-                          const int64_t *segs, const int64_t *oidx) {
+static inline void block1(const float *x, float *y, const float *res, int relu6, const float *w, const float *b,
+                          const int64_t *t, const int64_t *segs, const int64_t *oidx) {
     v8 a0 = *(const v8 *)(b + t[T_B]);
     for (int64_t s = t[T_S]; s < t[T_S] + t[T_NS]; s++) {
         const int64_t *seg = segs + s * S_LEN;
@@ -66,12 +128,12 @@ static inline void block1(const float *x, float *y, const float *w, const float 
         for (int64_t i = 0; i < seg[S_N]; i++) a0 += xp[i] * *(const v8 *)(wp + 8 * i);
     }
     const int64_t *o = oidx + t[T_OI];
-    for (int64_t j = 0; j < t[T_OC]; j++) y[o[j]] = a0[j];
+    for (int64_t j = 0; j < t[T_OC]; j++) y[o[j]] = finish(a0[j], res, o[j], relu6);
 }
 
-void unequal_group_conv1x1(const float *x, int64_t rows, int64_t xs, float *y, int64_t ys, const float *w,
-                           const float *b, const int64_t *tasks, int64_t ntasks, const int64_t *segs,
-                           const int64_t *oidx, int nthreads) {
+void unequal_group_conv1x1(const float *x, int64_t rows, int64_t xs, float *y, int64_t ys, const float *res,
+                           int64_t rs, int relu6, const float *w, const float *b, const int64_t *tasks,
+                           int64_t ntasks, const int64_t *segs, const int64_t *oidx, int nthreads) {
     int64_t nblocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t blk = 0; blk < nblocks; blk++) {
@@ -83,10 +145,81 @@ void unequal_group_conv1x1(const float *x, int64_t rows, int64_t xs, float *y, i
                     __builtin_prefetch(ahead + off, 0, 2);
             }
             for (int64_t k = 0; k < ntasks; k++)
-                block8(x + r * xs, xs, y + r * ys, ys, w, b, tasks + k * T_LEN, segs, oidx);
+                block8(x + r * xs, xs, y + r * ys, ys, res ? res + r * rs : 0, rs, relu6, w, b, tasks + k * T_LEN,
+                       segs, oidx);
         }
         for (; r < end; r++)
             for (int64_t k = 0; k < ntasks; k++)
-                block1(x + r * xs, y + r * ys, w, b, tasks + k * T_LEN, segs, oidx);
+                block1(x + r * xs, y + r * ys, res ? res + r * rs : 0, relu6, w, b, tasks + k * T_LEN, segs, oidx);
     }
+}
+
+/* A 3x3 depthwise conv (padding 1, stride 1 or 2, bias, ReLU6) feeding the unequal-group 1x1 conv above, in one
+   pass: for 8 output pixels at a time the depthwise outputs (all c channels) are computed into a per-thread
+   buffer that stays in L1, and the 1x1 tasks read them from there, so the depthwise output never goes to memory.
+   x: n x h x w x c (channels_last), dww: [3 * 3][c] (tap-major), dwb: [c]. y, res, w ... oidx as above. */
+#include <stdlib.h>
+
+
+void depthwise_unequal_group_conv(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, const float *dww,
+                                  const float *dwb, int64_t stride, int64_t ho, int64_t wo, float *y, int64_t ys,
+                                  const float *res, int64_t rs, int relu6, const float *pw, const float *pb,
+                                  const int64_t *tasks, int64_t ntasks, const int64_t *segs, const int64_t *oidx,
+                                  int nthreads) {
+    int64_t rows = n * ho * wo, nchunks = (rows + ROWS - 1) / ROWS;
+    float *zeros = calloc((size_t)c + 8, sizeof(float)); /* what padding taps read */
+    if (!zeros) return;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *d = aligned_alloc(64, ((size_t)ROWS * c * sizeof(float) + 63) / 64 * 64);
+        if (d) {
+#pragma omp for schedule(static)
+            for (int64_t chunk = 0; chunk < nchunks; chunk++) {
+                int64_t r0 = chunk * ROWS, valid = rows - r0 < ROWS ? rows - r0 : ROWS;
+                const float *tap[ROWS][9];
+                for (int64_t p = 0; p < ROWS; p++) {
+                    int64_t q = r0 + (p < valid ? p : 0), img = q / (ho * wo), oy = q / wo % ho, ox = q % wo;
+                    for (int64_t k = 0; k < 9; k++) {
+                        int64_t iy = oy * stride - 1 + k / 3, ix = ox * stride - 1 + k % 3;
+                        tap[p][k] = (iy < 0 || iy >= h || ix < 0 || ix >= w) ? zeros
+                                                                              : x + ((img * h + iy) * w + ix) * c;
+                    }
+                }
+                int64_t cb = 0;
+                for (; cb + 8 <= c; cb += 8) {
+                    v8 k0 = *(const v8 *)(dww + cb), k1 = *(const v8 *)(dww + c + cb),
+                       k2 = *(const v8 *)(dww + 2 * c + cb), k3 = *(const v8 *)(dww + 3 * c + cb),
+                       k4 = *(const v8 *)(dww + 4 * c + cb), k5 = *(const v8 *)(dww + 5 * c + cb),
+                       k6 = *(const v8 *)(dww + 6 * c + cb), k7 = *(const v8 *)(dww + 7 * c + cb),
+                       k8 = *(const v8 *)(dww + 8 * c + cb), bias = *(const v8 *)(dwb + cb);
+                    for (int64_t p = 0; p < ROWS; p++) {
+                        const float *const *t = tap[p];
+                        v8 a = bias + *(const v8 *)(t[0] + cb) * k0 + *(const v8 *)(t[1] + cb) * k1
+                               + *(const v8 *)(t[2] + cb) * k2 + *(const v8 *)(t[3] + cb) * k3
+                               + *(const v8 *)(t[4] + cb) * k4 + *(const v8 *)(t[5] + cb) * k5
+                               + *(const v8 *)(t[6] + cb) * k6 + *(const v8 *)(t[7] + cb) * k7
+                               + *(const v8 *)(t[8] + cb) * k8;
+                        *(v8 *)(d + p * c + cb) = clamp6(a);
+                    }
+                }
+                for (; cb < c; cb++) /* channel tail */
+                    for (int64_t p = 0; p < ROWS; p++) {
+                        float a = dwb[cb];
+                        for (int64_t k = 0; k < 9; k++) a += tap[p][k][cb] * dww[k * c + cb];
+                        d[p * c + cb] = a < 0.0f ? 0.0f : (a > 6.0f ? 6.0f : a);
+                    }
+                const float *rr = res ? res + r0 * rs : 0;
+                if (valid == ROWS)
+                    for (int64_t k = 0; k < ntasks; k++)
+                        block8(d, c, y + r0 * ys, ys, rr, rs, relu6, pw, pb, tasks + k * T_LEN, segs, oidx);
+                else
+                    for (int64_t p = 0; p < valid; p++)
+                        for (int64_t k = 0; k < ntasks; k++)
+                            block1(d + p * c, y + (r0 + p) * ys, rr ? rr + p * rs : 0, relu6, pw, pb,
+                                   tasks + k * T_LEN, segs, oidx);
+            }
+            free(d);
+        }
+    }
+    free(zeros);
 }
