@@ -37,7 +37,7 @@ from flgc_lightning.deploy import (  # noqa: E402
 from flgc_lightning.models import MobileNetV2  # noqa: E402
 
 ENGINES = ("eager", "compiled", "onnxruntime")
-MODELS = ("dense", "grouped", "flgc")
+MODELS = ("dense", "grouped", "flgc", "balanced")  # balanced: learned equal groups (model.assignment=balanced)
 VARIANTS = {"reference": {}, "paper": {"group_expand": True, "group_shortcut": True}}
 # (label, variant or None for both, engine of the FLGC side or "best", engine of the dense side or "best",
 #  batch, bound)
@@ -61,9 +61,9 @@ def keep_freed_memory() -> None:
         pass
 
 
-def build_models(args) -> tuple[dict[str, torch.nn.Module], torch.nn.Module, torch.nn.Module]:
-    """Deployed dense / grouped / FLGC networks, the FLGC network as the CLI writes it to ONNX, and the trained
-    FLGC network they are checked against."""
+def build_models(args) -> tuple[dict[str, torch.nn.Module], torch.nn.Module, dict[str, torch.nn.Module]]:
+    """Deployed dense / grouped / FLGC / balanced FLGC networks, the FLGC network as the CLI writes it to ONNX, and
+    the trained FLGC and balanced networks they are checked against."""
     torch.manual_seed(args.seed)
     if args.checkpoint:
         from flgc_lightning.deploy import load_trained_network
@@ -78,12 +78,15 @@ def build_models(args) -> tuple[dict[str, torch.nn.Module], torch.nn.Module, tor
     else:  # assignments as initialised: N(0, 1) logits, i.e. uniformly random unequal groups
         flgc = MobileNetV2(groups=args.groups, use_flgc=True, **VARIANTS[args.variant])
     flgc.eval()
+    # balanced FLGC deploys as standard grouped convs with its channel permutations (padded = no padding here)
+    balanced = MobileNetV2(groups=args.groups, use_flgc=True, assignment="balanced", **VARIANTS[args.variant]).eval()
     models = {
         "dense": deploy_model(MobileNetV2()),
         "grouped": deploy_model(MobileNetV2(groups=args.groups, **VARIANTS[args.variant])),
         "flgc": deploy_model(flgc, kernel="auto"),
+        "balanced": deploy_model(balanced, kernel="padded"),
     }
-    return models, deploy_model(flgc, kernel="blockdiag", align_hidden=16), flgc
+    return models, deploy_model(flgc, kernel="blockdiag", align_hidden=16), {"flgc": flgc, "balanced": balanced}
 
 
 def time_interleaved(runners: dict, repeats: int, warmup: int = 3, timer: str = "wall") -> dict[str, float]:
@@ -141,13 +144,14 @@ def run_engine(engine: str, folder: Path, args) -> dict[int, dict[str, float]]:
 
 
 def check_exactness(models, trained, folder: Path) -> dict[str, float]:
-    """max |logit difference| of every deployed form of FLGC vs the trained network (8 random images)."""
+    """max |logit difference| of every deployed form of FLGC (and balanced FLGC) vs its trained network (8 random images)."""
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        expected = trained(x)
+        expected = trained["flgc"](x)
         xc = x.contiguous(memory_format=torch.channels_last)
         diffs = {"eager": (models["flgc"](xc) - expected).abs().max().item(),
-                 "compiled": (compile_deployed(models["flgc"])(xc) - expected).abs().max().item()}
+                 "compiled": (compile_deployed(models["flgc"])(xc) - expected).abs().max().item(),
+                 "balanced eager": (models["balanced"](xc) - trained["balanced"](x)).abs().max().item()}
     session = onnxruntime_session(folder / "flgc.onnx", 1)
     diffs["onnxruntime"] = float(abs(session.run(None, {"images": x.numpy()})[0] - expected.numpy()).max())
     return diffs
@@ -165,8 +169,8 @@ def print_table(results, batches) -> None:
     for model in MODELS:
         cells = [f"{1000 * results[e][b][model]:.2f}" for b in batches for e in ENGINES]
         print(f"| {model} | " + " | ".join(cells) + " |")
-    print("\n| batch | best dense (ms) | best grouped (ms) | best FLGC (ms) | best FLGC / best dense |")
-    print("|---|---|---|---|---|")
+    print("\n| batch | " + " | ".join(f"best {m} (ms)" for m in MODELS) + " | best FLGC / best dense |")
+    print("|---|" + "---|" * (len(MODELS) + 1))
     for b in batches:
         best = {m: min((results[e][b][m], e) for e in ENGINES) for m in MODELS}
         print(f"| {b} | " + " | ".join(f"{1000 * best[m][0]:.2f} ({best[m][1]})" for m in MODELS)

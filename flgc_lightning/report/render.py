@@ -117,9 +117,11 @@ def write_markdown(rows: Sequence[RunRow], groups: Sequence[ConfigGroup], compar
                      "over seeds (sample std), and the 95 % t-interval of the mean.\n", groups_table(groups), ""]
     if comparisons:
         sections += ["## Paired comparisons at equal G\n\nDifference in accuracy (percentage points), seed by "
-                     "seed (same seed = same data order, augmentation and initial weights), with the 95 % "
-                     "t-interval of the mean difference. An interval that contains 0 shows no difference.\n",
-                     comparisons_table(comparisons), ""]
+                     "seed (same seed = same data order and augmentation; FLGC and its frozen control also start "
+                     "from the same weights and groups), with the 95 % t-interval of the mean difference. An "
+                     "interval that contains 0 shows no difference. Each row is its own 95 % interval, with no "
+                     f"correction for the {len(comparisons)} comparisons: about 1 in 20 true nulls lands outside 0 "
+                     "by chance.\n", comparisons_table(comparisons), ""]
     sections += ["## Runs\n", runs_table(rows), "",
                  "MACs per image. *Nominal*: uniform groups (dense cost / G for FLGC). *Deployed*: the learned, "
                  "unequal FLGC groups at the end of training (sum over groups of |in_g|·|out_g|·k²·H·W); for dense "
