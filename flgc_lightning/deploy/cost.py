@@ -10,12 +10,16 @@ from flgc_lightning.layers import Flgc2d
 
 
 def _unequal_group_hook(connections: str):
-    """ptflops hook: ``module.<connections>`` multiply-adds per output position, plus the bias adds."""
+    """ptflops hook: ``module.<connections>`` multiply-adds per output position, plus the bias adds and the
+    fused ReLU6 (so fusing never changes the count)."""
     def hook(module: UnequalGroupConv2d, inputs, output) -> None:
         positions = output[0, 0].numel()
         macs = getattr(module, connections) * positions
+        outputs = module.out_channels if connections == "learned_connections" else module.executed_outputs
         if module.conv.bias is not None:
-            macs += (module.out_channels if connections == "learned_connections" else module.executed_outputs) * positions
+            macs += outputs * positions
+        if module.relu6:  # a fused ReLU6 counts as ptflops counts an nn.ReLU6: one per output element
+            macs += outputs * positions
         module.__flops__ += int(macs * output.shape[0])
 
     return hook
