@@ -81,3 +81,26 @@ def test_comparisons_only_pair_equal_settings_and_seeds(tmp_path):
     # two grouped configurations (lr differs); FLGC pairs only with the one sharing its other settings, on seed 1
     assert len(diffs) == 1 and diffs[0]["n"] == "1" and float(diffs[0]["mean"]) == pytest.approx(0.2)
     assert "too few paired seeds" in text
+
+
+def test_comparisons_pooled_over_g_use_every_pair_once(tmp_path):
+    acc = {  # (arm, conv type, G) -> accuracy per seed
+        ("FLGC-4", "FLGC", 4): [0.60, 0.62, 0.64], ("grouped-4", "grouped", 4): [0.58, 0.61, 0.60],
+        ("FLGC-8", "FLGC", 8): [0.50, 0.55, 0.53], ("grouped-8", "grouped", 8): [0.51, 0.52, 0.52],
+    }
+    job = 0
+    for (arm, kind, groups), values in acc.items():
+        for seed, value in enumerate(values):
+            write_run(tmp_path, job, arm, seed, value, conv_type=kind, groups=groups)
+            job += 1
+    _, text = make_report(tmp_path)
+    with open(tmp_path / "report_summary.csv") as fh:
+        pooled = [r for r in csv.DictReader(fh) if r["kind"] == "pooled difference"]
+    assert len(pooled) == 1 and pooled[0]["groups"] == "all" and pooled[0]["n"] == "6"
+    differences = [0.02, 0.01, 0.04, -0.01, 0.03, 0.01]  # G=4 seeds 0..2, then G=8
+    mean = sum(differences) / 6
+    std = math.sqrt(sum((d - mean) ** 2 for d in differences) / 5)
+    half = 2.570581835636314 * std / math.sqrt(6)  # t(0.975, df=5)
+    assert float(pooled[0]["mean"]) == pytest.approx(mean) and float(pooled[0]["std"]) == pytest.approx(std)
+    assert float(pooled[0]["ci_low"]) == pytest.approx(mean - half)
+    assert "| all | FLGC − grouped | 6 pairs (G = 4, 8 × seeds) |" in text

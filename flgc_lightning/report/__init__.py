@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from flgc_lightning.report.render import plot, write_csv, write_markdown, write_summary_csv
 from flgc_lightning.report.runs import RunRow, collect
-from flgc_lightning.report.stats import group_by_seed, paired_comparisons
+from flgc_lightning.report.stats import group_by_seed, paired_comparisons, pooled_comparisons
 
 __all__ = ["RunRow", "collect", "main", "make_report"]
 
@@ -23,11 +23,12 @@ def make_report(root: Path, out: Optional[Path] = None) -> tuple[list[RunRow], s
     rows = collect(root)
     groups = group_by_seed(rows)
     comparisons = paired_comparisons(groups, "selected_acc")
+    pooled = pooled_comparisons(comparisons)
     out = Path(out).expanduser() if out else root
     out.mkdir(parents=True, exist_ok=True)
-    text = write_markdown(rows, groups, comparisons, out / "report.md", root)
+    text = write_markdown(rows, groups, comparisons, out / "report.md", root, pooled)
     write_csv(rows, out / "report.csv")
-    write_summary_csv(groups, comparisons, out / "report_summary.csv")
+    write_summary_csv(groups, [*comparisons, *pooled], out / "report_summary.csv")
     plot(rows, groups, out / "report.png")
     return rows, text
 

@@ -102,14 +102,16 @@ def comparisons_table(comparisons: Sequence[Comparison]) -> str:
     cells = []
     for c in comparisons:
         s = c.summary
-        cells.append((str(c.treatment.groups), f"{c.treatment.conv_type} − {c.control.conv_type}",
-                      ", ".join(map(str, c.seeds)) or "none", "–" if s.n == 0 else f"{100 * s.mean:+.2f}",
+        pooled = c.treatment.groups is None
+        cells.append(("all" if pooled else str(c.treatment.groups), f"{c.treatment.conv_type} − {c.control.conv_type}",
+                      f"{len(c.seeds)} pairs ({c.treatment.key.split('(', 1)[1][:-1]} × seeds)" if pooled
+                      else ", ".join(map(str, c.seeds)) or "none", "–" if s.n == 0 else f"{100 * s.mean:+.2f}",
                       _interval(s), c.verdict))
     return _table(COMPARISON_HEADER, cells)
 
 
 def write_markdown(rows: Sequence[RunRow], groups: Sequence[ConfigGroup], comparisons: Sequence[Comparison],
-                   path: Path, source: Path) -> str:
+                   path: Path, source: Path, pooled: Sequence[Comparison] = ()) -> str:
     label = accuracy_label(rows)
     sections = [f"# Sweep report: {source}\n"]
     if any(len(g.runs) > 1 for g in groups) or comparisons:
@@ -122,6 +124,11 @@ def write_markdown(rows: Sequence[RunRow], groups: Sequence[ConfigGroup], compar
                      "interval that contains 0 shows no difference. Each row is its own 95 % interval, with no "
                      f"correction for the {len(comparisons)} comparisons: about 1 in 20 true nulls lands outside 0 "
                      "by chance.\n", comparisons_table(comparisons), ""]
+    if pooled:
+        sections += ["### Pooled over G\n\nThe same differences, all G together (n = seeds × G): a tighter interval "
+                     "for the difference averaged over the G values studied, assuming pairs at different G vary "
+                     "alike. A difference that depends on G can hide here; read it with the rows above.\n",
+                     comparisons_table(pooled), ""]
     sections += ["## Runs\n", runs_table(rows), "",
                  "MACs per image. *Nominal*: uniform groups (dense cost / G for FLGC). *Deployed*: the learned, "
                  "unequal FLGC groups at the end of training (sum over groups of |in_g|·|out_g|·k²·H·W); for dense "
@@ -155,8 +162,9 @@ def write_summary_csv(groups: Sequence[ConfigGroup], comparisons: Sequence[Compa
                              g.summary("group_size_imbalance").mean])
         for c in comparisons:
             s = c.summary
-            writer.writerow(["difference", f"{c.treatment.key} minus {c.control.key}",
-                             f"{c.treatment.conv_type}-{c.control.conv_type}", c.treatment.groups, s.n, s.mean,
+            writer.writerow(["difference" if c.treatment.groups is not None else "pooled difference",
+                             f"{c.treatment.key} minus {c.control.key}",
+                             f"{c.treatment.conv_type}-{c.control.conv_type}", c.treatment.groups or "all", s.n, s.mean,
                              s.std, s.low, s.high, "", "", ""])
 
 

@@ -117,3 +117,28 @@ def paired_comparisons(groups: Sequence[ConfigGroup], field: str,
                 seeds = sorted(s for s in a.keys() & b.keys() if a[s] is not None and b[s] is not None)
                 comparisons.append(Comparison(treatment, control, field, [a[s] - b[s] for s in seeds], seeds))
     return comparisons
+
+
+def pooled_comparisons(comparisons: Sequence[Comparison]) -> list[Comparison]:
+    """Each comparison pooled over G: every seed-by-seed difference at every G, one t-interval.
+
+    More pairs (n = seeds x G) than a single G gives, at a price: the interval is for the difference
+    averaged over the G values studied, and it treats pairs at different G as equally variable.
+    Only comparisons made at two or more G are pooled.
+    """
+    pooled: dict[tuple, list[Comparison]] = {}
+    for c in comparisons:
+        if c.differences:
+            key = (c.treatment.conv_type, c.control.conv_type, c.field, c.treatment.runs[0].shared_key)
+            pooled.setdefault(key, []).append(c)
+    result = []
+    for (treatment_type, control_type, field, _), parts in pooled.items():
+        if len(parts) < 2:
+            continue
+        sizes = [p.treatment.groups for p in parts]
+        result.append(Comparison(
+            ConfigGroup(f"{treatment_type} (G = {', '.join(map(str, sizes))})", treatment_type, None, []),
+            ConfigGroup(f"{control_type} (G = {', '.join(map(str, sizes))})", control_type, None, []),
+            field, [d for p in parts for d in p.differences],
+            [f"G{p.treatment.groups}/{seed}" for p in parts for seed in p.seeds]))
+    return result
