@@ -99,14 +99,20 @@ def test_compiled_network_trains_like_the_eager_one():
     compiled_net.compile()
     for net in (eager.net, compiled_net):
         torch.nn.functional.cross_entropy(net(x), y).backward()
-    for (name, a), (_, b) in zip(eager.net.named_parameters(), compiled_net.named_parameters()):
+    pairs = list(zip(eager.net.named_parameters(), compiled_net.named_parameters()))
+    total = torch.stack([a.grad.norm() for (_, a), _ in pairs if a.grad is not None]).norm()
+    for (name, a), (_, b) in pairs:
         if a.grad is None:
             assert b.grad is None, name
             continue
         # Relative error of the whole gradient: elementwise checks trip on reassociation noise in late layers,
-        # where train-mode batch norm over 8 samples at 1x1 amplifies it (measured up to 1.3e-3 here).
-        error = ((a.grad - b.grad).norm() / a.grad.norm().clamp(min=1e-12)).item()
-        assert error < 1e-2, (name, error)
+        # where train-mode batch norm over 8 samples at 1x1 amplifies it (measured up to 1.3e-3 here). A bias
+        # feeding a 1x1 conv and a train-mode batch norm has a gradient that is zero in exact arithmetic (the
+        # norm removes any constant shift), so its size is pure rounding noise: measure it against a floor of
+        # 1e-4 of the whole network's gradient norm.
+        scale = torch.maximum(a.grad.norm(), 1e-4 * total)
+        error = ((a.grad - b.grad).norm() / scale).item()
+        assert error < 1e-2, (name, error, a.grad.norm().item(), total.item())
     assignment_grads = [p.grad for n, p in compiled_net.named_parameters() if n.endswith("in_assign")]
     assert assignment_grads and all(g is not None and g.abs().sum() > 0 for g in assignment_grads)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # no _orig_mod prefixes
