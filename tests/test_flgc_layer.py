@@ -173,6 +173,18 @@ def test_balanced_ids_are_the_stable_matching_with_equal_groups(rows, groups):
     assert ties.tolist() == np.repeat(np.arange(groups), rows // groups).tolist()
 
 
+@pytest.mark.parametrize("rounds", [0, 1, 2, 3])
+def test_balanced_ids_stay_equal_when_the_rounds_do_not_suffice(rounds):
+    """Too few rounds to finish the matching (rows that all rank the groups alike need G rounds): the sizes
+    are still exactly equal, and every group holds only rows it accepted or free places filled in row order."""
+    gen = torch.Generator().manual_seed(rounds)
+    alike = torch.linspace(2, 1, 96)[:, None] * torch.linspace(1, 0, 8)[None, :]  # every row: 0 > 1 > ... > 7
+    for logits in (alike, torch.randn(96, 8, generator=gen), torch.randn(960, 8, generator=gen)):
+        ids = balanced_group_ids(logits, rounds=rounds)
+        assert torch.bincount(ids, minlength=8).tolist() == [len(logits) // 8] * 8
+    assert balanced_group_ids(alike, rounds=8).tolist() == np.repeat(np.arange(8), 12).tolist()
+
+
 def test_balanced_layer_keeps_equal_groups_at_every_step_and_learns_through_straight_through():
     torch.manual_seed(0)
     layer = BalancedFlgc2d(48, 24, 1, groups=4, bias=False).double()

@@ -47,10 +47,11 @@ class CountStepSyncs(pl.Callback):
             self.mode = None
 
 
-def module(lr: float = 0.05, **model) -> ImageClassifier:
+def module(lr: float = 0.05, assign_optim: dict | None = None, **model) -> ImageClassifier:
     net = {"_target_": "flgc_lightning.models.MobileNetV2", "num_classes": 10, "groups": 4, "use_flgc": True,
            "width_mult": 0.25, "in_channels": 1, **model}
-    return ImageClassifier(net, {"_target_": "torch.optim.SGD", "lr": lr, "momentum": 0.9}, None, (1, 16, 16))
+    return ImageClassifier(net, {"_target_": "torch.optim.SGD", "lr": lr, "momentum": 0.9}, None, (1, 16, 16),
+                           assign_optim=assign_optim)
 
 
 def fit(pl_module, callbacks=(), steps=6, **trainer):
@@ -116,3 +117,49 @@ def test_compiled_network_trains_like_the_eager_one():
     assignment_grads = [p.grad for n, p in compiled_net.named_parameters() if n.endswith("in_assign")]
     assert assignment_grads and all(g is not None and g.abs().sum() > 0 for g in assignment_grads)
     assert list(compiled.state_dict()) == list(eager.state_dict())  # no _orig_mod prefixes
+
+
+class CheckBalancedGroups(pl.Callback):
+    """After every optimizer step: each balanced FLGC layer of the network has equal group sizes."""
+
+    def __init__(self):
+        self.steps, self.layers, self.moved, self.previous, self.groups = 0, 0, 0, None, set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from flgc_lightning.layers.flgc import BalancedFlgc2d
+
+        layers = [m for m in pl_module.net.modules() if isinstance(m, BalancedFlgc2d)]
+        ids = []
+        for layer in layers:
+            for side in layer.group_sizes():
+                assert side.tolist() == [int(side.sum()) // len(side)] * len(side), (trainer.global_step, side)
+            ids.append(layer.input_groups().clone())
+            self.groups.add(len(layer.group_sizes()[0]))
+        if self.previous is not None:
+            self.moved += sum(int((a != b).sum()) for a, b in zip(ids, self.previous))
+        self.previous, self.steps, self.layers = ids, self.steps + 1, len(layers)
+
+
+def test_every_balanced_layer_has_equal_groups_after_every_training_step():
+    torch.manual_seed(0)
+    check = CheckBalancedGroups()
+    # lr_mult large so that assignments do move (the check must see changing memberships, not a fixed one).
+    fit(module(assignment="balanced", assign_optim={"lr_mult": 200.0}), [check], steps=8)
+    assert check.steps == 8 and check.layers == 17 and check.groups == {4}
+    assert check.moved > 0
+
+
+def test_assignment_knobs_reach_the_optimizer():
+    """assign_optim.lr_mult and weight_decay give the assignment logits their own parameter group."""
+    default = module().configure_optimizers()
+    assert len(default.param_groups) == 1  # the reference: one group, assignments included
+    custom = module(lr=0.05, assign_optim={"lr_mult": 10.0, "weight_decay": 0.0})
+    optimizer = custom.configure_optimizers()
+    assert len(optimizer.param_groups) == 2
+    names = {id(p): n for n, p in custom.named_parameters()}
+    rest, assign = optimizer.param_groups
+    assert all(names[id(p)].endswith((".in_assign", ".out_assign")) for p in assign["params"])
+    assert not any(names[id(p)].endswith((".in_assign", ".out_assign")) for p in rest["params"])
+    assert len(assign["params"]) + len(rest["params"]) == len(names)
+    assert assign["lr"] == pytest.approx(0.5) and assign["weight_decay"] == 0.0
+    assert rest["lr"] == pytest.approx(0.05)

@@ -22,15 +22,17 @@ def group_ids(logits: Tensor) -> Tensor:
     return torch.softmax(logits.detach(), dim=1).argmax(dim=1)
 
 
-def balanced_group_ids(logits: Tensor) -> Tensor:
+def balanced_group_ids(logits: Tensor, rounds: int | None = None) -> Tensor:
     """Group id of every row such that every group gets exactly ``rows / G`` rows (``G`` divides ``rows``).
 
     Deferred acceptance: every row proposes to the groups in the order of its logits (highest
     first); a group keeps the ``rows / G`` proposers with the highest logit for it (ties: lower
     row index) and rejects the rest, who propose to their next group in the next round. Rounds
-    run a fixed number of times (no data-dependent loop, so no host sync on a GPU); rows still
-    unplaced after them, which never happened in our tests, fill the free places in row order.
-    The result is the stable matching that gives each row the best group it can keep.
+    run a fixed number of times (``rounds``, default ``2G + 2``: no data-dependent loop, so no host
+    sync on a GPU). After them only the proposals a group holds count as placed; rows still
+    unplaced (never seen with the default in our tests, but possible in principle) fill the free
+    places in row order, so the sizes are exactly equal whatever the number of rounds. When the
+    rounds suffice, the result is the stable matching that gives each row the best group it can keep.
     """
     logits = logits.detach()
     rows, groups = logits.shape
@@ -40,24 +42,29 @@ def balanced_group_ids(logits: Tensor) -> Tensor:
     preference = torch.argsort(logits, dim=1, descending=True, stable=True)
     choice = torch.zeros(rows, dtype=torch.long, device=logits.device)
     row = torch.arange(rows, device=logits.device)
-    for _ in range(2 * groups + 2):
+    slots = torch.arange(groups, device=logits.device)
+
+    def propose(choice: Tensor) -> tuple[Tensor, Tensor]:
+        """Every row's current proposal and whether its group rejects it (over capacity, or no choice left)."""
         proposal = preference[row, choice.clamp(max=groups - 1)]
         score = torch.where(choice < groups, logits[row, proposal], torch.full_like(logits[:, 0], -torch.inf))
         by_score = torch.argsort(score, descending=True, stable=True)
         order = by_score[torch.argsort(proposal[by_score], stable=True)]  # group, then score, then row
-        first = torch.searchsorted(proposal[order], torch.arange(groups, device=logits.device))
+        first = torch.searchsorted(proposal[order], slots)
         rank = torch.empty_like(order)
-        rank[order] = torch.arange(rows, device=logits.device) - first[proposal[order]]
-        rejected = (rank >= capacity) | (choice >= groups)
-        choice = choice + rejected.long()
-    placed = choice < groups
-    ids = torch.where(placed, preference[row, choice.clamp(max=groups - 1)], -1)
-    # Safety net: give unplaced rows the free places, in row order.
-    taken = torch.zeros(groups, dtype=torch.long, device=logits.device).scatter_add_(0, ids.clamp(min=0), placed.long())
+        rank[order] = row - first[proposal[order]]
+        return proposal, (rank >= capacity) | (choice >= groups)
+
+    for _ in range(2 * groups + 2 if rounds is None else rounds):
+        choice = choice + propose(choice)[1].long()
+    proposal, rejected = propose(choice)
+    placed = ~rejected
+    # Unplaced rows take the free places, in row order.
+    taken = torch.zeros(groups, dtype=torch.long, device=logits.device).scatter_add_(0, proposal, placed.long())
     free_until = torch.cumsum(capacity - taken, 0)
     unplaced_rank = torch.cumsum((~placed).long(), 0) - 1
     slot = torch.searchsorted(free_until, unplaced_rank, right=True).clamp(max=groups - 1)
-    return torch.where(placed, ids, slot)
+    return torch.where(placed, proposal, slot)
 
 
 def straight_through_one_hot(logits: Tensor) -> Tensor:

@@ -147,7 +147,9 @@ class ImageClassifier(pl.LightningModule):
         return [{"params": [p for p in self.parameters() if id(p) not in ids]}, group]
 
     def configure_optimizers(self):
-        optimizer = instantiate_checked(self.hparams.optimizer, "optimizer", params=self.parameter_groups())
+        # _convert_="all": without it Hydra hands parameter groups (a list of dicts) to the optimizer as DictConfigs.
+        optimizer = instantiate_checked(self.hparams.optimizer, "optimizer", params=self.parameter_groups(),
+                                        _convert_="all")
         if not self.hparams.scheduler:
             return optimizer
         scheduler = instantiate_checked(self.hparams.scheduler, "scheduler", optimizer=optimizer)
