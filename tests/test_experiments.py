@@ -109,7 +109,7 @@ def test_run_summary_records_a_failed_run_and_report_shows_it(tmp_path, capsys, 
             for line in out.splitlines() if re.match(r"\| \d ", line)}
     assert rows["3"][1:3] == ["FLGC", "8"] and rows["3"][-1] == "failed: CIFAR-10 not found under '/data'"
     assert rows["0"][1:3] == ["FLGC", "2"] and rows["0"][-1] == "failed: RuntimeError: disk full (simulated)"
-    assert rows["0"][9] == "1/3" and rows["1"][-1] == "unfinished"
+    assert rows["0"][-3] == "1/3" and rows["1"][-1] == "unfinished"
     assert rows["2"][1:3] == ["grouped", "4"] and rows["2"][-1].startswith("failed/unknown")
 
 

@@ -13,17 +13,18 @@ from flgc_lightning.report.stats import Summary
 
 
 def write_run(root: Path, job: int, arm: str, seed: int, test_acc: float, status: str = "finished",
-              conv_type: str = "FLGC", groups: int = 8, extra: tuple = ()) -> None:
+              conv_type: str = "FLGC", groups: int = 8, extra: tuple = (), val_size=500, drop: tuple = ()) -> None:
     run = root / str(job)
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text(
         "".join(f"- {o}\n" for o in (f"arm={arm}", f"seed={seed}", "data.root=/x", *extra)))
-    (run / "summary.json").write_text(json.dumps({
-        "status": status, "config": {"conv_type": conv_type, "groups": groups, "seed": seed, "val_size": 500},
+    summary = {
+        "status": status, "config": {"conv_type": conv_type, "groups": groups, "seed": seed, "val_size": val_size},
         "params": 1000, "macs": 2_000_000, "macs_nominal": 1_000_000, "macs_deployed": 1_100_000,
         "best_val_acc": test_acc + 0.01, "last_val_acc": test_acc, "test_acc": test_acc, "epochs_done": 3,
         "max_epochs": 3, "wall_time_s": 10.0, "channels_ever_moved": 4, "group_size_imbalance": 1.5,
-    }))
+    }
+    (run / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k not in drop}))
 
 
 def test_summary_is_mean_sample_std_and_t_interval():
@@ -104,3 +105,28 @@ def test_comparisons_pooled_over_g_use_every_pair_once(tmp_path):
     assert float(pooled[0]["mean"]) == pytest.approx(mean) and float(pooled[0]["std"]) == pytest.approx(std)
     assert float(pooled[0]["ci_low"]) == pytest.approx(mean - half)
     assert "| all | FLGC − grouped | 6 pairs (G = 4, 8 × seeds) |" in text
+
+
+@pytest.mark.parametrize("val_size, label", [
+    (500, "test accuracy of the checkpoint selected on validation (held-out training images)"),
+    (None, "test accuracy of the checkpoint selected on the test split (validation = test, the reference setting: "
+           "optimistic)"),
+])
+def test_report_says_which_split_selected_the_checkpoint(tmp_path, val_size, label):
+    for seed in range(2):
+        write_run(tmp_path, seed, "FLGC-8", seed, 0.6, val_size=val_size)
+    _, text = make_report(tmp_path)
+    assert f"Accuracy: {label};" in text
+
+
+def test_unfinished_controls_have_no_deployed_macs_and_runs_show_moves_and_imbalance(tmp_path):
+    """An unfinished FLGC-frozen/-balanced run has no end-of-training groups: its as-run (dense) MACs must not
+    stand in for deployed MACs, as they may for dense and standard grouped runs."""
+    for job, kind in enumerate(("FLGC-frozen", "FLGC-balanced", "grouped")):
+        write_run(tmp_path, job, f"{kind}-8", 0, 0.5, status="running", conv_type=kind, drop=("macs_deployed",))
+    rows, text = make_report(tmp_path)
+    deployed = {r.conv_type: r.macs_deployed for r in rows}
+    assert deployed == {"FLGC-frozen": None, "FLGC-balanced": None, "grouped": 2_000_000}
+    header = next(line for line in text.splitlines() if line.startswith("| run |"))
+    assert "channels ever moved" in header and "group-size imbalance" in header
+    assert "| 4 | 1.50 |" in text

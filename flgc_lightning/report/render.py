@@ -55,7 +55,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 RUN_HEADER = ("run", "conv type", "groups", "seed", "params", "MACs nominal", "MACs deployed",
-              "best val acc %", "test acc % (selected)", "epochs", "wall time", "status")
+              "best val acc %", "test acc % (selected)", "channels ever moved", "group-size imbalance", "epochs",
+              "wall time", "status")
 
 
 def runs_table(rows: Sequence[RunRow]) -> str:
@@ -64,16 +65,25 @@ def runs_table(rows: Sequence[RunRow]) -> str:
         epochs = "–" if r.epochs is None else f"{r.epochs}" + (f"/{r.max_epochs}" if r.max_epochs else "")
         cells.append((r.run, r.conv_type, "–" if r.groups is None else str(r.groups),
                       "–" if r.seed is None else str(r.seed), _millions(r.params), _millions(r.macs_nominal),
-                      _millions(r.macs_deployed), _percent(r.best_acc), _percent(r.test_acc), epochs,
+                      _millions(r.macs_deployed), _percent(r.best_acc), _percent(r.test_acc),
+                      "–" if r.channels_ever_moved is None else str(r.channels_ever_moved),
+                      "–" if r.group_size_imbalance is None else f"{r.group_size_imbalance:.2f}", epochs,
                       _duration(r.wall_time_s), _status(r)))
     return _table(RUN_HEADER, cells)
 
 
 def accuracy_label(rows: Sequence[RunRow]) -> str:
     """What the compared accuracy is; says plainly when it was selected on the test split."""
+    on_test = [r.validation == "test split" for r in rows]
     if any(r.test_acc is not None for r in rows):
-        return "test accuracy of the checkpoint selected on validation"
-    if all(r.validation == "test split" for r in rows):
+        if not any(on_test):
+            return "test accuracy of the checkpoint selected on validation (held-out training images)"
+        if all(on_test):
+            return ("test accuracy of the checkpoint selected on the test split (validation = test, the reference "
+                    "setting: optimistic)")
+        return ("test accuracy of the selected checkpoint (selected on held-out training images, or on the test "
+                "split where the validation column says so: optimistic there)")
+    if all(on_test):
         return "best test accuracy (validation = test, the reference setting: selected on the test split, optimistic)"
     return "best validation accuracy"
 
@@ -135,7 +145,9 @@ def write_markdown(rows: Sequence[RunRow], groups: Sequence[ConfigGroup], compar
                  "and standard grouped convs both equal the actual cost. *best val acc*: the validation split is "
                  "the test split in the reference setting (then the best epoch is chosen on test data) or held-out "
                  "training images (`data.val_size`). *test acc (selected)*: test accuracy of the checkpoint chosen "
-                 "on validation (`test_after_fit=true`). *unfinished*: still running or killed; *failed: …*: the "
+                 "on validation (`test_after_fit=true`). *channels ever moved*: FLGC input channels and filters "
+                 "whose group changed at some epoch end. *group-size imbalance*: largest / mean group size, averaged "
+                 "over FLGC layers (1.00 = equal). *unfinished*: still running or killed; *failed: …*: the "
                  "error that stopped the run; *failed/unknown*: stopped before training began without recording "
                  "why.\n", "![accuracy vs MACs](report.png)\n"]
     text = "\n".join(sections)

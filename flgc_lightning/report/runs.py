@@ -92,8 +92,8 @@ def _from_summary(name: str, summary: dict) -> RunRow:
                                                 config.get("assignment", "learned"))
     macs = summary.get("macs")
     deployed = summary.get("macs_deployed")
-    if deployed is None and kind != "FLGC":
-        deployed = macs  # dense / standard grouped convs run exactly as counted
+    if deployed is None and not kind.startswith("FLGC"):
+        deployed = macs  # dense / standard grouped convs run exactly as counted (FLGC's as-run MACs are dense)
     status = summary.get("status", "running")
     return RunRow(
         run=name,
