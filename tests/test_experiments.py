@@ -200,4 +200,18 @@ def test_quickstart_reaches_the_documented_accuracy(tmp_path):
     assert summary["status"] == "finished" and summary["config"]["conv_type"] == "FLGC"
     assert float(printed.group(1)) == pytest.approx(summary["best_val_acc"], abs=1e-4)
     assert abs(100 * summary["best_val_acc"] - QUICKSTART_ACC) <= 3
+    # The study's per-run numbers, against the assignment records the tracker wrote (an independent source):
+    # imbalance = mean over layers and sides of largest / mean group size at the end; a channel that moved in
+    # some epoch has ever moved, and none can move that the layers do not have.
+    records = [json.loads(line) for line in (run / "assignments.jsonl").read_text().splitlines()]
+    final = [r for r in records if r["epoch"] == max(x["epoch"] for x in records)]
+    ratios = [max(r[side]["sizes"]) / (sum(r[side]["sizes"]) / len(r[side]["sizes"]))
+              for r in final for side in ("inputs", "filters")]
+    assert summary["group_size_imbalance"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-9)
+    per_epoch = {}
+    for r in records:
+        per_epoch[r["epoch"]] = per_epoch.get(r["epoch"], 0) + r["inputs"]["moved"] + r["filters"]["moved"]
+    channels = sum(r["in_channels"] + r["out_channels"] for r in final)
+    assert isinstance(summary["channels_ever_moved"], int)
+    assert max(per_epoch.values()) <= summary["channels_ever_moved"] <= channels
     assert (run / "checkpoints" / "last.ckpt").is_file() and list((run / "tensorboard").rglob("events.out.*"))
