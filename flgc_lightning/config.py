@@ -30,6 +30,14 @@ def _hydra_subdir(ckpt_path: Optional[str], stamp: str) -> str:
     return f".hydra/resume-{stamp}" if checkpoint_run_dir(ckpt_path) is not None else ".hydra"
 
 
+def _job_log(output_dir: str, job_name: str) -> str:
+    """Hydra's job log file; ``os.devnull`` for the DDP processes Lightning starts for ranks > 0."""
+    import os
+    import re
+
+    return os.devnull if re.search(r"_ddp_process_[1-9]\d*$", str(job_name)) else f"{output_dir}/{job_name}.log"
+
+
 ARM_KINDS = {  # conv type of a study arm -> (use_flgc, assignment)
     "grouped": (False, "learned"), "FLGC": (True, "learned"), "FLGC-frozen": (True, "frozen"),
     "FLGC-balanced": (True, "balanced"),
@@ -52,7 +60,8 @@ def _arm(field: str, arm: str):
 
 
 def register_resolvers() -> None:
-    for name, fn in (("flgc_run_dir", _run_dir), ("flgc_hydra_subdir", _hydra_subdir), ("flgc_arm", _arm)):
+    for name, fn in (("flgc_run_dir", _run_dir), ("flgc_hydra_subdir", _hydra_subdir), ("flgc_arm", _arm),
+                     ("flgc_job_log", _job_log)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

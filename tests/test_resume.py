@@ -105,6 +105,10 @@ def test_killed_mid_epoch_with_default_data_settings(tmp_path, cifar_subset):
         tmp_path, ("data.limit_train=96", "callbacks.step_checkpoint.every_n_train_steps=2"),
         lambda records, last: last_step(last) == 2, f"data.root={cifar_subset}")
     assert result["saved_step"] == 2  # mid epoch 0 (3 steps per epoch)
+    # killed inside epoch 0's training part, before its validation began (the checkpoint it resumes from is
+    # the mid-epoch one, not one written at an epoch end)
+    assert 2 <= steps_done(result["killed"]) <= 3
+    assert not any(r["event"].startswith("validation") for r in result["killed"])
 
 
 def test_killed_right_after_an_end_of_epoch_checkpoint_with_worker_processes(tmp_path, cifar_subset):
