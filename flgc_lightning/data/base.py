@@ -156,13 +156,16 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         return np.arange(min(length, limit or length))
 
     # -- batches ---------------------------------------------------------------------------
-    def _device(self) -> torch.device:
+    def _device(self, split: Optional[Dataset] = None) -> torch.device:
+        """The trainer's device; without a trainer (scripts, benchmarks) wherever the resident split already is."""
         trainer = getattr(self, "trainer", None)
-        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if trainer is not None:
+            return trainer.strategy.root_device
+        return split.images.device if isinstance(split, ResidentImages) else torch.device("cpu")
 
     def _placed(self, split: Dataset) -> tuple[Dataset, Optional[dict]]:
         """The split on the device (``loader_options`` None) or behind worker processes."""
-        device = self._device()
+        device = self._device(split)
         if self.resident and isinstance(split, ResidentImages):
             if device.type != "cuda" or split.nbytes <= RESIDENT_SHARE * torch.cuda.mem_get_info(device)[0]:
                 return split.to(device), None
