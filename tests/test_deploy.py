@@ -232,6 +232,77 @@ def test_fused_depthwise_kernel_against_float64_reference(threads, stride):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("expand", ["dense", "flgc"])
+def test_fused_block_kernel_against_float64_reference(threads, stride, expand):
+    """A whole inverted-residual block in one kernel (expand 1x1 + ReLU6, depthwise 3x3 + ReLU6, projection,
+    residual, ReLU6) against float64 stock ops: a hidden width with a tail past the 8-float vectors, odd map
+    sizes, scattered groups, one image (the threads share it) and several (one image per thread)."""
+    from flgc_lightning.deploy import native, ops
+
+    gen = torch.Generator().manual_seed(10 * stride + threads)
+    c_in, hidden, c_out, g = 13, 21, 11, 4
+    in_groups, out_groups = torch.randint(0, g, (hidden,), generator=gen), torch.randint(0, g, (c_out,), generator=gen)
+    e_weight, e_bias = torch.randn(hidden, c_in, generator=gen) * 0.5, torch.randn(hidden, generator=gen)
+    if expand == "dense":
+        e_in, e_out, e_groups = torch.zeros(c_in, dtype=torch.long), torch.zeros(hidden, dtype=torch.long), 1
+    else:
+        e_in, e_out, e_groups = torch.randint(0, 3, (c_in,), generator=gen), torch.randint(0, 3, (hidden,), generator=gen), 3
+    weight, bias = torch.randn(c_out, hidden, generator=gen), torch.randn(c_out, generator=gen)
+    dw_weight, dw_bias = torch.randn(hidden, 1, 3, 3, generator=gen), torch.randn(hidden, generator=gen)
+    e = UnequalGroupConv2d(e_weight, e_bias, e_in, e_out, e_groups, "fused", relu6=True).fused_tables
+    t = UnequalGroupConv2d(weight, bias, in_groups, out_groups, g, "fused").fused_tables
+    e_mask = (e_out[:, None] == e_in[None, :]).double()
+    mask = (out_groups[:, None] == in_groups[None, :]).double()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for shape in [(1, c_in, 7, 5), (3, c_in, 1, 1), (3, c_in, 9, 16)]:
+            x = torch.randn(*shape, generator=gen) * 2
+            expanded = (torch.einsum("oi,nihw->nohw", e_weight.double() * e_mask, x.double())
+                        + e_bias.double()[:, None, None]).clamp(0, 6)
+            dw = torch.nn.functional.conv2d(expanded, dw_weight.double(), dw_bias.double(), stride, 1, 1, hidden)
+            projected = torch.einsum("oi,nihw->nohw", weight.double() * mask, dw.clamp(0, 6)) + bias.double()[:, None, None]
+            residual = torch.randn(projected.shape, generator=gen) * 3
+            for res, relu6 in [(None, False), (residual, True)]:
+                want = projected if res is None else (projected + res.double()).clamp(0, 6)
+                got = ops.inverted_residual_unequal_group(
+                    x, e["weight"], e["bias"], e["tasks"], e["segments"], e["out_index"], e["dense_weight"],
+                    e["dense_bias"], native.depthwise_taps(dw_weight), dw_bias, stride, t["weight"], t["bias"],
+                    t["tasks"], t["segments"], t["out_index"], t["dense_weight"], t["dense_bias"], res, relu6)
+                assert got.is_contiguous(memory_format=torch.channels_last) and got.shape == want.shape
+                torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=0)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_deployed_blocks_run_as_one_kernel_each():
+    """Every FLGC block with an expand conv runs the block kernel (one op call, no expand/depthwise modules
+    called on their own); the block without one runs the depthwise + projection kernel."""
+    from flgc_lightning.deploy import ops
+
+    for variant in VARIANTS:
+        net = deploy_model(trained_like(MobileNetV2(groups=4, use_flgc=True, **VARIANTS[variant]), 0), kernel="fused")
+        blocks = [b for b in net.features if hasattr(b, "use_residual")]
+        assert [b.can_fuse_block() for b in blocks] == [False] + [True] * (len(blocks) - 1)
+        calls = {"block": 0, "depthwise": 0, "stages": 0}
+        wrap = lambda key, f: lambda *a, **k: (calls.__setitem__(key, calls[key] + 1), f(*a, **k))[1]
+        hooks = [s.register_forward_hook(lambda *a: calls.__setitem__("stages", calls["stages"] + 1))
+                 for b in blocks[1:] for s in b.conv[:2]]
+        original = (ops.inverted_residual_unequal_group, ops.depthwise_unequal_group_conv)
+        try:
+            ops.inverted_residual_unequal_group = wrap("block", original[0])
+            ops.depthwise_unequal_group_conv = wrap("depthwise", original[1])
+            with torch.no_grad():
+                net(torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+        finally:
+            ops.inverted_residual_unequal_group, ops.depthwise_unequal_group_conv = original
+            for h in hooks:
+                h.remove()
+        assert calls == {"block": len(blocks) - 1, "depthwise": 1, "stages": 0}, variant
+
+
 def test_custom_ops_fall_back_to_stock_ops_without_the_library(monkeypatch):
     """A program that holds the custom ops (e.g. a .pt2 written elsewhere) runs where the kernel cannot be
     built: same numbers from stock ops, one warning; the eager network gives the same logits too."""
@@ -247,16 +318,22 @@ def test_custom_ops_fall_back_to_stock_ops_without_the_library(monkeypatch):
     args = (torch.randn(2, proj.in_channels, 4, 4), native.depthwise_taps(dw.weight), dw.bias, dw.stride[0],
             t["weight"], t["bias"], t["tasks"], t["segments"], t["out_index"], t["dense_weight"], t["dense_bias"],
             torch.randn(2, proj.out_channels, 4, 4), False)
+    e = block.conv[0][0].fused_tables  # the block kernel: FLGC expand + depthwise + projection + residual
+    block_args = (torch.randn(2, e["dense_weight"].shape[1], 4, 4), e["weight"], e["bias"], e["tasks"],
+                  e["segments"], e["out_index"], e["dense_weight"], e["dense_bias"], *args[1:])
     with torch.no_grad():
         expected, native_out = model(x), net(x)
         with_library = ops.depthwise_unequal_group_conv(*args)
+        block_with_library = ops.inverted_residual_unequal_group(*block_args)
         monkeypatch.setattr(native, "available", lambda: False)
         monkeypatch.setattr(ops, "_warned", False)
         with pytest.warns(UserWarning, match="block-diagonal dense conv instead"):
             without = ops.depthwise_unequal_group_conv(*args)
+        block_without = ops.inverted_residual_unequal_group(*block_args)
         monkeypatch.setattr(UnequalGroupConv2d, "_warned_unavailable", True, raising=False)  # its own warning
         fallback = net(x)  # eager: the layers' padded form, depthwise convs on their own
     torch.testing.assert_close(without, with_library, atol=1e-4, rtol=0)
+    torch.testing.assert_close(block_without, block_with_library, atol=1e-4, rtol=0)
     torch.testing.assert_close(native_out, expected, atol=1e-4, rtol=0)
     torch.testing.assert_close(fallback, expected, atol=1e-4, rtol=0)
 

@@ -42,8 +42,11 @@ def test_compiled_exported_and_onnx_forms_match_the_trained_network(variant, tmp
     assert (compiled - expected).abs().max() <= 1e-4
 
     program = export_program(net, tmp_path / "net.pt2")
-    fused_nodes = [n for n in program.graph.nodes if str(n.target).startswith("flgc.")]
-    assert len(fused_nodes) == sum(isinstance(m, Flgc2d) for m in model.modules())  # one op per FLGC layer
+    fused = [str(n.target) for n in program.graph.nodes if str(n.target).startswith("flgc.")]
+    blocks = sum("inverted_residual_unequal_group" in t for t in fused)  # expand + projection, one op
+    assert blocks == 16
+    covered = len(fused) + (blocks if variant == "paper" else 0)  # paper variant: the expand conv is FLGC too
+    assert covered == sum(isinstance(m, Flgc2d) for m in model.modules())  # every FLGC layer inside an op
     with torch.no_grad():
         reloaded = torch.export.load(str(tmp_path / "net.pt2")).module()(xc)  # batch 3; exported with batch 2
     assert (reloaded - expected).abs().max() <= 1e-4
@@ -70,4 +73,5 @@ def test_compiled_graph_keeps_the_fused_ops_without_graph_breaks():
     explanation = torch._dynamo.explain(net)(x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     targets = [str(n.target) for g in explanation.graphs for n in g.graph.nodes]
-    assert sum("flgc.depthwise_unequal_group_conv" in t for t in targets) == 17  # every block's dw + projection
+    assert sum("flgc.inverted_residual_unequal_group" in t for t in targets) == 16  # every block with an expand
+    assert sum("flgc.depthwise_unequal_group_conv" in t for t in targets) == 1  # the first block: dw + projection

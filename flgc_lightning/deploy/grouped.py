@@ -185,10 +185,13 @@ class UnequalGroupConv2d(nn.Module):
             return len(self.fused_tables["tasks"]) * native.LANES
         return self.conv.out_channels
 
-    def _fused_applies(self, x: Tensor) -> bool:
+    def _fused_applies(self, x: Tensor, channels: int | None = None) -> bool:
+        """The fused kernel can run on ``x`` (``channels``: its expected channel count, default this layer's;
+        the block kernel passes the block input's)."""
+        channels = self.in_channels if channels is None else channels
         if (self.kernel != "fused" or torch.jit.is_tracing() or torch.jit.is_scripting() or x.device.type != "cpu"
                 or x.dtype != torch.float32 or self.conv.weight.dtype != torch.float32
-                or x.dim() != 4 or x.shape[1] != self.in_channels  # else the padded path raises the error
+                or x.dim() != 4 or x.shape[1] != channels  # else the padded path raises the error
                 or (x.requires_grad and torch.is_grad_enabled())):
             return False
         if torch.compiler.is_compiling():  # the op itself falls back where the kernel cannot be built

@@ -154,7 +154,11 @@ def _build_and_load() -> ctypes.CDLL:
         lib.unequal_group_conv1x1.restype = None
         lib.depthwise_unequal_group_conv.argtypes = [p, i64, i64, i64, i64, p, p, i64, i64, i64, p, i64, p, i64,
                                                      ctypes.c_int, p, p, p, i64, p, p, ctypes.c_int]
-        lib.depthwise_unequal_group_conv.restype = None
+        lib.depthwise_unequal_group_conv.restype = ctypes.c_int
+        lib.inverted_residual_unequal_group.argtypes = [p, i64, i64, i64, i64, p, p, p, i64, p, p, i64, p, p, i64, i64,
+                                                        i64, p, i64, p, i64, ctypes.c_int, p, p, p, i64, p, p,
+                                                        ctypes.c_int]
+        lib.inverted_residual_unequal_group.restype = ctypes.c_int
         lib.flags = flags
         return lib
     raise NativeKernelUnavailable(f"compiling {SOURCE.name} with {compiler} failed: " + "; ".join(errors))
@@ -285,10 +289,43 @@ def depthwise_unequal_group_conv(x: Tensor, dw_taps: Tensor, dw_bias: Tensor, st
     taps, bias = dw_taps.contiguous(), dw_bias.contiguous()
     y = torch.empty(n, out_channels, ho, wo, memory_format=torch.channels_last)
     residual = _checked_residual(residual, y)
-    lib.depthwise_unequal_group_conv(
+    status = lib.depthwise_unequal_group_conv(
         x.data_ptr(), n, h, w, c, taps.data_ptr(), bias.data_ptr(), stride, ho, wo, y.data_ptr(), out_channels,
         None if residual is None else residual.data_ptr(), out_channels, int(relu6),
         tables["weight"].data_ptr(), tables["bias"].data_ptr(), tables["tasks"].data_ptr(), len(tables["tasks"]),
         tables["segments"].data_ptr(), tables["out_index"].data_ptr(), torch.get_num_threads(),
     )
+    if status != 0:
+        raise MemoryError("the fused depthwise kernel could not allocate its per-thread buffers")
+    return y
+
+
+def inverted_residual_unequal_group(x: Tensor, expand_tables: dict[str, Tensor], hidden: int, dw_taps: Tensor,
+                                    dw_bias: Tensor, stride: int, tables: dict[str, Tensor], out_channels: int,
+                                    residual: Tensor | None = None, relu6: bool = False) -> Tensor:
+    """A whole inverted-residual block in one pass per image: ``depthwise_unequal_group_conv`` of
+    ``relu6(expand(x))``, where ``expand`` is the 1x1 conv of ``expand_tables`` (:func:`pack`; one group for a
+    dense conv) with ``hidden`` outputs. The expanded image stays in a per-thread buffer (L2) and the
+    depthwise output in L1: only the block's narrow input and output go through memory."""
+    lib = load_library()
+    x = x.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = x.shape
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    taps, bias = dw_taps.contiguous(), dw_bias.contiguous()
+    if taps.shape != (9, hidden) or bias.shape != (hidden,):
+        raise ValueError(f"depthwise taps/bias must be 9 x {hidden} / {hidden}, got {tuple(taps.shape)} / "
+                         f"{tuple(bias.shape)}")
+    y = torch.empty(n, out_channels, ho, wo, memory_format=torch.channels_last)
+    residual = _checked_residual(residual, y)
+    e, t = expand_tables, tables
+    status = lib.inverted_residual_unequal_group(
+        x.data_ptr(), n, h, w, c, e["weight"].data_ptr(), e["bias"].data_ptr(), e["tasks"].data_ptr(),
+        len(e["tasks"]), e["segments"].data_ptr(), e["out_index"].data_ptr(), hidden, taps.data_ptr(),
+        bias.data_ptr(), stride, ho, wo, y.data_ptr(), out_channels,
+        None if residual is None else residual.data_ptr(), out_channels, int(relu6),
+        t["weight"].data_ptr(), t["bias"].data_ptr(), t["tasks"].data_ptr(), len(t["tasks"]),
+        t["segments"].data_ptr(), t["out_index"].data_ptr(), torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError("the fused block kernel could not allocate its per-thread buffers")
     return y

@@ -87,3 +87,34 @@ def _(x, dw_taps, dw_bias, stride, weight, bias, tasks, segments, out_index, den
     n, _, h, w = x.shape
     return torch.empty((n, dense_weight.shape[0], (h - 1) // stride + 1, (w - 1) // stride + 1), dtype=x.dtype,
                        device=x.device, memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("flgc::inverted_residual_unequal_group", mutates_args=())
+def inverted_residual_unequal_group(x: Tensor, e_weight: Tensor, e_bias: Tensor, e_tasks: Tensor, e_segments: Tensor,
+                                    e_out_index: Tensor, e_dense_weight: Tensor, e_dense_bias: Tensor, dw_taps: Tensor,
+                                    dw_bias: Tensor, stride: int, weight: Tensor, bias: Tensor, tasks: Tensor,
+                                    segments: Tensor, out_index: Tensor, dense_weight: Tensor, dense_bias: Tensor,
+                                    residual: Tensor | None, relu6: bool) -> Tensor:
+    """A whole inverted-residual block: :func:`depthwise_unequal_group_conv` of ``relu6(expand(x))``, the expand
+    1x1 conv given by ``e_*`` (the same kind of tables; one group for a dense conv). Neither the expanded nor the
+    depthwise tensor is written to memory."""
+    supported = x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+    hidden = e_dense_weight.shape[0]
+    if (supported and x.shape[1] == e_dense_weight.shape[1] and dw_taps.shape[1] == hidden == dense_weight.shape[1]
+            and native.available()):
+        expand = {"weight": e_weight, "bias": e_bias, "tasks": e_tasks, "segments": e_segments,
+                  "out_index": e_out_index}
+        tables = {"weight": weight, "bias": bias, "tasks": tasks, "segments": segments, "out_index": out_index}
+        return native.inverted_residual_unequal_group(x, expand, hidden, dw_taps, dw_bias, stride, tables,
+                                                      dense_weight.shape[0], residual, relu6)
+    expanded = reference(x, e_dense_weight, e_dense_bias, None, True)
+    return depthwise_unequal_group_conv(expanded, dw_taps, dw_bias, stride, weight, bias, tasks, segments, out_index,
+                                        dense_weight, dense_bias, residual, relu6)
+
+
+@inverted_residual_unequal_group.register_fake
+def _(x, e_weight, e_bias, e_tasks, e_segments, e_out_index, e_dense_weight, e_dense_bias, dw_taps, dw_bias, stride,
+      weight, bias, tasks, segments, out_index, dense_weight, dense_bias, residual, relu6):
+    n, _, h, w = x.shape
+    return torch.empty((n, dense_weight.shape[0], (h - 1) // stride + 1, (w - 1) // stride + 1), dtype=x.dtype,
+                       device=x.device, memory_format=torch.channels_last)

@@ -131,6 +131,26 @@ static inline void block1(const float *x, float *y, const float *res, int relu6,
     for (int64_t j = 0; j < t[T_OC]; j++) y[o[j]] = finish(a0[j], res, o[j], relu6);
 }
 
+/* conv1x1 of rows [r, end) of x (all tasks, 8 rows at a time, so the rows stay in L1); rows: how many rows x has
+   (the prefetch stays inside them) */
+static inline void conv1x1_rows(const float *x, int64_t r, int64_t end, int64_t rows, int64_t xs, float *y, int64_t ys,
+                                const float *res, int64_t rs, int relu6, const float *w, const float *b,
+                                const int64_t *tasks, int64_t ntasks, const int64_t *segs, const int64_t *oidx) {
+    for (; r + ROWS <= end; r += ROWS) {
+        if (r + PREFETCH_ROWS + ROWS <= rows) {
+            const char *ahead = (const char *)(x + (r + PREFETCH_ROWS) * xs);
+            for (int64_t off = 0; off < ROWS * xs * (int64_t)sizeof(float); off += 64)
+                __builtin_prefetch(ahead + off, 0, 2);
+        }
+        for (int64_t k = 0; k < ntasks; k++)
+            block8(x + r * xs, xs, y + r * ys, ys, res ? res + r * rs : 0, rs, relu6, w, b, tasks + k * T_LEN, segs,
+                   oidx);
+    }
+    for (; r < end; r++)
+        for (int64_t k = 0; k < ntasks; k++)
+            block1(x + r * xs, y + r * ys, res ? res + r * rs : 0, relu6, w, b, tasks + k * T_LEN, segs, oidx);
+}
+
 void unequal_group_conv1x1(const float *x, int64_t rows, int64_t xs, float *y, int64_t ys, const float *res,
                            int64_t rs, int relu6, const float *w, const float *b, const int64_t *tasks,
                            int64_t ntasks, const int64_t *segs, const int64_t *oidx, int nthreads) {
@@ -138,88 +158,173 @@ void unequal_group_conv1x1(const float *x, int64_t rows, int64_t xs, float *y, i
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t blk = 0; blk < nblocks; blk++) {
         int64_t r = blk * BLOCK_ROWS, end = r + BLOCK_ROWS < rows ? r + BLOCK_ROWS : rows;
-        for (; r + ROWS <= end; r += ROWS) {  /* 8 rows at a time, all tasks: the rows stay in L1 */
-            if (r + PREFETCH_ROWS + ROWS <= rows) {
-                const char *ahead = (const char *)(x + (r + PREFETCH_ROWS) * xs);
-                for (int64_t off = 0; off < ROWS * xs * (int64_t)sizeof(float); off += 64)
-                    __builtin_prefetch(ahead + off, 0, 2);
-            }
-            for (int64_t k = 0; k < ntasks; k++)
-                block8(x + r * xs, xs, y + r * ys, ys, res ? res + r * rs : 0, rs, relu6, w, b, tasks + k * T_LEN,
-                       segs, oidx);
-        }
-        for (; r < end; r++)
-            for (int64_t k = 0; k < ntasks; k++)
-                block1(x + r * xs, y + r * ys, res ? res + r * rs : 0, relu6, w, b, tasks + k * T_LEN, segs, oidx);
+        conv1x1_rows(x, r, end, rows, xs, y, ys, res, rs, relu6, w, b, tasks, ntasks, segs, oidx);
     }
+}
+
+#include <stdlib.h>
+#include <string.h>
+
+/* Per-thread scratch that outlives a call: a fresh malloc of a few hundred KB is an mmap plus page faults on every
+   call, which costs as much as a small layer at batch 1. Grows, never shrinks; one slot per use. */
+static __thread float *scratch_ptr[3];
+static __thread size_t scratch_cap[3];
+
+static float *scratch(int slot, size_t floats, int zeroed) {
+    if (scratch_cap[slot] < floats) {
+        free(scratch_ptr[slot]);
+        size_t bytes = (floats * sizeof(float) + 63) / 64 * 64;
+        scratch_ptr[slot] = aligned_alloc(64, bytes);
+        scratch_cap[slot] = scratch_ptr[slot] ? bytes / sizeof(float) : 0;
+        if (scratch_ptr[slot] && zeroed) memset(scratch_ptr[slot], 0, bytes);
+    }
+    return scratch_ptr[slot];
+}
+
+/* Output pixels [r0, r0 + valid) (valid <= 8) of relu6(depthwise3x3(x) + dwb) fed to the 1x1 tasks. x: images of
+   h x w x c (pixel index r0 counts across them, ho * wo per image); the depthwise outputs go to d (8 x c floats,
+   stays in L1), never to memory. y and rr (the residual, or NULL) point at output pixel r0. */
+static void dw_project_chunk(const float *x, int64_t h, int64_t w, int64_t c, const float *dww, const float *dwb,
+                             int64_t stride, int64_t ho, int64_t wo, int64_t r0, int64_t valid, float *d,
+                             const float *zeros, float *y, int64_t ys, const float *rr, int64_t rs, int relu6,
+                             const float *pw, const float *pb, const int64_t *tasks, int64_t ntasks,
+                             const int64_t *segs, const int64_t *oidx) {
+    const float *tap[ROWS][9];
+    for (int64_t p = 0; p < ROWS; p++) {
+        int64_t q = r0 + (p < valid ? p : 0), img = q / (ho * wo), oy = q / wo % ho, ox = q % wo;
+        for (int64_t k = 0; k < 9; k++) {
+            int64_t iy = oy * stride - 1 + k / 3, ix = ox * stride - 1 + k % 3;
+            tap[p][k] = (iy < 0 || iy >= h || ix < 0 || ix >= w) ? zeros : x + ((img * h + iy) * w + ix) * c;
+        }
+    }
+    int64_t cb = 0;
+    for (; cb + 8 <= c; cb += 8) {
+        v8 k0 = *(const v8 *)(dww + cb), k1 = *(const v8 *)(dww + c + cb), k2 = *(const v8 *)(dww + 2 * c + cb),
+           k3 = *(const v8 *)(dww + 3 * c + cb), k4 = *(const v8 *)(dww + 4 * c + cb),
+           k5 = *(const v8 *)(dww + 5 * c + cb), k6 = *(const v8 *)(dww + 6 * c + cb),
+           k7 = *(const v8 *)(dww + 7 * c + cb), k8 = *(const v8 *)(dww + 8 * c + cb), bias = *(const v8 *)(dwb + cb);
+        for (int64_t p = 0; p < ROWS; p++) {
+            const float *const *t = tap[p];
+            v8 a = bias + *(const v8 *)(t[0] + cb) * k0 + *(const v8 *)(t[1] + cb) * k1
+                   + *(const v8 *)(t[2] + cb) * k2 + *(const v8 *)(t[3] + cb) * k3 + *(const v8 *)(t[4] + cb) * k4
+                   + *(const v8 *)(t[5] + cb) * k5 + *(const v8 *)(t[6] + cb) * k6 + *(const v8 *)(t[7] + cb) * k7
+                   + *(const v8 *)(t[8] + cb) * k8;
+            *(v8 *)(d + p * c + cb) = clamp6(a);
+        }
+    }
+    for (; cb < c; cb++) /* channel tail */
+        for (int64_t p = 0; p < ROWS; p++) {
+            float a = dwb[cb];
+            for (int64_t k = 0; k < 9; k++) a += tap[p][k][cb] * dww[k * c + cb];
+            d[p * c + cb] = a < 0.0f ? 0.0f : (a > 6.0f ? 6.0f : a);
+        }
+    if (valid == ROWS)
+        for (int64_t k = 0; k < ntasks; k++) block8(d, c, y, ys, rr, rs, relu6, pw, pb, tasks + k * T_LEN, segs, oidx);
+    else
+        for (int64_t p = 0; p < valid; p++)
+            for (int64_t k = 0; k < ntasks; k++)
+                block1(d + p * c, y + p * ys, rr ? rr + p * rs : 0, relu6, pw, pb, tasks + k * T_LEN, segs, oidx);
 }
 
 /* A 3x3 depthwise conv (padding 1, stride 1 or 2, bias, ReLU6) feeding the unequal-group 1x1 conv above, in one
    pass: for 8 output pixels at a time the depthwise outputs (all c channels) are computed into a per-thread
    buffer that stays in L1, and the 1x1 tasks read them from there, so the depthwise output never goes to memory.
    x: n x h x w x c (channels_last), dww: [3 * 3][c] (tap-major), dwb: [c]. y, res, w ... oidx as above. */
-#include <stdlib.h>
-
-
-void depthwise_unequal_group_conv(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, const float *dww,
-                                  const float *dwb, int64_t stride, int64_t ho, int64_t wo, float *y, int64_t ys,
-                                  const float *res, int64_t rs, int relu6, const float *pw, const float *pb,
-                                  const int64_t *tasks, int64_t ntasks, const int64_t *segs, const int64_t *oidx,
-                                  int nthreads) {
+int depthwise_unequal_group_conv(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, const float *dww,
+                                 const float *dwb, int64_t stride, int64_t ho, int64_t wo, float *y, int64_t ys,
+                                 const float *res, int64_t rs, int relu6, const float *pw, const float *pb,
+                                 const int64_t *tasks, int64_t ntasks, const int64_t *segs, const int64_t *oidx,
+                                 int nthreads) {
     int64_t rows = n * ho * wo, nchunks = (rows + ROWS - 1) / ROWS;
-    float *zeros = calloc((size_t)c + 8, sizeof(float)); /* what padding taps read */
-    if (!zeros) return;
-#pragma omp parallel num_threads(nthreads)
+    const float *zeros = scratch(0, (size_t)c + 8, 1); /* what padding taps read; only ever holds zeros */
+    int failed = !zeros;
+#pragma omp parallel num_threads(nthreads) if (!failed)
     {
-        float *d = aligned_alloc(64, ((size_t)ROWS * c * sizeof(float) + 63) / 64 * 64);
-        if (d) {
+        float *d = scratch(1, (size_t)ROWS * c, 0);
+        if (!d) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
 #pragma omp for schedule(static)
             for (int64_t chunk = 0; chunk < nchunks; chunk++) {
                 int64_t r0 = chunk * ROWS, valid = rows - r0 < ROWS ? rows - r0 : ROWS;
-                const float *tap[ROWS][9];
-                for (int64_t p = 0; p < ROWS; p++) {
-                    int64_t q = r0 + (p < valid ? p : 0), img = q / (ho * wo), oy = q / wo % ho, ox = q % wo;
-                    for (int64_t k = 0; k < 9; k++) {
-                        int64_t iy = oy * stride - 1 + k / 3, ix = ox * stride - 1 + k % 3;
-                        tap[p][k] = (iy < 0 || iy >= h || ix < 0 || ix >= w) ? zeros
-                                                                              : x + ((img * h + iy) * w + ix) * c;
-                    }
-                }
-                int64_t cb = 0;
-                for (; cb + 8 <= c; cb += 8) {
-                    v8 k0 = *(const v8 *)(dww + cb), k1 = *(const v8 *)(dww + c + cb),
-                       k2 = *(const v8 *)(dww + 2 * c + cb), k3 = *(const v8 *)(dww + 3 * c + cb),
-                       k4 = *(const v8 *)(dww + 4 * c + cb), k5 = *(const v8 *)(dww + 5 * c + cb),
-                       k6 = *(const v8 *)(dww + 6 * c + cb), k7 = *(const v8 *)(dww + 7 * c + cb),
-                       k8 = *(const v8 *)(dww + 8 * c + cb), bias = *(const v8 *)(dwb + cb);
-                    for (int64_t p = 0; p < ROWS; p++) {
-                        const float *const *t = tap[p];
-                        v8 a = bias + *(const v8 *)(t[0] + cb) * k0 + *(const v8 *)(t[1] + cb) * k1
-                               + *(const v8 *)(t[2] + cb) * k2 + *(const v8 *)(t[3] + cb) * k3
-                               + *(const v8 *)(t[4] + cb) * k4 + *(const v8 *)(t[5] + cb) * k5
-                               + *(const v8 *)(t[6] + cb) * k6 + *(const v8 *)(t[7] + cb) * k7
-                               + *(const v8 *)(t[8] + cb) * k8;
-                        *(v8 *)(d + p * c + cb) = clamp6(a);
-                    }
-                }
-                for (; cb < c; cb++) /* channel tail */
-                    for (int64_t p = 0; p < ROWS; p++) {
-                        float a = dwb[cb];
-                        for (int64_t k = 0; k < 9; k++) a += tap[p][k][cb] * dww[k * c + cb];
-                        d[p * c + cb] = a < 0.0f ? 0.0f : (a > 6.0f ? 6.0f : a);
-                    }
-                const float *rr = res ? res + r0 * rs : 0;
-                if (valid == ROWS)
-                    for (int64_t k = 0; k < ntasks; k++)
-                        block8(d, c, y + r0 * ys, ys, rr, rs, relu6, pw, pb, tasks + k * T_LEN, segs, oidx);
-                else
-                    for (int64_t p = 0; p < valid; p++)
-                        for (int64_t k = 0; k < ntasks; k++)
-                            block1(d + p * c, y + (r0 + p) * ys, rr ? rr + p * rs : 0, relu6, pw, pb,
-                                   tasks + k * T_LEN, segs, oidx);
+                dw_project_chunk(x, h, w, c, dww, dwb, stride, ho, wo, r0, valid, d, zeros, y + r0 * ys, ys,
+                                 res ? res + r0 * rs : 0, rs, relu6, pw, pb, tasks, ntasks, segs, oidx);
             }
-            free(d);
         }
     }
-    free(zeros);
+    return failed ? -1 : 0; /* -1: out of memory, y not written */
+}
+
+/* A whole MobileNetV2 inverted-residual block in one pass per image: expand 1x1 conv + ReLU6 (dense or unequal
+   groups: e* are its tables, as above, over `hidden` outputs), the 3x3 depthwise conv + ReLU6 and the
+   unequal-group projection (+ residual). The expanded image (h x w x hidden) goes to a per-thread buffer that
+   stays in L2 instead of memory, and the depthwise output to L1 (dw_project_chunk), so of the block's tensors
+   only its narrow input and output travel to and from memory. With fewer images than threads, the threads
+   share each image (expand rows, then output pixels). */
+int inverted_residual_unequal_group(
+    const float *x, int64_t n, int64_t h, int64_t w, int64_t cin, const float *ew, const float *eb,
+    const int64_t *etasks, int64_t netasks, const int64_t *esegs, const int64_t *eoidx, int64_t hidden,
+    const float *dww, const float *dwb, int64_t stride, int64_t ho, int64_t wo, float *y, int64_t ys,
+    const float *res, int64_t rs, int relu6, const float *pw, const float *pb, const int64_t *tasks, int64_t ntasks,
+    const int64_t *segs, const int64_t *oidx, int nthreads) {
+    int64_t hw = h * w, ohw = ho * wo, ochunks = (ohw + ROWS - 1) / ROWS;
+    const float *zeros = scratch(0, (size_t)hidden + 8, 1);
+    int failed = !zeros;
+    if (n >= nthreads) {
+#pragma omp parallel num_threads(nthreads) if (!failed)
+        {
+            float *buf = scratch(2, (size_t)hw * hidden, 0), *d = scratch(1, (size_t)ROWS * hidden, 0);
+            if (!buf || !d) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp barrier
+            if (!failed) {
+#pragma omp for schedule(static)
+                for (int64_t img = 0; img < n; img++) {
+                    conv1x1_rows(x + img * hw * cin, 0, hw, hw, cin, buf, hidden, 0, 0, 1, ew, eb, etasks, netasks,
+                                 esegs, eoidx);
+                    for (int64_t r0 = 0; r0 < ohw; r0 += ROWS) {
+                        int64_t at = img * ohw + r0;
+                        dw_project_chunk(buf, h, w, hidden, dww, dwb, stride, ho, wo, r0, ohw - r0 < ROWS ? ohw - r0 : ROWS,
+                                         d, zeros, y + at * ys, ys, res ? res + at * rs : 0, rs, relu6, pw, pb,
+                                         tasks, ntasks, segs, oidx);
+                    }
+                }
+            }
+        }
+        return failed ? -1 : 0;
+    }
+    float *buf = scratch(2, (size_t)hw * hidden, 0); /* the calling thread's; shared by the team */
+    failed = failed || !buf;
+    int64_t eblocks = (hw + ROWS - 1) / ROWS;
+    for (int64_t img = 0; img < n && !failed; img++) {
+#pragma omp parallel num_threads(nthreads)
+        {
+            float *d = scratch(1, (size_t)ROWS * hidden, 0);
+            if (!d) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(static)
+            for (int64_t blk = 0; blk < eblocks; blk++) {
+                int64_t r = blk * ROWS;
+                conv1x1_rows(x + img * hw * cin, r, r + ROWS < hw ? r + ROWS : hw, hw, cin, buf, hidden, 0, 0, 1, ew,
+                             eb, etasks, netasks, esegs, eoidx);
+            } /* implicit barrier: the whole expanded image is there, and every thread's d is known */
+            if (!failed) {
+#pragma omp for schedule(static)
+                for (int64_t chunk = 0; chunk < ochunks; chunk++) {
+                    int64_t r0 = chunk * ROWS, at = img * ohw + r0;
+                    dw_project_chunk(buf, h, w, hidden, dww, dwb, stride, ho, wo, r0,
+                                     ohw - r0 < ROWS ? ohw - r0 : ROWS, d, zeros, y + at * ys, ys,
+                                     res ? res + at * rs : 0, rs, relu6, pw, pb, tasks, ntasks, segs, oidx);
+                }
+            }
+        }
+    }
+    return failed ? -1 : 0; /* -1: out of memory, y not (fully) written */
 }
