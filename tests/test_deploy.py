@@ -174,6 +174,11 @@ def test_fused_kernel_against_float64_reference(threads):
     filters_per_task = layer.fused_tables["tasks"][:, 3]
     chunks = sum(-(-int((out_groups == k).sum()) // 8) for k in range(g))
     assert filters_per_task.max() <= 8 and len(filters_per_task) < chunks  # small groups share a task
+    # windows: tasks are the next 8 output channels, whatever their groups (FLGC expand convs use this)
+    windowed = UnequalGroupConv2d(weight, bias, in_groups, out_groups, g, "fused", windows=True)
+    tasks = windowed.fused_tables["tasks"]
+    assert len(tasks) == -(-c_out // 8) and tasks[:-1, 3].eq(8).all() and tasks[-1, 3] == c_out % 8
+    assert torch.equal(windowed.fused_tables["out_index"] // 8, torch.arange(c_out) // 8)  # task k: outputs 8k..8k+7
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -183,9 +188,11 @@ def test_fused_kernel_against_float64_reference(threads):
             with torch.no_grad():
                 got = layer(x)
                 got_cl = layer(x.contiguous(memory_format=torch.channels_last))
+                got_windowed = windowed(x)
             assert got.is_contiguous(memory_format=torch.channels_last)
             torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
             torch.testing.assert_close(got_cl, got, atol=0, rtol=0)
+            torch.testing.assert_close(got_windowed.double(), expected, atol=1e-5, rtol=0)
     finally:
         torch.set_num_threads(previous)
     # filters of a group without inputs output their bias
@@ -251,7 +258,7 @@ def test_fused_block_kernel_against_float64_reference(threads, stride, expand):
         e_in, e_out, e_groups = torch.randint(0, 3, (c_in,), generator=gen), torch.randint(0, 3, (hidden,), generator=gen), 3
     weight, bias = torch.randn(c_out, hidden, generator=gen), torch.randn(c_out, generator=gen)
     dw_weight, dw_bias = torch.randn(hidden, 1, 3, 3, generator=gen), torch.randn(hidden, generator=gen)
-    e = UnequalGroupConv2d(e_weight, e_bias, e_in, e_out, e_groups, "fused", relu6=True).fused_tables
+    e = UnequalGroupConv2d(e_weight, e_bias, e_in, e_out, e_groups, "fused", relu6=True, windows=True).fused_tables
     t = UnequalGroupConv2d(weight, bias, in_groups, out_groups, g, "fused").fused_tables
     e_mask = (e_out[:, None] == e_in[None, :]).double()
     mask = (out_groups[:, None] == in_groups[None, :]).double()
@@ -403,12 +410,19 @@ def test_fused_kernel_builds_from_scratch_in_its_cache_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
-def test_auto_kernel_choice_keeps_logits(images):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_auto_kernel_choice_keeps_logits(images, variant):
+    """Timed per-layer choice; an FLGC expand conv that runs inside the block kernel is never called on its own,
+    so it is fused without timing (the paper variant)."""
     torch.manual_seed(11)
-    model = trained_like(MobileNetV2(groups=4, use_flgc=True), 11)
+    model = trained_like(MobileNetV2(groups=4, use_flgc=True, **VARIANTS[variant]), 11)
     deployed = deploy_model(model, kernel="auto", tune_batch=4)
     kernels = {m.kernel for m in deployed.modules() if isinstance(m, UnequalGroupConv2d)}
     assert kernels and kernels <= set(UnequalGroupConv2d.KERNELS)
+    blocks = [b for b in deployed.features if hasattr(b, "can_fuse_block") and b.can_fuse_block()]
+    assert len(blocks) == 16 and all(b.projection.kernel == "fused" for b in blocks)
+    if variant == "paper":
+        assert all(b.conv[0][0].kernel == "fused" for b in blocks)
     with torch.no_grad():
         assert (deployed(images.contiguous(memory_format=torch.channels_last)) - model(images)).abs().max() <= 1e-4
 

@@ -57,11 +57,12 @@ class FoldedConv:
         if self.in_groups is not None:
             self.in_groups = self.in_groups[index]
 
-    def build(self, kernel: str = "padded", relu6: bool = False) -> nn.Module:
-        """The deployed conv; ``relu6`` is folded into unequal-group layers only (their kernel applies it)."""
+    def build(self, kernel: str = "padded", relu6: bool = False, windows: bool = False) -> nn.Module:
+        """The deployed conv; ``relu6`` is folded into unequal-group layers only (their kernel applies it);
+        ``windows``: see :class:`UnequalGroupConv2d`."""
         if self.in_groups is not None:
             return UnequalGroupConv2d(self.weight, self.bias, self.in_groups, self.out_groups, self.num_groups, kernel,
-                                      relu6)
+                                      relu6, windows)
         t = self.template
         depthwise = t.groups > 1 and t.groups == t.in_channels == t.out_channels
         channels_out = self.weight.shape[0]
@@ -82,9 +83,9 @@ def _stage(conv_bn: nn.Sequential) -> tuple[FoldedConv, bool]:
     return FoldedConv.from_conv_bn(conv, bn), len(conv_bn) > 2
 
 
-def _sequential(folded: FoldedConv, relu6: bool, kernel: str = "padded") -> nn.Sequential:
+def _sequential(folded: FoldedConv, relu6: bool, kernel: str = "padded", windows: bool = False) -> nn.Sequential:
     """``conv [-> ReLU6]``; an unequal-group conv applies its ReLU6 itself (in the fused kernel's registers)."""
-    conv = folded.build(kernel, relu6)
+    conv = folded.build(kernel, relu6, windows)
     if relu6 and not isinstance(conv, UnequalGroupConv2d):
         return nn.Sequential(conv, nn.ReLU6(inplace=True))
     return nn.Sequential(conv)
@@ -135,7 +136,9 @@ def _deploy_block(block: InvertedResidual, group_hidden: bool, kernel: str,
             _group_hidden_channels(stages[0][0], stages[1][0], projection, align)
         elif producer is not None and (not block.use_residual or shortcut is not None):
             _group_block_inputs(producer, stages[0][0], projection, None if shortcut is None else shortcut[0])
-    conv = nn.Sequential(*(_sequential(f, relu, kernel) for f, relu in stages))
+    # an FLGC expand conv writes hidden channels in the order chosen above: its fused tasks take them 8 at a time
+    conv = nn.Sequential(*(_sequential(f, relu, kernel, windows=len(stages) == 3 and i == 0)
+                           for i, (f, relu) in enumerate(stages)))
     return DeployedInvertedResidual(conv, None if shortcut is None else _sequential(*shortcut, kernel),
                                     block.use_residual)
 

@@ -62,14 +62,16 @@ class UnequalGroupConv2d(nn.Module):
         kernel: ``"padded"`` (grouped conv on equal padded blocks), ``"blockdiag"`` (dense, masked)
             or ``"fused"`` (compiled CPU kernel, learned connections only; padded elsewhere).
         relu6: apply ReLU6 to the output (after the residual, if one is given).
+        windows: the fused kernel's tasks are consecutive output channels (:func:`native.pack`); the deploy
+            step sets it for FLGC expand convs, whose output order it chooses.
     """
 
     KERNELS = ("padded", "blockdiag", "fused")
 
     def __init__(self, weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Tensor, num_groups: int,
-                 kernel: str = "padded", relu6: bool = False) -> None:
+                 kernel: str = "padded", relu6: bool = False, windows: bool = False) -> None:
         super().__init__()
-        self.relu6 = relu6
+        self.relu6, self.windows = relu6, windows
         if kernel not in self.KERNELS:
             raise ValueError(f"kernel must be one of {self.KERNELS}, got {kernel!r}")
         self.kernel = kernel
@@ -129,7 +131,8 @@ class UnequalGroupConv2d(nn.Module):
         if self.__dict__.get("_tables_key") != key:
             bias = None if b is None else b.detach()[self.out_index].cpu()
             dense = self.dense_weight().cpu().float()
-            tables = native.pack(dense, bias, self.in_groups, self.out_groups, self.num_groups)
+            tables = native.pack(dense, bias, self.in_groups, self.out_groups, self.num_groups,
+                                 getattr(self, "windows", False))  # modules pickled before the option: False
             tables["dense_weight"] = dense
             tables["dense_bias"] = torch.zeros(self.out_channels) if bias is None else bias.float()
             self._tables = tables
@@ -165,7 +168,7 @@ class UnequalGroupConv2d(nn.Module):
         """The same layer (same outputs) with another kernel."""
         bias = None if self.conv.bias is None else self.conv.bias[self.out_index]
         return UnequalGroupConv2d(self.dense_weight(), bias, self.in_groups, self.out_groups, self.num_groups, kernel,
-                                  self.relu6)
+                                  self.relu6, getattr(self, "windows", False))
 
     @property
     def executed_connections(self) -> int:

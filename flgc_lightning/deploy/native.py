@@ -184,7 +184,7 @@ def _runs(channels: list[int]) -> list[tuple[int, int]]:
 
 
 def pack(weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Tensor,
-         num_groups: int) -> dict[str, Tensor]:
+         num_groups: int, windows: bool = False) -> dict[str, Tensor]:
     """The kernel's tables for a ``C_out x C_in`` 1x1 weight restricted to groups.
 
     A "task" is one vector of 8 accumulators: up to 8 filters, of one group or of several
@@ -197,21 +197,34 @@ def pack(weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Ten
     of a group without filters are never read. A task whose 8 filters are 8 consecutive output channels
     writes each row with one vector store instead of 8 scalar ones (what makes the paper variant's FLGC
     expand convs, 18 outputs per 3 inputs, fast: the deploy step orders their outputs by group).
+
+    ``windows=True``: each task is instead the next 8 output channels in order, whatever groups they belong
+    to, reading the inputs of every group among them, so every full task stores with vector stores. For
+    layers with a few inputs per group and outputs in group order (FLGC expand convs: 2-3 inputs per group
+    in the first blocks), the stores cost more than the extra multiply-adds.
     """
     weight = weight.detach().reshape(weight.shape[0], -1).cpu().float()
     bias = torch.zeros(weight.shape[0]) if bias is None else bias.detach().cpu().float()
     in_groups, out_groups = in_groups.cpu(), out_groups.cpu()
-    chunks = []  # (filters, input runs): up to 8 filters of one group
-    for g in range(num_groups):
-        filters = torch.nonzero(out_groups == g).flatten().tolist()
-        runs = _runs(torch.nonzero(in_groups == g).flatten().tolist())
-        chunks += [(filters[i:i + LANES], runs) for i in range(0, len(filters), LANES)]
-    bins: list[list[tuple[list[int], list[tuple[int, int]]]]] = []
-    for chunk in chunks:  # consecutive chunks share a task while their filters fit in 8 lanes
-        if bins and sum(len(f) for f, _ in bins[-1]) + len(chunk[0]) <= LANES:
-            bins[-1].append(chunk)
-        else:
-            bins.append([chunk])
+    runs = {g: _runs(torch.nonzero(in_groups == g).flatten().tolist()) for g in range(num_groups)}
+    bins: list[list[tuple[list[int], list[tuple[int, int]]]]] = []  # per task: (filters of one group, runs)
+    if windows:
+        for first in range(0, len(out_groups), LANES):
+            window = list(range(first, min(first + LANES, len(out_groups))))
+            members: dict[int, list[int]] = {}
+            for f in window:
+                members.setdefault(int(out_groups[f]), []).append(f)
+            bins.append([(filters, runs[g]) for g, filters in members.items()])
+    else:
+        chunks = []  # (filters, input runs): up to 8 filters of one group
+        for g in range(num_groups):
+            filters = torch.nonzero(out_groups == g).flatten().tolist()
+            chunks += [(filters[i:i + LANES], runs[g]) for i in range(0, len(filters), LANES)]
+        for chunk in chunks:  # consecutive chunks share a task while their filters fit in 8 lanes
+            if bins and sum(len(f) for f, _ in bins[-1]) + len(chunk[0]) <= LANES:
+                bins[-1].append(chunk)
+            else:
+                bins.append([chunk])
     tasks, segments, out_index, weights, biases = [], [], [], [], []
     w_offset = 0
     for members in bins:

@@ -39,7 +39,8 @@ def choose_kernels(net: nn.Module, batch: int = 64, channels_last: bool = True, 
     interleaved (one call each per round, after a warm-up call) and the lowest median wins.
     Exception: a block's projection whose depthwise conv the fused kernel can take along is fused without
     timing (on its own the layer may time close to the others; with the depthwise conv fused the block saves a
-    write and a read of its widest tensor, benchmarks/README.md). Returns ``{module name: chosen kernel}``.
+    write and a read of its widest tensor, benchmarks/README.md), and so is an FLGC expand conv the block kernel
+    then runs too (it is never called on its own). Returns ``{module name: chosen kernel}``.
     """
     layers = {name: m for name, m in net.named_modules() if isinstance(m, UnequalGroupConv2d)}
     if not layers:
@@ -50,10 +51,14 @@ def choose_kernels(net: nn.Module, batch: int = 64, channels_last: bool = True, 
         for name, block in net.named_modules():
             if isinstance(block, DeployedInvertedResidual) and block.can_fuse_depthwise():
                 layer_name = f"{name}.conv.{len(block.conv) - 1}.0"
-                chosen[layer_name] = "fused"
-                if layers[layer_name].kernel != "fused":
-                    replace_module(net, layer_name, layers[layer_name].rebuilt("fused"))
-                del layers[layer_name]
+                names = [layer_name]
+                if block.can_fuse_block() and f"{name}.conv.0.0" in layers:
+                    names.append(f"{name}.conv.0.0")
+                for layer_name in names:
+                    chosen[layer_name] = "fused"
+                    if layers[layer_name].kernel != "fused":
+                        replace_module(net, layer_name, layers[layer_name].rebuilt("fused"))
+                    del layers[layer_name]
     if not layers:
         return chosen
     inputs: dict[str, torch.Tensor] = {}

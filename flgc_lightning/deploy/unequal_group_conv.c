@@ -184,11 +184,68 @@ static float *scratch(int slot, size_t floats, int zeroed) {
 /* Output pixels [r0, r0 + valid) (valid <= 8) of relu6(depthwise3x3(x) + dwb) fed to the 1x1 tasks. x: images of
    h x w x c (pixel index r0 counts across them, ho * wo per image); the depthwise outputs go to d (8 x c floats,
    stays in L1), never to memory. y and rr (the residual, or NULL) point at output pixel r0. */
+/* Stride 1, 8 output pixels of one row: a sliding 3x3 window over the input columns, so each output vector
+   loads the 3 vectors of one new input column instead of all 9 taps (the 3x3 conv is otherwise bound by loads).
+   A row or column outside the image reads zeros (column step 0 into `zeros`). */
+static inline void dw_row8(const float *x, int64_t img, int64_t h, int64_t w, int64_t c, const float *dww,
+                           const float *dwb, int64_t oy, int64_t ox0, float *d, const float *zeros) {
+    const float *row[3];
+    int64_t step[3];
+    for (int64_t dy = 0; dy < 3; dy++) {
+        int64_t iy = oy - 1 + dy;
+        int inside = iy >= 0 && iy < h;
+        row[dy] = inside ? x + (img * h + iy) * w * c : zeros;
+        step[dy] = inside ? c : 0;
+    }
+    const int left = ox0 >= 1, right = ox0 + ROWS < w; /* columns ox0 - 1 and ox0 + 8 exist */
+    const v8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t cb = 0;
+    for (; cb + 8 <= c; cb += 8) {
+        v8 k0 = *(const v8 *)(dww + cb), k1 = *(const v8 *)(dww + c + cb), k2 = *(const v8 *)(dww + 2 * c + cb),
+           k3 = *(const v8 *)(dww + 3 * c + cb), k4 = *(const v8 *)(dww + 4 * c + cb),
+           k5 = *(const v8 *)(dww + 5 * c + cb), k6 = *(const v8 *)(dww + 6 * c + cb),
+           k7 = *(const v8 *)(dww + 7 * c + cb), k8 = *(const v8 *)(dww + 8 * c + cb), bias = *(const v8 *)(dwb + cb);
+        const float *r0p = row[0] + cb, *r1p = row[1] + cb, *r2p = row[2] + cb;
+        int64_t s0 = step[0], s1 = step[1], s2 = step[2];
+        v8 a0 = zero, a1 = zero, a2 = zero; /* column ox - 1 (rows dy = 0, 1, 2) */
+        if (left) {
+            a0 = *(const v8 *)(r0p + (ox0 - 1) * s0), a1 = *(const v8 *)(r1p + (ox0 - 1) * s1);
+            a2 = *(const v8 *)(r2p + (ox0 - 1) * s2);
+        }
+        v8 b0 = *(const v8 *)(r0p + ox0 * s0), b1 = *(const v8 *)(r1p + ox0 * s1), b2 = *(const v8 *)(r2p + ox0 * s2);
+        for (int64_t p = 0; p < ROWS; p++) {
+            int64_t ix = ox0 + p + 1;
+            v8 e0 = zero, e1 = zero, e2 = zero; /* column ox + 1 */
+            if (p < ROWS - 1 || right) {
+                e0 = *(const v8 *)(r0p + ix * s0), e1 = *(const v8 *)(r1p + ix * s1);
+                e2 = *(const v8 *)(r2p + ix * s2);
+            }
+            v8 acc = bias + a0 * k0 + b0 * k1 + e0 * k2 + a1 * k3 + b1 * k4 + e1 * k5 + a2 * k6 + b2 * k7 + e2 * k8;
+            *(v8 *)(d + p * c + cb) = clamp6(acc);
+            a0 = b0, a1 = b1, a2 = b2, b0 = e0, b1 = e1, b2 = e2;
+        }
+    }
+    for (; cb < c; cb++) /* channel tail */
+        for (int64_t p = 0; p < ROWS; p++) {
+            float a = dwb[cb];
+            for (int64_t k = 0; k < 9; k++) {
+                int64_t ix = ox0 + p - 1 + k % 3;
+                if (ix >= 0 && ix < w) a += row[k / 3][ix * step[k / 3] + cb] * dww[k * c + cb];
+            }
+            d[p * c + cb] = a < 0.0f ? 0.0f : (a > 6.0f ? 6.0f : a);
+        }
+}
+
 static void dw_project_chunk(const float *x, int64_t h, int64_t w, int64_t c, const float *dww, const float *dwb,
                              int64_t stride, int64_t ho, int64_t wo, int64_t r0, int64_t valid, float *d,
                              const float *zeros, float *y, int64_t ys, const float *rr, int64_t rs, int relu6,
                              const float *pw, const float *pb, const int64_t *tasks, int64_t ntasks,
                              const int64_t *segs, const int64_t *oidx) {
+    if (stride == 1 && valid == ROWS && r0 % wo + ROWS <= wo) { /* 8 pixels of one row */
+        dw_row8(x, r0 / (ho * wo), h, w, c, dww, dwb, r0 / wo % ho, r0 % wo, d, zeros);
+        for (int64_t k = 0; k < ntasks; k++) block8(d, c, y, ys, rr, rs, relu6, pw, pb, tasks + k * T_LEN, segs, oidx);
+        return;
+    }
     const float *tap[ROWS][9];
     for (int64_t p = 0; p < ROWS; p++) {
         int64_t q = r0 + (p < valid ? p : 0), img = q / (ho * wo), oy = q / wo % ho, ox = q % wo;
