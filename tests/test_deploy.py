@@ -450,7 +450,9 @@ def test_deployed_macs_agree_with_learned_group_sizes():
     # what the kernels execute: padding (padded), the whole dense product (blockdiag), 8-filter vector lanes (fused)
     padded, blockdiag = deploy_model(flgc, kernel="padded"), deploy_model(flgc, kernel="blockdiag")
     fused = deploy_model(flgc, kernel="fused")
-    assert deployed_macs(fused) == deployed_macs(padded)
+    # the fused network keeps hidden widths at multiples of its 8-float vectors (unread channels, zero weights)
+    assert deployed_macs(fused) == deployed_macs(deploy_model(flgc, kernel="padded", align_hidden=8))
+    assert deployed_macs(fused) >= deployed_macs(padded)
     for net in (padded, blockdiag, fused):
         layers = [m for m in net.modules() if isinstance(m, UnequalGroupConv2d)]
         extra = sum((m.executed_connections - m.learned_connections + m.executed_outputs - m.out_channels) * hw
