@@ -10,10 +10,11 @@ channels_last, inference mode); FLGC is deployed with ``kernel="auto"`` as the C
 run our fused kernel as the ``torch.ops.flgc`` custom op; ONNX Runtime runs the block-diagonal ONNX export.
 
 Each engine is timed in its own child process (models saved once by this process), so no engine's thread
-pool or memory arena slows another; within a PyTorch engine the models are timed interleaved (one call of each
-per round) and the median is reported. ONNX Runtime gets one child process per model: every session owns a
-thread pool whose workers spin after each call (ONNX Runtime's default, its fastest setting), and interleaved
-sessions in one process would take the cores from each other (dense at batch 1: 11 ms instead of 1.3 ms). "best dense" is the fastest engine for the dense model in this run.
+pool or memory arena slows another; within an engine the models are timed interleaved (one call of each per
+round) and the median is reported. ONNX Runtime sessions each own a thread pool whose workers spin for a
+while after every call (ONNX Runtime's default, its fastest setting): called right after another session,
+a session shares the cores with those spinning threads (dense at batch 1: 11 ms instead of 1.3 ms). So in
+ONNX Runtime each round gives every model a settling pause and at least 20 ms of warm-up calls (not timed), then five timed calls. "best dense" is the fastest engine for the dense model in this run.
 Exit status 0 only if every target passes (1 on a FAIL).
 """
 from __future__ import annotations
@@ -91,9 +92,13 @@ def build_models(args) -> tuple[dict[str, torch.nn.Module], torch.nn.Module, dic
     return models, deploy_model(flgc, kernel="blockdiag", align_hidden=16), {"flgc": flgc, "balanced": balanced}
 
 
-def time_interleaved(runners: dict, repeats: int, warmup: int = 3, timer: str = "wall") -> dict[str, float]:
+def time_interleaved(runners: dict, repeats: int, warmup: int = 3, timer: str = "wall", settle: float = 0.0,
+                     calls: int = 1) -> dict[str, float]:
     """Seconds per call of each runner, rounds interleaved across runners: the median wall-clock time, or with
-    ``timer="cpu"`` the least CPU time of the calling thread (single-threaded runs on a busy machine)."""
+    ``timer="cpu"`` the least CPU time of the calling thread (single-threaded runs on a busy machine).
+    ``settle`` > 0: before its turn in a round each runner waits that long (other runners' idle threads stop
+    spinning), then makes untimed calls for at least 20 ms (two at least: its own threads and caches are
+    warm again), then ``calls`` timed ones."""
     for run in runners.values():
         for _ in range(warmup):
             run()
@@ -101,9 +106,16 @@ def time_interleaved(runners: dict, repeats: int, warmup: int = 3, timer: str = 
     samples: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():
-            start = clock()
-            run()
-            samples[name].append(clock() - start)
+            if settle:
+                time.sleep(settle)
+                start, n = time.perf_counter(), 0
+                while n < 2 or time.perf_counter() - start < 0.02:
+                    run()
+                    n += 1
+            for _ in range(calls):
+                start = clock()
+                run()
+                samples[name].append(clock() - start)
     return {name: (min(v) if timer == "cpu" else statistics.median(v)) for name, v in samples.items()}
 
 
@@ -119,7 +131,8 @@ def worker(engine: str, folder: Path, batches: list[int], repeats: int, threads:
         for batch in batches:
             x = torch.randn(batch, 3, 32, 32).numpy()
             result[batch] = time_interleaved(
-                {name: (lambda s=s: s.run(None, {"images": x})) for name, s in sessions.items()}, repeats, timer=timer)
+                {name: (lambda s=s: s.run(None, {"images": x})) for name, s in sessions.items()}, repeats, timer=timer,
+                settle=0.2, calls=5)
         return result
     models = {name: torch.load(folder / f"{name}.pt", weights_only=False) for name in names}  # our own files
     for batch in batches:
@@ -138,10 +151,9 @@ def worker(engine: str, folder: Path, batches: list[int], repeats: int, threads:
 
 
 def run_engine(engine: str, folder: Path, args) -> dict[int, dict[str, float]]:
-    """``{batch: {model: seconds}}`` of one engine, from child processes (one per model for ONNX Runtime)."""
-    groups = [[name] for name in MODELS] if engine == "onnxruntime" else [list(MODELS)]
+    """``{batch: {model: seconds}}`` of one engine, from a child process."""
     result: dict[int, dict[str, float]] = {}
-    for names in groups:
+    for names in [list(MODELS)]:
         cmd = [sys.executable, __file__, "--worker", engine, "--folder", str(folder), "--threads", str(args.threads),
                "--repeats", str(args.repeats), "--timer", args.timer, "--batches", *map(str, args.batches),
                "--models", *names]
