@@ -34,13 +34,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from flgc_lightning.deploy.blocks import DeployedInvertedResidual  # noqa: E402
 from flgc_lightning.deploy import (  # noqa: E402
     UnequalGroupConv2d, compile_deployed, deploy_model, deployed_macs, export_onnx, native, onnxruntime_session,
 )
 from flgc_lightning.models import MobileNetV2  # noqa: E402
 
 ENGINES = ("eager", "compiled", "onnxruntime")
-MODELS = ("dense", "grouped", "flgc", "balanced")  # balanced: learned equal groups (model.assignment=balanced)
+# balanced: learned equal groups (model.assignment=balanced); dense_fused: the dense network with its projections
+# run by our fused kernels as one group, i.e. dense blocks through the whole-block kernel. No engine offers that for
+# dense; it is timed to tell how much of FLGC's gain comes from the fusion and how much from the groups.
+MODELS = ("dense", "grouped", "flgc", "balanced", "dense_fused")
 VARIANTS = {"reference": {}, "paper": {"group_expand": True, "group_shortcut": True}}
 # (label, variant or None for both, engine of the FLGC side or "best", engine of the dense side or "best",
 #  batch, bound)
@@ -83,13 +87,32 @@ def build_models(args) -> tuple[dict[str, torch.nn.Module], torch.nn.Module, dic
     flgc.eval()
     # balanced FLGC deploys as standard grouped convs with its channel permutations (padded = no padding here)
     balanced = MobileNetV2(groups=args.groups, use_flgc=True, assignment="balanced", **VARIANTS[args.variant]).eval()
+    dense = MobileNetV2().eval()
     models = {
-        "dense": deploy_model(MobileNetV2()),
+        "dense": deploy_model(dense),
+        "dense_fused": dense_through_block_kernel(deploy_model(dense)),
         "grouped": deploy_model(MobileNetV2(groups=args.groups, **VARIANTS[args.variant])),
         "flgc": deploy_model(flgc, kernel="auto"),
         "balanced": deploy_model(balanced, kernel="padded"),
     }
-    return models, deploy_model(flgc, kernel="blockdiag", align_hidden=16), {"flgc": flgc, "balanced": balanced}
+    return (models, deploy_model(flgc, kernel="blockdiag", align_hidden=16),
+            {"flgc": flgc, "balanced": balanced, "dense": dense})
+
+
+def dense_through_block_kernel(net: torch.nn.Module) -> torch.nn.Module:
+    """A deployed dense network whose projection convs are one-group unequal-group layers (same weights), so each
+    block runs our whole-block kernel like a fused FLGC block does."""
+    if not native.available():
+        return net
+    for block in net.features:
+        if isinstance(block, DeployedInvertedResidual) and type(block.projection) is torch.nn.Conv2d:
+            conv = block.projection
+            c_out, c_in = conv.weight.shape[:2]
+            layer = UnequalGroupConv2d(conv.weight[:, :, 0, 0], conv.bias, torch.zeros(c_in, dtype=torch.long),
+                                       torch.zeros(c_out, dtype=torch.long), 1, "fused")
+            block.conv[-1][0] = layer.to(memory_format=torch.channels_last)
+            block.prepare()
+    return net
 
 
 def time_interleaved(runners: dict, repeats: int, warmup: int = 3, timer: str = "wall", settle: float = 0.0,
@@ -173,7 +196,8 @@ def check_exactness(models, trained, folder: Path) -> dict[str, float]:
         xc = x.contiguous(memory_format=torch.channels_last)
         diffs = {"eager": (models["flgc"](xc) - expected).abs().max().item(),
                  "compiled": (compile_deployed(models["flgc"])(xc) - expected).abs().max().item(),
-                 "balanced eager": (models["balanced"](xc) - trained["balanced"](x)).abs().max().item()}
+                 "balanced eager": (models["balanced"](xc) - trained["balanced"](x)).abs().max().item(),
+                 "dense_fused eager": (models["dense_fused"](xc) - trained["dense"](x)).abs().max().item()}
     session = onnxruntime_session(folder / "flgc.onnx", 1)
     diffs["onnxruntime"] = float(abs(session.run(None, {"images": x.numpy()})[0] - expected.numpy()).max())
     return diffs
@@ -246,6 +270,10 @@ def main(argv=None) -> int:
               + ", ".join(f"{e} {d:.2g}" for e, d in diffs.items()) + "\n")
         results = {engine: run_engine(engine, folder, args) for engine in ENGINES}
     print_table(results, args.batches)
+    print("\nAttribution (PyTorch engines): FLGC / the dense network through the same whole-block kernel, "
+          "best of eager and compiled: " + ", ".join(
+              f"batch {b} {min(results[e][b]['flgc'] for e in ENGINES[:2]) / min(results[e][b]['dense_fused'] for e in ENGINES[:2]):.3f}"
+              for b in args.batches))
 
     ok = max(diffs.values()) <= 1e-4
     note = "" if args.timer == "wall" and args.threads == 2 else "; the targets are defined for --timer wall, 2 threads"
