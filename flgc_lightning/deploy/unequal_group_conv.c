@@ -181,6 +181,14 @@ static float *scratch(int slot, size_t floats, int zeroed) {
     return scratch_ptr[slot];
 }
 
+/* A thread whose scratch allocation failed says so; the team checks `failed` after a barrier. */
+static inline void note_failure(const void *scratch_ptr_or_null, int *failed) {
+    if (!scratch_ptr_or_null) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+}
+
 /* Output pixels [r0, r0 + valid) (valid <= 8) of relu6(depthwise3x3(x) + dwb) fed to the 1x1 tasks. x: images of
    h x w x c (pixel index r0 counts across them, ho * wo per image); the depthwise outputs go to d (8 x c floats,
    stays in L1), never to memory. y and rr (the residual, or NULL) point at output pixel r0. */
@@ -283,6 +291,17 @@ static void dw_project_chunk(const float *x, int64_t h, int64_t w, int64_t c, co
                 block1(d + p * c, y + p * ys, rr ? rr + p * rs : 0, relu6, pw, pb, tasks + k * T_LEN, segs, oidx);
 }
 
+/* dw_project_chunk over output pixels [r, end), 8 at a time; y and rr (or NULL) point at output pixel 0 of x */
+static void dw_project_pixels(const float *x, int64_t h, int64_t w, int64_t c, const float *dww, const float *dwb,
+                              int64_t stride, int64_t ho, int64_t wo, int64_t r, int64_t end, float *d,
+                              const float *zeros, float *y, int64_t ys, const float *rr, int64_t rs, int relu6,
+                              const float *pw, const float *pb, const int64_t *tasks, int64_t ntasks,
+                              const int64_t *segs, const int64_t *oidx) {
+    for (; r < end; r += ROWS)
+        dw_project_chunk(x, h, w, c, dww, dwb, stride, ho, wo, r, end - r < ROWS ? end - r : ROWS, d, zeros,
+                         y + r * ys, ys, rr ? rr + r * rs : 0, rs, relu6, pw, pb, tasks, ntasks, segs, oidx);
+}
+
 /* A 3x3 depthwise conv (padding 1, stride 1 or 2, bias, ReLU6) feeding the unequal-group 1x1 conv above, in one
    pass: for 8 output pixels at a time the depthwise outputs (all c channels) are computed into a per-thread
    buffer that stays in L1, and the 1x1 tasks read them from there, so the depthwise output never goes to memory.
@@ -298,18 +317,14 @@ int depthwise_unequal_group_conv(const float *x, int64_t n, int64_t h, int64_t w
 #pragma omp parallel num_threads(nthreads) if (!failed)
     {
         float *d = scratch(1, (size_t)ROWS * c, 0);
-        if (!d) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        note_failure(d, &failed);
 #pragma omp barrier
         if (!failed) {
 #pragma omp for schedule(static)
-            for (int64_t chunk = 0; chunk < nchunks; chunk++) {
-                int64_t r0 = chunk * ROWS, valid = rows - r0 < ROWS ? rows - r0 : ROWS;
-                dw_project_chunk(x, h, w, c, dww, dwb, stride, ho, wo, r0, valid, d, zeros, y + r0 * ys, ys,
-                                 res ? res + r0 * rs : 0, rs, relu6, pw, pb, tasks, ntasks, segs, oidx);
-            }
+            for (int64_t chunk = 0; chunk < nchunks; chunk++)
+                dw_project_pixels(x, h, w, c, dww, dwb, stride, ho, wo, chunk * ROWS,
+                                  chunk * ROWS + ROWS < rows ? chunk * ROWS + ROWS : rows, d, zeros, y, ys, res, rs,
+                                  relu6, pw, pb, tasks, ntasks, segs, oidx);
         }
     }
     return failed ? -1 : 0; /* -1: out of memory, y not written */
@@ -334,22 +349,17 @@ int inverted_residual_unequal_group(
 #pragma omp parallel num_threads(nthreads) if (!failed)
         {
             float *buf = scratch(2, (size_t)hw * hidden, 0), *d = scratch(1, (size_t)ROWS * hidden, 0);
-            if (!buf || !d) {
-#pragma omp atomic write
-                failed = 1;
-            }
+            note_failure(buf, &failed);
+            note_failure(d, &failed);
 #pragma omp barrier
             if (!failed) {
 #pragma omp for schedule(static)
                 for (int64_t img = 0; img < n; img++) {
                     conv1x1_rows(x + img * hw * cin, 0, hw, hw, cin, buf, hidden, 0, 0, 1, ew, eb, etasks, netasks,
                                  esegs, eoidx);
-                    for (int64_t r0 = 0; r0 < ohw; r0 += ROWS) {
-                        int64_t at = img * ohw + r0;
-                        dw_project_chunk(buf, h, w, hidden, dww, dwb, stride, ho, wo, r0, ohw - r0 < ROWS ? ohw - r0 : ROWS,
-                                         d, zeros, y + at * ys, ys, res ? res + at * rs : 0, rs, relu6, pw, pb,
-                                         tasks, ntasks, segs, oidx);
-                    }
+                    dw_project_pixels(buf, h, w, hidden, dww, dwb, stride, ho, wo, 0, ohw, d, zeros,
+                                      y + img * ohw * ys, ys, res ? res + img * ohw * rs : 0, rs, relu6, pw, pb,
+                                      tasks, ntasks, segs, oidx);
                 }
             }
         }
@@ -362,10 +372,7 @@ int inverted_residual_unequal_group(
 #pragma omp parallel num_threads(nthreads)
         {
             float *d = scratch(1, (size_t)ROWS * hidden, 0);
-            if (!d) {
-#pragma omp atomic write
-                failed = 1;
-            }
+            note_failure(d, &failed);
 #pragma omp for schedule(static)
             for (int64_t blk = 0; blk < eblocks; blk++) {
                 int64_t r = blk * ROWS;
@@ -374,12 +381,11 @@ int inverted_residual_unequal_group(
             } /* implicit barrier: the whole expanded image is there, and every thread's d is known */
             if (!failed) {
 #pragma omp for schedule(static)
-                for (int64_t chunk = 0; chunk < ochunks; chunk++) {
-                    int64_t r0 = chunk * ROWS, at = img * ohw + r0;
-                    dw_project_chunk(buf, h, w, hidden, dww, dwb, stride, ho, wo, r0,
-                                     ohw - r0 < ROWS ? ohw - r0 : ROWS, d, zeros, y + at * ys, ys,
-                                     res ? res + at * rs : 0, rs, relu6, pw, pb, tasks, ntasks, segs, oidx);
-                }
+                for (int64_t chunk = 0; chunk < ochunks; chunk++)
+                    dw_project_pixels(buf, h, w, hidden, dww, dwb, stride, ho, wo, chunk * ROWS,
+                                      chunk * ROWS + ROWS < ohw ? chunk * ROWS + ROWS : ohw, d, zeros,
+                                      y + img * ohw * ys, ys, res ? res + img * ohw * rs : 0, rs, relu6, pw, pb,
+                                      tasks, ntasks, segs, oidx);
             }
         }
     }
