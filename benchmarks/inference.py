@@ -95,8 +95,14 @@ def build_models(args) -> tuple[dict[str, torch.nn.Module], torch.nn.Module, dic
         "flgc": deploy_model(flgc, kernel="auto"),
         "balanced": deploy_model(balanced, kernel="padded"),
     }
-    return (models, deploy_model(flgc, kernel="blockdiag", align_hidden=16),
-            {"flgc": flgc, "balanced": balanced, "dense": dense})
+    return (models, cli_onnx_network(flgc), {"flgc": flgc, "balanced": balanced, "dense": dense})
+
+
+def cli_onnx_network(flgc: torch.nn.Module) -> torch.nn.Module:
+    """The deployed network the deploy CLI writes to ONNX (``--export-kernel`` default: ``fused`` where the kernel
+    builds, else ``blockdiag`` with hidden widths multiples of 16)."""
+    from flgc_lightning.deploy.__main__ import default_export_kernel, onnx_network
+    return onnx_network(flgc, default_export_kernel(), (3, 32, 32))
 
 
 def dense_through_block_kernel(net: torch.nn.Module) -> torch.nn.Module:
@@ -142,6 +148,12 @@ def time_interleaved(runners: dict, repeats: int, warmup: int = 3, timer: str = 
     return {name: (min(v) if timer == "cpu" else statistics.median(v)) for name, v in samples.items()}
 
 
+def has_custom_ops(path: Path) -> bool:
+    import onnx
+    from flgc_lightning.deploy.onnx_custom_ops import custom_nodes
+    return bool(custom_nodes(onnx.load(str(path))))
+
+
 def worker(engine: str, folder: Path, batches: list[int], repeats: int, threads: int, timer: str,
            names: list[str]) -> dict:
     """Time the models ``names`` of ``folder`` in one engine; runs in a child process."""
@@ -149,8 +161,11 @@ def worker(engine: str, folder: Path, batches: list[int], repeats: int, threads:
     torch.set_num_threads(threads)
     result = {}
     if engine == "onnxruntime":
-        # ONNX Runtime's defaults (spinning worker threads): this process runs nothing else
-        sessions = {name: onnxruntime_session(folder / f"{name}.onnx", threads, spinning=True) for name in names}
+        # stock-op files: ONNX Runtime's defaults (spinning worker threads; this process runs nothing else). Files
+        # with our custom ops: the helper's default (no spinning), else ONNX Runtime's idle threads take the
+        # cores from the kernel's OpenMP threads
+        sessions = {name: onnxruntime_session(folder / f"{name}.onnx", threads, spinning=not has_custom_ops(folder / f"{name}.onnx"))
+                    for name in names}
         for batch in batches:
             x = torch.randn(batch, 3, 32, 32).numpy()
             result[batch] = time_interleaved(
@@ -188,8 +203,9 @@ def run_engine(engine: str, folder: Path, args) -> dict[int, dict[str, float]]:
     return result
 
 
-def check_exactness(models, trained, folder: Path) -> dict[str, float]:
-    """max |logit difference| of every deployed form of FLGC (and balanced FLGC) vs its trained network (8 random images)."""
+def check_exactness(models, trained, folder: Path) -> tuple[dict[str, float], float]:
+    """max |logit difference| of every deployed form of FLGC (and balanced FLGC, dense_fused) vs its trained network
+    (8 random images), and the largest |logit| of the trained FLGC network."""
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = trained["flgc"](x)
@@ -200,7 +216,7 @@ def check_exactness(models, trained, folder: Path) -> dict[str, float]:
                  "dense_fused eager": (models["dense_fused"](xc) - trained["dense"](x)).abs().max().item()}
     session = onnxruntime_session(folder / "flgc.onnx", 1)
     diffs["onnxruntime"] = float(abs(session.run(None, {"images": x.numpy()})[0] - expected.numpy()).max())
-    return diffs
+    return diffs, expected.abs().max().item()
 
 
 def ratio(results, engine_num: str, engine_den: str, batch: int) -> float:
@@ -255,9 +271,10 @@ def main(argv=None) -> int:
         folder = Path(tmp)
         for name, model in models.items():
             torch.save(model, folder / f"{name}.pt")
-            # the CLI's ONNX form: FLGC layers block-diagonal, hidden widths multiples of 16
-            export_onnx(flgc_onnx if name == "flgc" else model, folder / f"{name}.onnx")
-        diffs = check_exactness(models, trained, folder)
+            # FLGC: the CLI's ONNX file; the others with the same exporter (dense ones stay stock ops)
+            export_onnx(flgc_onnx if name == "flgc" else model, folder / f"{name}.onnx",
+                        kernel="fused" if name in ("flgc", "dense_fused") else "blockdiag")
+        diffs, scale = check_exactness(models, trained, folder)
         kernels = "".join(m.kernel[0] for m in models["flgc"].modules() if isinstance(m, UnequalGroupConv2d))
         print(f"torch {torch.__version__}, {args.threads} CPU thread(s), timer {args.timer}, variant {args.variant}, "
               f"groups {args.groups}, "
@@ -266,7 +283,7 @@ def main(argv=None) -> int:
               f"load average before timing {os.getloadavg()[0]:.2f}")
         print("MACs (learned groups): " + ", ".join(f"{n} {deployed_macs(m) / 1e6:.2f} M" for n, m in models.items()))
         print(f"FLGC kernel per layer (auto): {kernels} (f = fused, p = padded, b = block-diagonal)")
-        print("max |logit difference| FLGC deployed vs trained: "
+        print(f"max |logit difference| deployed vs trained (largest |logit| {scale:.2g}): "
               + ", ".join(f"{e} {d:.2g}" for e, d in diffs.items()) + "\n")
         results = {engine: run_engine(engine, folder, args) for engine in ENGINES}
     print_table(results, args.batches)
@@ -275,10 +292,13 @@ def main(argv=None) -> int:
               f"batch {b} {min(results[e][b]['flgc'] for e in ENGINES[:2]) / min(results[e][b]['dense_fused'] for e in ENGINES[:2]):.3f}"
               for b in args.batches))
 
-    ok = max(diffs.values()) <= 1e-4
+    # an untrained network's logits can be tiny (1e-9 with N(0,1) assignments and fresh BN statistics), where an
+    # absolute 1e-4 says nothing: the bound is 1e-4 of the largest logit once that is below 1
+    bound = 1e-4 * min(1.0, scale)
+    ok = max(diffs.values()) <= bound
     note = "" if args.timer == "wall" and args.threads == 2 else "; the targets are defined for --timer wall, 2 threads"
     print(f"\nTargets ({args.variant} variant{note}):")
-    print(f"  every deployed form within 1e-4 of the trained logits: max {max(diffs.values()):.2g}  "
+    print(f"  every deployed form within {bound:.2g} of the trained logits: max {max(diffs.values()):.2g}  "
           f"{'PASS' if ok else 'FAIL'}")
     for label, variant, num, den, batch, bound in TARGETS:
         if variant not in (None, args.variant) or batch not in args.batches:

@@ -498,9 +498,11 @@ def write_checkpoint(path: Path, groups: int, input_size=(3, 32, 32)) -> nn.Modu
 LOAD_AND_RUN = """
 import sys, numpy as np, onnxruntime, torch
 import flgc_lightning.deploy.ops  # registers torch.ops.flgc.*, all a .pt2 with fused layers needs
+from flgc_lightning.deploy.onnxruntime_ops import session as onnxruntime_session  # the ONNX file's custom ops
 out, x = sys.argv[1], torch.from_numpy(np.load(sys.argv[2]))
 program = torch.export.load(out + "/deployed.pt2").module()
-session = onnxruntime.InferenceSession(out + "/deployed.onnx", providers=["CPUExecutionProvider"])
+session = onnxruntime_session(out + "/deployed.onnx")
+assert not {"pytorch_lightning", "lightning", "hydra"} & set(sys.modules)  # no training code
 with torch.no_grad():
     np.save(out + "/pt2.npy", program(x.contiguous(memory_format=torch.channels_last)).numpy())
 np.save(out + "/onnx.npy", session.run(None, {"images": x.numpy()})[0])
@@ -513,7 +515,7 @@ def test_cli_deploys_and_exports_a_checkpoint(tmp_path, input_size):
     """The CLI's files, loaded and run on their own (a plain onnxruntime session, torch.export.load in a fresh
     process), agree with the trained network; so does the pickled module."""
     trained = write_checkpoint(tmp_path / "flgc.ckpt", groups=8, input_size=input_size)
-    export_form = ["--export-kernel", "padded"] if input_size[0] == 1 else []  # CIFAR case: default, blockdiag
+    export_form = ["--export-kernel", "padded"] if input_size[0] == 1 else []  # CIFAR case: default, fused
     proc = subprocess.run([sys.executable, "-m", "flgc_lightning.deploy", str(tmp_path / "flgc.ckpt"), "--out",
                            str(tmp_path / "out"), "--onnx", *export_form], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -522,6 +524,7 @@ def test_cli_deploys_and_exports_a_checkpoint(tmp_path, input_size):
     import onnx
     ops = {n.op_type for n in onnx.load(str(out / "deployed.onnx")).graph.node}
     assert bool({"Gather", "GatherElements"} & ops) == bool(export_form)  # only the padded form gathers channels
+    assert ("FlgcInvertedResidual" in ops) == (not export_form)  # the default: custom ops running our kernel
     x = torch.randn(5, *input_size, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         expected = trained.eval()(x)
@@ -548,6 +551,10 @@ def test_cli_without_a_c_compiler(tmp_path):
     assert auto.returncode == 0, auto.stderr
     assert "fused unequal-group kernel unavailable (no C compiler found" in auto.stderr
     assert "fused" not in auto.stdout.split("FLGC layer kernels (auto):")[1].splitlines()[0]
+    onnx = subprocess.run([*base, "--out", str(tmp_path / "onnx"), "--onnx"], cwd=REPO, env=env, capture_output=True,
+                          text=True)
+    assert onnx.returncode == 0, onnx.stderr
+    assert "the ONNX file uses stock ops (blockdiag)" in onnx.stdout and "FLGC layers blockdiag" in onnx.stdout
     fused = subprocess.run([*base, "--out", str(tmp_path / "fused"), "--kernel", "fused"], cwd=REPO, env=env,
                            capture_output=True, text=True)
     assert fused.returncode == 1

@@ -51,14 +51,45 @@ def test_compiled_exported_and_onnx_forms_match_the_trained_network(variant, tmp
         reloaded = torch.export.load(str(tmp_path / "net.pt2")).module()(xc)  # batch 3; exported with batch 2
     assert (reloaded - expected).abs().max() <= 1e-4
 
+    check_fused_onnx(net, x, expected, tmp_path / "fused.onnx")
+
     aligned = deploy_model(model, kernel="blockdiag", align_hidden=16)
-    export_onnx(aligned, tmp_path / "net.onnx")
+    export_onnx(aligned, tmp_path / "net.onnx", kernel="blockdiag")
     graph = onnx.load(str(tmp_path / "net.onnx")).graph
     assert not {"Gather", "GatherElements"} & {n.op_type for n in graph.node}
     session = onnxruntime.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
     assert abs(session.run(None, {"images": x.numpy()})[0] - expected.numpy()).max() <= 1e-4
     widths = [b.conv[-2][0].out_channels for b in aligned.features if hasattr(b, "use_residual") and len(b.conv) == 3]
     assert all(w % 16 == 0 for w in widths)  # pruned hidden widths kept at ONNX Runtime's 16-channel blocks
+
+
+def check_fused_onnx(net, x, expected, path):
+    """The fused ONNX file: every fused block one custom node, activations channels-last between them (two
+    transposes: after the stem, before the last conv), exact through the session helper (all custom nodes as one
+    chain) and through a plain session with the custom-op library registered (each node with its weights)."""
+    import onnx
+    import onnxruntime
+    from onnxruntime_extensions import get_library_path
+
+    from flgc_lightning.deploy import onnxruntime_ops, onnxruntime_session
+    from flgc_lightning.deploy.onnx_custom_ops import custom_nodes
+
+    export_onnx(net, path)
+    model = onnx.load(str(path))
+    fused = [n.op_type for n in custom_nodes(model)]
+    assert fused.count("FlgcInvertedResidual") == 16 and fused.count("FlgcDepthwiseProjection") == 1
+    assert [n.op_type for n in model.graph.node].count("Transpose") == 2
+    assert not {"Gather", "GatherElements"} & {n.op_type for n in model.graph.node}
+    rewritten = onnx.load(str(path))
+    onnxruntime_ops._forget(onnxruntime_ops._with_cached_weights(rewritten))
+    kinds = [n.op_type for n in rewritten.graph.node if n.domain == "ai.onnx.contrib"]
+    assert kinds == ["FlgcChainCached"]  # what the helper's session runs: one call for all blocks
+    session = onnxruntime_session(path)
+    assert abs(session.run(None, {"images": x.numpy()})[0] - expected.numpy()).max() <= 1e-4
+    options = onnxruntime.SessionOptions()
+    options.register_custom_ops_library(get_library_path())
+    plain = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    assert abs(plain.run(None, {"images": x.numpy()})[0] - expected.numpy()).max() <= 1e-4
 
 
 @pytest.mark.slow
@@ -75,3 +106,47 @@ def test_compiled_graph_keeps_the_fused_ops_without_graph_breaks():
     targets = [str(n.target) for g in explanation.graphs for n in g.graph.nodes]
     assert sum("flgc.inverted_residual_unequal_group" in t for t in targets) == 16  # every block with an expand
     assert sum("flgc.depthwise_unequal_group_conv" in t for t in targets) == 1  # the first block: dw + projection
+
+
+def test_fused_onnx_without_the_compiled_kernel_gives_the_same_numbers(tmp_path, monkeypatch):
+    """No C compiler where the file runs: every custom op falls back to stock torch ops (weights unpacked from the
+    kernel's tables), same logits; G=5 with empty groups, paper variant (FLGC expand convs too)."""
+    import onnx
+
+    from flgc_lightning.deploy import native, onnxruntime_session
+    from flgc_lightning.deploy.onnxruntime_ops import unpack
+
+    model = model_with_empty_groups("paper")
+    net = deploy_model(model, kernel="fused")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected = model(x)
+    export_onnx(net, tmp_path / "net.onnx")
+    assert len(onnx.load(str(tmp_path / "net.onnx")).graph.node) < 30  # custom ops, not the stock-op form
+    fast = onnxruntime_session(tmp_path / "net.onnx").run(None, {"images": x.numpy()})[0]
+    monkeypatch.setattr(native, "available", lambda: False)
+    slow = onnxruntime_session(tmp_path / "net.onnx").run(None, {"images": x.numpy()})[0]
+    assert expected.abs().max() > 0.5
+    assert abs(fast - expected.numpy()).max() <= 1e-4 and abs(slow - expected.numpy()).max() <= 1e-4
+    layer = next(m for m in net.modules() if getattr(m, "kernel", None) == "fused")
+    weight, bias = unpack(layer.fused_tables, layer.in_channels)  # the tables hold exactly the layer's weights
+    assert torch.equal(weight, layer.fused_tables["dense_weight"]) and torch.equal(bias, layer.fused_tables["dense_bias"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("groups", [g if g in (3, 16) else pytest.param(g, marks=pytest.mark.exhaustive)
+                                    for g in range(1, 17)])
+def test_fused_onnx_is_exact_for_every_group_count(groups, variant, tmp_path):
+    """The deploy CLI's default ONNX form through the session helper, G = 3 and 16 (empty groups: G exceeds the
+    narrow layers' widths' groups) by default, every G in 1..16 with -m exhaustive."""
+    from flgc_lightning.deploy import onnxruntime_session
+
+    torch.manual_seed(groups)
+    model = trained_like(MobileNetV2(groups=groups, use_flgc=True, **VARIANTS[variant]), groups)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(groups))
+    with torch.inference_mode():
+        expected = model(x)
+    export_onnx(deploy_model(model, kernel="fused"), tmp_path / "net.onnx")
+    logits = onnxruntime_session(tmp_path / "net.onnx").run(None, {"images": x.numpy()})[0]
+    assert expected.abs().max() > 0.5
+    assert abs(logits - expected.numpy()).max() <= 1e-4

@@ -3,6 +3,8 @@
 Deploys a train.py checkpoint, prints nominal vs deployed MACs/params and the largest logit
 difference to the trained network (eval mode) on random inputs, and writes ``deployed.pt`` (the module),
 ``deployed.pt2`` (``torch.export`` program) and, with ``--onnx``, ``deployed.onnx``, each reloaded and checked.
+The ONNX file's fused FLGC blocks are custom ops (:mod:`flgc_lightning.deploy.onnx_custom_ops`) that
+:func:`flgc_lightning.deploy.onnxruntime_session` runs with our kernel.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from flgc_lightning.cli import report_user_errors
 from flgc_lightning.deploy.checkpoint import load_trained_network
 from flgc_lightning.deploy.convert import deploy_model
+from flgc_lightning.deploy import native
 from flgc_lightning.deploy.cost import deployed_macs, deployed_parameters, executed_macs
 from flgc_lightning.deploy.grouped import UnequalGroupConv2d
 from flgc_lightning.deploy.export import ONNX_KERNELS, export_onnx, export_program, onnxruntime_logits
@@ -51,12 +54,27 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'deployed.pt2'} (torch.export program); max |logit difference| reloaded vs trained: "
           f"{pt2_diff:.3g}")
     if args.onnx:
-        # hidden widths kept at multiples of 16 there: ONNX Runtime's fast (NCHWc) convs need them
-        aligned = deploy_model(trained, kernel=args.export_kernel, input_size=input_size, align_hidden=16)
-        path = export_onnx(aligned, out / "deployed.onnx", images[:2], kernel=args.export_kernel)
+        kernel = args.export_kernel or default_export_kernel()
+        path = export_onnx(onnx_network(trained, kernel, input_size), out / "deployed.onnx", images[:2], kernel=kernel)
         ort_diff = (onnxruntime_logits(path, images) - reference).abs().max().item()
-        print(f"wrote {path} (FLGC layers {args.export_kernel}); max |logit difference| ONNX Runtime vs trained: "
+        how = ("custom ops: load with flgc_lightning.deploy.onnxruntime_session" if kernel == "fused"
+               else "stock ONNX ops")
+        print(f"wrote {path} (FLGC layers {kernel}, {how}); max |logit difference| ONNX Runtime vs trained: "
               f"{ort_diff:.3g}")
+
+
+def default_export_kernel() -> str:
+    """``fused`` (custom ops running our kernel) where the kernel builds, else the fastest stock-op form."""
+    if native.available():
+        return "fused"
+    print("note: the fused kernel cannot be built here (no C compiler); the ONNX file uses stock ops (blockdiag)")
+    return "blockdiag"
+
+
+def onnx_network(trained, kernel: str, input_size):
+    """The deployed network written to ONNX with FLGC layers as ``kernel``. For stock ops, hidden widths are
+    multiples of 16: ONNX Runtime's fast (NCHWc) convs need them."""
+    return deploy_model(trained, kernel=kernel, input_size=input_size, align_hidden=8 if kernel == "fused" else 16)
 
 
 def main(argv=None) -> None:
@@ -68,10 +86,13 @@ def main(argv=None) -> None:
                         help="how FLGC layers run: auto (default) times the others per layer on this machine at "
                              "batch 64 and keeps the fastest; fused = compiled CPU kernel, learned connections only; "
                              "padded = grouped conv on padded blocks; blockdiag = dense conv with zeros")
-    parser.add_argument("--export-kernel", choices=list(ONNX_KERNELS), default="blockdiag",
-                        help="form of the FLGC layers in the ONNX file (stock ops only): blockdiag (default) is a "
-                             "dense conv with zeros outside the groups, which ONNX Runtime on CPU runs about 3x "
-                             "faster than padded (grouped conv on padded groups between channel gathers)")
+    parser.add_argument("--export-kernel", choices=list(ONNX_KERNELS), default=None,
+                        help="form of the FLGC layers in the ONNX file: fused (default where a C compiler works) = "
+                             "custom ops that run our kernel in ONNX Runtime (load with "
+                             "flgc_lightning.deploy.onnxruntime_session); stock ops only: blockdiag (default without "
+                             "a compiler) is a dense conv with zeros outside the groups, which ONNX Runtime on CPU "
+                             "runs about 3x faster than padded (grouped conv on padded groups between channel "
+                             "gathers)")
     report_user_errors(lambda: run(parser.parse_args(argv)))
 
 

@@ -3,10 +3,10 @@
 - ``.pt2`` (:func:`export_program`): ``torch.export`` with a dynamic batch axis. Fused FLGC layers stay
   one ``torch.ops.flgc.unequal_group_conv1x1`` node each; loading needs that op registered, which
   ``import flgc_lightning.deploy.ops`` does (and nothing else of this package).
-- ONNX (:func:`export_onnx`): the current (``torch.export``-based, "dynamo") exporter, stock ONNX ops only:
-  ONNX Runtime's CPU build cannot load our C kernel (its custom-op API needs a header no package ships,
-  benchmarks/README.md), so FLGC layers are written as block-diagonal convs (the fastest stock form there)
-  or as padded grouped convs.
+- ONNX (:func:`export_onnx`): the current (``torch.export``-based, "dynamo") exporter. By default each fused
+  block or layer is one custom op (:mod:`flgc_lightning.deploy.onnx_custom_ops`) that ONNX Runtime runs with our
+  C kernel (:func:`onnxruntime_session`); in stock ONNX ops only, FLGC layers are written as block-diagonal
+  convs (the fastest stock form in ONNX Runtime, at dense cost) or as padded grouped convs.
 - TorchScript is gone: ``torch.jit.trace``/``torch.jit.load`` are deprecated (FutureWarning since torch
   2.14), and ``.pt2`` covers what it offered (a file that runs without the model's Python code).
 """
@@ -15,12 +15,14 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
+from flgc_lightning.deploy.onnx_custom_ops import cancel_transposes, custom_nodes, translation_table
 from flgc_lightning.deploy.grouped import UnequalGroupConv2d, refresh_tables, replace_module
 
-ONNX_KERNELS = ("blockdiag", "padded")
+ONNX_KERNELS = ("fused", "blockdiag", "padded")
 
 
 def with_kernel(model: nn.Module, kernel: str | None) -> nn.Module:
@@ -33,6 +35,27 @@ def with_kernel(model: nn.Module, kernel: str | None) -> nn.Module:
     for name, layer in list(model.named_modules()):
         if isinstance(layer, UnequalGroupConv2d) and layer.kernel != kernel:
             replace_module(model, name, layer.rebuilt(kernel))
+    return model
+
+
+def _fused_shortcuts(model: nn.Module) -> nn.Module:
+    """A copy whose dense 1x1 shortcut convs (blocks that change width at stride 1) run the fused kernel as one
+    group, when their block does: in an ONNX file they are then custom ops too, so the activations stay
+    channels-last instead of being transposed for ONNX Runtime's conv and back (same numbers)."""
+    from flgc_lightning.deploy.blocks import DeployedInvertedResidual
+    model = copy.deepcopy(model)
+    for block in model.modules():
+        if not (isinstance(block, DeployedInvertedResidual) and block.can_fuse_depthwise()
+                and block.projection.kernel == "fused" and isinstance(block.shortcut, nn.Sequential)
+                and len(block.shortcut) == 1):
+            continue
+        conv = block.shortcut[0]
+        if (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
+                and conv.padding == (0, 0)):
+            zeros_in = torch.zeros(conv.in_channels, dtype=torch.long)
+            zeros_out = torch.zeros(conv.out_channels, dtype=torch.long)
+            block.shortcut[0] = UnequalGroupConv2d(conv.weight.detach()[:, :, 0, 0], conv.bias, zeros_in, zeros_out, 1,
+                                                   "fused")
     return model
 
 
@@ -70,34 +93,37 @@ def export_program(model: nn.Module, path: str | Path | None = None, example: to
 
 
 def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None = None, opset: int = 18,
-                kernel: str = "blockdiag", input_size=(3, 32, 32)) -> Path:
+                kernel: str = "fused", input_size=(3, 32, 32)) -> Path:
     """ONNX (``images`` -> ``logits``, dynamic batch) through the ``torch.export``-based exporter.
 
-    ``kernel``: how FLGC layers are written, ``"blockdiag"`` (dense conv with zeros outside the groups;
-    ONNX Runtime runs it about 3x faster than ``"padded"``, the grouped conv between channel gathers).
+    ``kernel``: how FLGC layers are written. ``"fused"``: as the network runs them in PyTorch, every block or
+    layer the fused kernel runs as one custom op (run the file with :func:`onnxruntime_session`); layers on
+    other kernels and dense ones stay stock ops. ``"blockdiag"`` (stock ops only): dense convs with zeros outside
+    the groups, which ONNX Runtime runs about 3x faster than ``"padded"`` (grouped convs between channel gathers).
     """
     if kernel not in ONNX_KERNELS:
         raise ValueError(f"ONNX export kernel must be one of {ONNX_KERNELS}, got {kernel!r}")
-    model = _portable_copy(with_kernel(model, kernel))
+    model = with_kernel(model, kernel) if kernel != "fused" else _fused_shortcuts(model)
+    refresh_tables(model)
+    model = _portable_copy(model)
     batch = torch.export.Dim("batch", min=1, max=65536)
     with torch.no_grad():
         torch.onnx.export(model, (_example(example, input_size),), str(path), input_names=["images"],
                           output_names=["logits"], opset_version=opset, dynamo=True, dynamic_shapes=({0: batch},),
-                          external_data=False, verbose=False)
+                          external_data=False, verbose=False, custom_translation_table=translation_table())
+    exported = onnx.load(str(path))
+    if custom_nodes(exported):
+        onnx.save(cancel_transposes(exported), str(path))
     return Path(path)
 
 
 def onnxruntime_session(path: str | Path, threads: int = 2, spinning: bool = False):
-    """A CPU ONNX Runtime session with ``threads`` intra-op threads, full graph optimisation. By default the
-    threads do not spin-wait when idle (spinning threads take CPU from whatever runs next in the process);
+    """A CPU ONNX Runtime session for any ONNX file :func:`export_onnx` wrote: ``threads`` intra-op threads,
+    full graph optimisation, the custom ops registered (:mod:`flgc_lightning.deploy.onnxruntime_ops`). By
+    default idle threads do not spin-wait (spinning threads take CPU from whatever runs next in the process);
     ``spinning=True`` is ONNX Runtime's own default, for a process that runs nothing else."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from flgc_lightning.deploy import onnxruntime_ops
+    return onnxruntime_ops.session(path, threads, spinning)
 
 
 def onnxruntime_logits(path: str | Path, images: torch.Tensor, threads: int = 2) -> torch.Tensor:
