@@ -17,6 +17,7 @@ from flgc_lightning.data.cifar_files import CIFAR10, find_folder, load_split
 from flgc_lightning.deploy import (
     UnequalGroupConv2d, deploy_model, deployed_macs, deployed_parameters, executed_macs,
 )
+from flgc_lightning.deploy import native
 from flgc_lightning.layers import Flgc2d
 from flgc_lightning.models import MobileNetV2
 from flgc_lightning.utils.complexity import count_macs, count_parameters
@@ -83,7 +84,8 @@ def assert_exact(model: nn.Module, images: torch.Tensor, kernels=UnequalGroupCon
             for block in deployed.features:  # (unless an FLGC expand conv sets the order): one segment per group
                 m = block.conv[-1][0] if hasattr(block, "shortcut") else None
                 if isinstance(m, UnequalGroupConv2d) and not isinstance(block.conv[0][0], UnequalGroupConv2d):
-                    runs = sum(-(-o // 8) for i, o in zip(m.in_sizes, m.out_sizes) if i)
+                    lanes = native.preferred_lanes()  # chunks of up to this many filters, one segment each
+                    runs = sum(-(-o // lanes) for i, o in zip(m.in_sizes, m.out_sizes) if i)
                     assert m.fused_tables["tasks"][:, 1].sum() == runs
     return nets[0]
 
@@ -157,8 +159,15 @@ def test_unequal_group_conv_matches_masked_conv(kernel, channels_last):
     assert max(sizes_out) <= 8 and deployed.executed_connections == executed[kernel]
 
 
+@pytest.fixture(params=[8, 16], ids=["8-lane", "16-lane"])
+def lanes(request, monkeypatch):
+    """Tables packed for 8-lane tasks, or with 16-lane (wide) tasks as on AVX-512, whatever this CPU prefers."""
+    monkeypatch.setattr(native, "preferred_lanes", lambda: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-def test_fused_kernel_against_float64_reference(threads):
+def test_fused_kernel_against_float64_reference(threads, lanes):
     """The compiled kernel on what the deploy step never produces but users might: inputs of a group
     scattered (not one run), groups of more than 8 filters, empty groups on either side, row counts
     that are no multiple of the kernel's 8/64-row blocks, NCHW inputs."""
@@ -172,13 +181,14 @@ def test_fused_kernel_against_float64_reference(threads):
     layer = UnequalGroupConv2d(weight, bias, in_groups, out_groups, g, "fused")
     assert len(layer.fused_tables["segments"]) > g  # scattered inputs -> several runs per group
     filters_per_task = layer.fused_tables["tasks"][:, 3]
-    chunks = sum(-(-int((out_groups == k).sum()) // 8) for k in range(g))
-    assert filters_per_task.max() <= 8 and len(filters_per_task) < chunks  # small groups share a task
-    # windows: tasks are the next 8 output channels, whatever their groups (FLGC expand convs use this)
+    chunks = sum(-(-int((out_groups == k).sum()) // lanes) for k in range(g))
+    assert filters_per_task.max() <= lanes and len(filters_per_task) < chunks  # small groups share a task
+    assert torch.equal(native.task_lanes(layer.fused_tables), torch.where(filters_per_task > 8, 16, 8))
+    # windows: tasks are the next `lanes` output channels, whatever their groups (FLGC expand convs use this)
     windowed = UnequalGroupConv2d(weight, bias, in_groups, out_groups, g, "fused", windows=True)
     tasks = windowed.fused_tables["tasks"]
-    assert len(tasks) == -(-c_out // 8) and tasks[:-1, 3].eq(8).all() and tasks[-1, 3] == c_out % 8
-    assert torch.equal(windowed.fused_tables["out_index"] // 8, torch.arange(c_out) // 8)  # task k: outputs 8k..8k+7
+    assert len(tasks) == -(-c_out // lanes) and tasks[:-1, 3].eq(lanes).all() and tasks[-1, 3] == c_out % lanes
+    assert torch.equal(windowed.fused_tables["out_index"] // lanes, torch.arange(c_out) // lanes)  # outputs in order
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -200,13 +210,14 @@ def test_fused_kernel_against_float64_reference(threads):
     assert lonely.any()
     torch.testing.assert_close(got[:, lonely], bias[lonely][None, :, None, None].expand(2, -1, 16, 9))
     # lanes: 3 vectors for the big group, 1 for the others that have filters
-    expected_exec = sum(int((in_groups == k).sum()) * 8 * -(-int((out_groups == k).sum()) // 8) for k in range(g))
-    assert layer.executed_connections == expected_exec
+    if lanes == 8:
+        expected_exec = sum(int((in_groups == k).sum()) * 8 * -(-int((out_groups == k).sum()) // 8) for k in range(g))
+        assert layer.executed_connections == expected_exec
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_fused_depthwise_kernel_against_float64_reference(threads, stride):
+def test_fused_depthwise_kernel_against_float64_reference(threads, stride, lanes):
     """Depthwise 3x3 (+ bias, ReLU6) feeding the unequal-group conv in one pass, against float64 stock ops:
     channel counts with a tail past the 8-float vectors, odd map sizes (padding at every border, output pixel
     counts that are no multiple of 8), scattered groups, a residual and a final ReLU6."""
@@ -242,7 +253,7 @@ def test_fused_depthwise_kernel_against_float64_reference(threads, stride):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("expand", ["dense", "flgc"])
-def test_fused_block_kernel_against_float64_reference(threads, stride, expand):
+def test_fused_block_kernel_against_float64_reference(threads, stride, expand, lanes):
     """A whole inverted-residual block in one kernel (expand 1x1 + ReLU6, depthwise 3x3 + ReLU6, projection,
     residual, ReLU6) against float64 stock ops: a hidden width with a tail past the 8-float vectors, odd map
     sizes, scattered groups, one image (the threads share it) and several (one image per thread)."""

@@ -174,18 +174,22 @@ class UnequalGroupConv2d(nn.Module):
     def executed_connections(self) -> int:
         """Multiply-adds per output position the chosen kernel really runs (padding / zeros included).
 
-        The fused kernel runs one 8-lane FMA per input a task reads, so only vector lanes are padded.
+        The fused kernel runs one 8- or 16-lane FMA per input a task reads, so only vector lanes are padded.
         """
         if self.kernel == "fused":
-            return int(self.fused_tables["segments"][:, 1].sum()) * native.LANES
+            t = self.fused_tables
+            lanes = native.task_lanes(t)
+            inputs = torch.stack([t["segments"][s:s + n, 1].sum() for s, n in t["tasks"][:, :2].tolist()]) \
+                if len(t["tasks"]) else torch.zeros(0, dtype=torch.long)
+            return int((inputs * lanes).sum())
         return self.conv.weight.numel()
 
     @property
     def executed_outputs(self) -> int:
         """Output channels the chosen kernel computes per position (each gets a bias add); for the
-        fused kernel, 8 lanes per task (small groups share a task)."""
+        fused kernel, 8 or 16 lanes per task (small groups share a task)."""
         if self.kernel == "fused":
-            return len(self.fused_tables["tasks"]) * native.LANES
+            return int(native.task_lanes(self.fused_tables).sum())
         return self.conv.out_channels
 
     def _fused_applies(self, x: Tensor, channels: int | None = None) -> bool:

@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("unequal_group_conv.c")
-LANES = 8  # filters per task: one 8-float vector (matches the C source)
+LANES, WIDE_LANES = 8, 16  # filters per task: one 8-float vector, or 16 in a wide task (matches the C source)
 TASK_FIELDS, SEGMENT_FIELDS = 6, 3  # T_LEN, S_LEN in the C source
+CONSECUTIVE, WIDE = 1, 2  # task flags (T_FLAGS): outputs are consecutive channels; 16 lanes
 FLAG_SETS = (
     ["-O3", "-march=native", "-fopenmp"],
     ["-O3", "-fopenmp"],
@@ -159,6 +160,7 @@ def _build_and_load() -> ctypes.CDLL:
                                                         i64, p, i64, p, i64, ctypes.c_int, p, p, p, i64, p, p,
                                                         ctypes.c_int]
         lib.inverted_residual_unequal_group.restype = ctypes.c_int
+        lib.preferred_lanes.argtypes, lib.preferred_lanes.restype = [], ctypes.c_int
         lib.flags = flags
         return lib
     raise NativeKernelUnavailable(f"compiling {SOURCE.name} with {compiler} failed: " + "; ".join(errors))
@@ -170,6 +172,16 @@ def available() -> bool:
         return True
     except NativeKernelUnavailable:
         return False
+
+
+def preferred_lanes() -> int:
+    """Widest task the built kernel runs best: 16 with AVX-512, else 8 (also without a compiler)."""
+    return load_library().preferred_lanes() if available() else LANES
+
+
+def task_lanes(tables: dict[str, Tensor]) -> Tensor:
+    """Vector lanes (8 or 16) of each task of :func:`pack`'s tables."""
+    return torch.where(tables["tasks"][:, 5] & WIDE != 0, WIDE_LANES, LANES)
 
 
 def _runs(channels: list[int]) -> list[tuple[int, int]]:
@@ -184,7 +196,7 @@ def _runs(channels: list[int]) -> list[tuple[int, int]]:
 
 
 def pack(weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Tensor,
-         num_groups: int, windows: bool = False) -> dict[str, Tensor]:
+         num_groups: int, windows: bool = False, lanes: int | None = None) -> dict[str, Tensor]:
     """The kernel's tables for a ``C_out x C_in`` 1x1 weight restricted to groups.
 
     A "task" is one vector of 8 accumulators: up to 8 filters, of one group or of several
@@ -202,15 +214,22 @@ def pack(weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Ten
     to, reading the inputs of every group among them, so every full task stores with vector stores. For
     layers with a few inputs per group and outputs in group order (FLGC expand convs: 2-3 inputs per group
     in the first blocks), the stores cost more than the extra multiply-adds.
+
+    ``lanes`` (default :func:`preferred_lanes`): 16 lets a group of more than 8 filters take wide tasks of up to
+    16 (one 16-float vector: on AVX-512 it costs what an 8-float one does, so such groups, a dense conv above all,
+    take half the multiply-add instructions), and windows of 16 outputs; small groups still share 8-lane tasks.
     """
+    lanes = preferred_lanes() if lanes is None else lanes
+    if lanes not in (LANES, WIDE_LANES):
+        raise ValueError(f"lanes must be {LANES} or {WIDE_LANES}, got {lanes}")
     weight = weight.detach().reshape(weight.shape[0], -1).cpu().float()
     bias = torch.zeros(weight.shape[0]) if bias is None else bias.detach().cpu().float()
     in_groups, out_groups = in_groups.cpu(), out_groups.cpu()
     runs = {g: _runs(torch.nonzero(in_groups == g).flatten().tolist()) for g in range(num_groups)}
     bins: list[list[tuple[list[int], list[tuple[int, int]]]]] = []  # per task: (filters of one group, runs)
     if windows:
-        for first in range(0, len(out_groups), LANES):
-            window = list(range(first, min(first + LANES, len(out_groups))))
+        for first in range(0, len(out_groups), lanes):
+            window = list(range(first, min(first + lanes, len(out_groups))))
             members: dict[int, list[int]] = {}
             for f in window:
                 members.setdefault(int(out_groups[f]), []).append(f)
@@ -219,27 +238,30 @@ def pack(weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Ten
         chunks = []  # (filters, input runs): up to 8 filters of one group
         for g in range(num_groups):
             filters = torch.nonzero(out_groups == g).flatten().tolist()
-            chunks += [(filters[i:i + LANES], runs[g]) for i in range(0, len(filters), LANES)]
-        for chunk in chunks:  # consecutive chunks share a task while their filters fit in 8 lanes
+            chunks += [(filters[i:i + lanes], runs[g]) for i in range(0, len(filters), lanes)]
+        for chunk in chunks:  # consecutive chunks share a task while their filters fit in 8 lanes (a wide task
+            # of small groups would read all their inputs for twice the lanes: no fewer instructions)
             if bins and sum(len(f) for f, _ in bins[-1]) + len(chunk[0]) <= LANES:
                 bins[-1].append(chunk)
             else:
                 bins.append([chunk])
     tasks, segments, out_index, weights, biases = [], [], [], [], []
-    w_offset = 0
+    w_offset = bias_offset = 0
     for members in bins:
         filters = [f for chunk_filters, _ in members for f in chunk_filters]
-        consecutive = len(filters) == LANES and filters == list(range(filters[0], filters[0] + LANES))
-        tasks.append([len(segments), sum(len(runs) for _, runs in members), len(biases) * LANES, len(filters),
-                      len(out_index), int(consecutive)])
+        width = LANES if len(filters) <= LANES else WIDE_LANES
+        consecutive = len(filters) == width and filters == list(range(filters[0], filters[0] + width))
+        tasks.append([len(segments), sum(len(runs) for _, runs in members), bias_offset, len(filters),
+                      len(out_index), CONSECUTIVE * consecutive | WIDE * (width == WIDE_LANES)])
         out_index.extend(filters)
-        lane_bias = torch.zeros(LANES)
+        lane_bias = torch.zeros(width)
         lane_bias[:len(filters)] = bias[filters]
         biases.append(lane_bias)
+        bias_offset += width
         lane = 0
         for chunk_filters, runs in members:
             for first, length in runs:
-                block = torch.zeros(length, LANES)
+                block = torch.zeros(length, width)
                 block[:, lane:lane + len(chunk_filters)] = weight[chunk_filters][:, first:first + length].t()
                 segments.append([first, length, w_offset])
                 weights.append(block.flatten())

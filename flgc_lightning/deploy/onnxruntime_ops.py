@@ -62,11 +62,11 @@ def unpack(tables: dict[str, torch.Tensor], in_channels: int) -> tuple[torch.Ten
     out_index, tasks, segments = tables["out_index"], tables["tasks"].tolist(), tables["segments"].tolist()
     weight = torch.zeros(len(out_index), in_channels)
     bias = torch.zeros(len(out_index))
-    for first_seg, n_seg, b_at, n_filters, o_at, _ in tasks:
+    for (first_seg, n_seg, b_at, n_filters, o_at, _), lanes in zip(tasks, native.task_lanes(tables).tolist()):
         filters = out_index[o_at:o_at + n_filters]
         bias[filters] = tables["bias"][b_at:b_at + n_filters]
         for first, length, w_at in segments[first_seg:first_seg + n_seg]:
-            block = tables["weight"][w_at:w_at + length * native.LANES].reshape(length, native.LANES)
+            block = tables["weight"][w_at:w_at + length * lanes].reshape(length, lanes)
             weight[filters, first:first + length] += block[:, :n_filters].t()  # zero outside the group's lanes
     return weight, bias
 

@@ -35,11 +35,27 @@ static inline void store8(float *y, v8 a, const float *res, int relu6) {
     *(v8 *)y = a;
 }
 
-/* task (up to 8 filters): first segment, segment count, bias offset (8 floats), filter count, offset of
-   their output channels in oidx, and 1 if those are 8 consecutive channels (stored as one vector). segment (a run of contiguous input channels of one group): first channel,
-   length, weight offset (floats; [length][8]). */
-enum { T_S, T_NS, T_B, T_OC, T_OI, T_VEC, T_LEN };
+/* task (up to 8 filters, or 16 in a wide task): first segment, segment count, bias offset (8 or 16 floats), filter
+   count, offset of their output channels in oidx, and flags: T_CONSECUTIVE if those are 8 (16) consecutive channels
+   (stored as one vector), T_WIDE for a 16-lane task (one 16-float vector: AVX-512 runs it at the cost of an 8-lane
+   one). segment (a run of contiguous input channels of one group): first channel, length, weight offset (floats;
+   [length][8] or [length][16]). */
+enum { T_S, T_NS, T_B, T_OC, T_OI, T_FLAGS, T_LEN };
 enum { S_IN, S_N, S_W, S_LEN };
+enum { T_CONSECUTIVE = 1, T_WIDE = 2 };
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
+
+/* the widest task worth packing here: 16 lanes where the compiler targets AVX-512 (a 16-float FMA costs what an
+   8-float one does), else 8 (wide tasks still run, as two or four narrower vectors). pack() asks. */
+int preferred_lanes(void) {
+#if defined(__AVX512F__)
+    return 16;
+#else
+    return 8;
+#endif
+}
 
 #define ROWS 8
 #define BLOCK_ROWS 64 /* rows per OpenMP work item */
@@ -75,7 +91,7 @@ static inline void block8(const float *x, int64_t xs, float *y, int64_t ys, cons
         }
     }
     const int64_t *o = oidx + t[T_OI];
-    if (t[T_VEC]) {
+    if (t[T_FLAGS] & T_CONSECUTIVE) {
         int64_t c = o[0];
         store8(y + c, a0, res ? res + c : 0, relu6);
         store8(y + ys + c, a1, res ? res + rs + c : 0, relu6);
@@ -131,6 +147,84 @@ static inline void block1(const float *x, float *y, const float *res, int relu6,
     for (int64_t j = 0; j < t[T_OC]; j++) y[o[j]] = finish(a0[j], res, o[j], relu6);
 }
 
+static inline v16 clamp16(v16 a) {
+    const v16 lo = {0}, hi = {6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6};
+    v16i below = a < lo, above = a > hi;
+    a = (v16)(((v16i)lo & below) | ((v16i)a & ~below));
+    return (v16)(((v16i)hi & above) | ((v16i)a & ~above));
+}
+
+static inline void store16(float *y, v16 a, const float *res, int relu6) {
+    if (res) a += *(const v16 *)res;
+    if (relu6) a = clamp16(a);
+    *(v16 *)y = a;
+}
+
+/* block8 for a wide task: 16 filters in one 16-float vector per row */
+static inline void block8_wide(const float *x, int64_t xs, float *y, int64_t ys, const float *res, int64_t rs,
+                               int relu6, const float *w, const float *b, const int64_t *t, const int64_t *segs,
+                               const int64_t *oidx) {
+    v16 bias = *(const v16 *)(b + t[T_B]);
+    v16 a[ROWS] = {bias, bias, bias, bias, bias, bias, bias, bias};
+    for (int64_t s = t[T_S]; s < t[T_S] + t[T_NS]; s++) {
+        const int64_t *seg = segs + s * S_LEN;
+        const float *xp = x + seg[S_IN];
+        const float *wp = w + seg[S_W];
+        for (int64_t i = 0; i < seg[S_N]; i++) {
+            v16 wv = *(const v16 *)(wp + 16 * i);
+            a[0] += xp[i] * wv;
+            a[1] += xp[xs + i] * wv;
+            a[2] += xp[2 * xs + i] * wv;
+            a[3] += xp[3 * xs + i] * wv;
+            a[4] += xp[4 * xs + i] * wv;
+            a[5] += xp[5 * xs + i] * wv;
+            a[6] += xp[6 * xs + i] * wv;
+            a[7] += xp[7 * xs + i] * wv;
+        }
+    }
+    const int64_t *o = oidx + t[T_OI];
+    if (t[T_FLAGS] & T_CONSECUTIVE) {
+        int64_t c = o[0];
+        for (int p = 0; p < ROWS; p++) store16(y + p * ys + c, a[p], res ? res + p * rs + c : 0, relu6);
+        return;
+    }
+    for (int p = 0; p < ROWS; p++)
+        for (int64_t j = 0; j < t[T_OC]; j++) {
+            int64_t c = o[j];
+            y[p * ys + c] = finish(a[p][j], res ? res + p * rs : 0, c, relu6);
+        }
+}
+
+static inline void block1_wide(const float *x, float *y, const float *res, int relu6, const float *w, const float *b,
+                               const int64_t *t, const int64_t *segs, const int64_t *oidx) {
+    v16 a0 = *(const v16 *)(b + t[T_B]);
+    for (int64_t s = t[T_S]; s < t[T_S] + t[T_NS]; s++) {
+        const int64_t *seg = segs + s * S_LEN;
+        const float *xp = x + seg[S_IN];
+        const float *wp = w + seg[S_W];
+        for (int64_t i = 0; i < seg[S_N]; i++) a0 += xp[i] * *(const v16 *)(wp + 16 * i);
+    }
+    const int64_t *o = oidx + t[T_OI];
+    for (int64_t j = 0; j < t[T_OC]; j++) y[o[j]] = finish(a0[j], res, o[j], relu6);
+}
+
+/* one task over 8 rows / one row, 8 or 16 lanes */
+static inline void task8(const float *x, int64_t xs, float *y, int64_t ys, const float *res, int64_t rs, int relu6,
+                         const float *w, const float *b, const int64_t *t, const int64_t *segs, const int64_t *oidx) {
+    if (t[T_FLAGS] & T_WIDE)
+        block8_wide(x, xs, y, ys, res, rs, relu6, w, b, t, segs, oidx);
+    else
+        block8(x, xs, y, ys, res, rs, relu6, w, b, t, segs, oidx);
+}
+
+static inline void task1(const float *x, float *y, const float *res, int relu6, const float *w, const float *b,
+                         const int64_t *t, const int64_t *segs, const int64_t *oidx) {
+    if (t[T_FLAGS] & T_WIDE)
+        block1_wide(x, y, res, relu6, w, b, t, segs, oidx);
+    else
+        block1(x, y, res, relu6, w, b, t, segs, oidx);
+}
+
 /* conv1x1 of rows [r, end) of x (all tasks, 8 rows at a time, so the rows stay in L1); rows: how many rows x has
    (the prefetch stays inside them) */
 static inline void conv1x1_rows(const float *x, int64_t r, int64_t end, int64_t rows, int64_t xs, float *y, int64_t ys,
@@ -143,12 +237,12 @@ static inline void conv1x1_rows(const float *x, int64_t r, int64_t end, int64_t 
                 __builtin_prefetch(ahead + off, 0, 2);
         }
         for (int64_t k = 0; k < ntasks; k++)
-            block8(x + r * xs, xs, y + r * ys, ys, res ? res + r * rs : 0, rs, relu6, w, b, tasks + k * T_LEN, segs,
-                   oidx);
+            task8(x + r * xs, xs, y + r * ys, ys, res ? res + r * rs : 0, rs, relu6, w, b, tasks + k * T_LEN, segs,
+                  oidx);
     }
     for (; r < end; r++)
         for (int64_t k = 0; k < ntasks; k++)
-            block1(x + r * xs, y + r * ys, res ? res + r * rs : 0, relu6, w, b, tasks + k * T_LEN, segs, oidx);
+            task1(x + r * xs, y + r * ys, res ? res + r * rs : 0, relu6, w, b, tasks + k * T_LEN, segs, oidx);
 }
 
 void unequal_group_conv1x1(const float *x, int64_t rows, int64_t xs, float *y, int64_t ys, const float *res,
@@ -189,6 +283,34 @@ static inline void note_failure(const void *scratch_ptr_or_null, int *failed) {
     }
 }
 
+/* One pass of dw_row8 over the channel blocks of W channels (vector type V) from cb on; ZERO: a zero V. */
+#define DW_SLIDE(V, W, ZERO, CLAMP)  \
+    for (; cb + W <= c; cb += W) {                                                                                   \
+        V k0 = *(const V *)(dww + cb), k1 = *(const V *)(dww + c + cb), k2 = *(const V *)(dww + 2 * c + cb),         \
+           k3 = *(const V *)(dww + 3 * c + cb), k4 = *(const V *)(dww + 4 * c + cb),                                 \
+           k5 = *(const V *)(dww + 5 * c + cb), k6 = *(const V *)(dww + 6 * c + cb),                                 \
+           k7 = *(const V *)(dww + 7 * c + cb), k8 = *(const V *)(dww + 8 * c + cb), bias = *(const V *)(dwb + cb);  \
+        const float *r0p = row[0] + cb, *r1p = row[1] + cb, *r2p = row[2] + cb;                                      \
+        int64_t s0 = step[0], s1 = step[1], s2 = step[2];                                                            \
+        V a0 = ZERO, a1 = ZERO, a2 = ZERO; /* column ox - 1 (rows dy = 0, 1, 2) */                                   \
+        if (left) {                                                                                                  \
+            a0 = *(const V *)(r0p + (ox0 - 1) * s0), a1 = *(const V *)(r1p + (ox0 - 1) * s1);                        \
+            a2 = *(const V *)(r2p + (ox0 - 1) * s2);                                                                 \
+        }                                                                                                            \
+        V b0 = *(const V *)(r0p + ox0 * s0), b1 = *(const V *)(r1p + ox0 * s1), b2 = *(const V *)(r2p + ox0 * s2);   \
+        for (int64_t p = 0; p < ROWS; p++) {                                                                         \
+            int64_t ix = ox0 + p + 1;                                                                                \
+            V e0 = ZERO, e1 = ZERO, e2 = ZERO; /* column ox + 1 */                                                   \
+            if (p < ROWS - 1 || right) {                                                                             \
+                e0 = *(const V *)(r0p + ix * s0), e1 = *(const V *)(r1p + ix * s1);                                  \
+                e2 = *(const V *)(r2p + ix * s2);                                                                    \
+            }                                                                                                        \
+            V acc = bias + a0 * k0 + b0 * k1 + e0 * k2 + a1 * k3 + b1 * k4 + e1 * k5 + a2 * k6 + b2 * k7 + e2 * k8;  \
+            *(V *)(d + p * c + cb) = CLAMP(acc);                                                                     \
+            a0 = b0, a1 = b1, a2 = b2, b0 = e0, b1 = e1, b2 = e2;                                                    \
+        }                                                                                                            \
+    }
+
 /* Output pixels [r0, r0 + valid) (valid <= 8) of relu6(depthwise3x3(x) + dwb) fed to the 1x1 tasks. x: images of
    h x w x c (pixel index r0 counts across them, ho * wo per image); the depthwise outputs go to d (8 x c floats,
    stays in L1), never to memory. y and rr (the residual, or NULL) point at output pixel r0. */
@@ -208,31 +330,11 @@ static inline void dw_row8(const float *x, int64_t img, int64_t h, int64_t w, in
     const int left = ox0 >= 1, right = ox0 + ROWS < w; /* columns ox0 - 1 and ox0 + 8 exist */
     const v8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t cb = 0;
-    for (; cb + 8 <= c; cb += 8) {
-        v8 k0 = *(const v8 *)(dww + cb), k1 = *(const v8 *)(dww + c + cb), k2 = *(const v8 *)(dww + 2 * c + cb),
-           k3 = *(const v8 *)(dww + 3 * c + cb), k4 = *(const v8 *)(dww + 4 * c + cb),
-           k5 = *(const v8 *)(dww + 5 * c + cb), k6 = *(const v8 *)(dww + 6 * c + cb),
-           k7 = *(const v8 *)(dww + 7 * c + cb), k8 = *(const v8 *)(dww + 8 * c + cb), bias = *(const v8 *)(dwb + cb);
-        const float *r0p = row[0] + cb, *r1p = row[1] + cb, *r2p = row[2] + cb;
-        int64_t s0 = step[0], s1 = step[1], s2 = step[2];
-        v8 a0 = zero, a1 = zero, a2 = zero; /* column ox - 1 (rows dy = 0, 1, 2) */
-        if (left) {
-            a0 = *(const v8 *)(r0p + (ox0 - 1) * s0), a1 = *(const v8 *)(r1p + (ox0 - 1) * s1);
-            a2 = *(const v8 *)(r2p + (ox0 - 1) * s2);
-        }
-        v8 b0 = *(const v8 *)(r0p + ox0 * s0), b1 = *(const v8 *)(r1p + ox0 * s1), b2 = *(const v8 *)(r2p + ox0 * s2);
-        for (int64_t p = 0; p < ROWS; p++) {
-            int64_t ix = ox0 + p + 1;
-            v8 e0 = zero, e1 = zero, e2 = zero; /* column ox + 1 */
-            if (p < ROWS - 1 || right) {
-                e0 = *(const v8 *)(r0p + ix * s0), e1 = *(const v8 *)(r1p + ix * s1);
-                e2 = *(const v8 *)(r2p + ix * s2);
-            }
-            v8 acc = bias + a0 * k0 + b0 * k1 + e0 * k2 + a1 * k3 + b1 * k4 + e1 * k5 + a2 * k6 + b2 * k7 + e2 * k8;
-            *(v8 *)(d + p * c + cb) = clamp6(acc);
-            a0 = b0, a1 = b1, a2 = b2, b0 = e0, b1 = e1, b2 = e2;
-        }
-    }
+#if defined(__AVX512F__) /* 16 channels per vector where that costs what 8 do */
+    const v16 zero16 = {0};
+    DW_SLIDE(v16, 16, zero16, clamp16);
+#endif
+    DW_SLIDE(v8, 8, zero, clamp6);
     for (; cb < c; cb++) /* channel tail */
         for (int64_t p = 0; p < ROWS; p++) {
             float a = dwb[cb];
@@ -244,6 +346,23 @@ static inline void dw_row8(const float *x, int64_t img, int64_t h, int64_t w, in
         }
 }
 
+/* The 9-tap depthwise conv of 8 output pixels (tap pointers `tap`) over channel blocks of W from cb on. */
+#define DW_TAPS(V, W, CLAMP)  \
+    for (; cb + W <= c; cb += W) {                                                                                   \
+        V k0 = *(const V *)(dww + cb), k1 = *(const V *)(dww + c + cb), k2 = *(const V *)(dww + 2 * c + cb),         \
+           k3 = *(const V *)(dww + 3 * c + cb), k4 = *(const V *)(dww + 4 * c + cb),                                 \
+           k5 = *(const V *)(dww + 5 * c + cb), k6 = *(const V *)(dww + 6 * c + cb),                                 \
+           k7 = *(const V *)(dww + 7 * c + cb), k8 = *(const V *)(dww + 8 * c + cb), bias = *(const V *)(dwb + cb);  \
+        for (int64_t p = 0; p < ROWS; p++) {                                                                         \
+            const float *const *t = tap[p];                                                                          \
+            V a = bias + *(const V *)(t[0] + cb) * k0 + *(const V *)(t[1] + cb) * k1                                 \
+                   + *(const V *)(t[2] + cb) * k2 + *(const V *)(t[3] + cb) * k3 + *(const V *)(t[4] + cb) * k4      \
+                   + *(const V *)(t[5] + cb) * k5 + *(const V *)(t[6] + cb) * k6 + *(const V *)(t[7] + cb) * k7      \
+                   + *(const V *)(t[8] + cb) * k8;                                                                   \
+            *(V *)(d + p * c + cb) = CLAMP(a);                                                                       \
+        }                                                                                                            \
+    }
+
 static void dw_project_chunk(const float *x, int64_t h, int64_t w, int64_t c, const float *dww, const float *dwb,
                              int64_t stride, int64_t ho, int64_t wo, int64_t r0, int64_t valid, float *d,
                              const float *zeros, float *y, int64_t ys, const float *rr, int64_t rs, int relu6,
@@ -251,7 +370,7 @@ static void dw_project_chunk(const float *x, int64_t h, int64_t w, int64_t c, co
                              const int64_t *segs, const int64_t *oidx) {
     if (stride == 1 && valid == ROWS && r0 % wo + ROWS <= wo) { /* 8 pixels of one row */
         dw_row8(x, r0 / (ho * wo), h, w, c, dww, dwb, r0 / wo % ho, r0 % wo, d, zeros);
-        for (int64_t k = 0; k < ntasks; k++) block8(d, c, y, ys, rr, rs, relu6, pw, pb, tasks + k * T_LEN, segs, oidx);
+        for (int64_t k = 0; k < ntasks; k++) task8(d, c, y, ys, rr, rs, relu6, pw, pb, tasks + k * T_LEN, segs, oidx);
         return;
     }
     const float *tap[ROWS][9];
@@ -263,20 +382,10 @@ static void dw_project_chunk(const float *x, int64_t h, int64_t w, int64_t c, co
         }
     }
     int64_t cb = 0;
-    for (; cb + 8 <= c; cb += 8) {
-        v8 k0 = *(const v8 *)(dww + cb), k1 = *(const v8 *)(dww + c + cb), k2 = *(const v8 *)(dww + 2 * c + cb),
-           k3 = *(const v8 *)(dww + 3 * c + cb), k4 = *(const v8 *)(dww + 4 * c + cb),
-           k5 = *(const v8 *)(dww + 5 * c + cb), k6 = *(const v8 *)(dww + 6 * c + cb),
-           k7 = *(const v8 *)(dww + 7 * c + cb), k8 = *(const v8 *)(dww + 8 * c + cb), bias = *(const v8 *)(dwb + cb);
-        for (int64_t p = 0; p < ROWS; p++) {
-            const float *const *t = tap[p];
-            v8 a = bias + *(const v8 *)(t[0] + cb) * k0 + *(const v8 *)(t[1] + cb) * k1
-                   + *(const v8 *)(t[2] + cb) * k2 + *(const v8 *)(t[3] + cb) * k3 + *(const v8 *)(t[4] + cb) * k4
-                   + *(const v8 *)(t[5] + cb) * k5 + *(const v8 *)(t[6] + cb) * k6 + *(const v8 *)(t[7] + cb) * k7
-                   + *(const v8 *)(t[8] + cb) * k8;
-            *(v8 *)(d + p * c + cb) = clamp6(a);
-        }
-    }
+#if defined(__AVX512F__)
+    DW_TAPS(v16, 16, clamp16);
+#endif
+    DW_TAPS(v8, 8, clamp6);
     for (; cb < c; cb++) /* channel tail */
         for (int64_t p = 0; p < ROWS; p++) {
             float a = dwb[cb];
@@ -284,11 +393,11 @@ static void dw_project_chunk(const float *x, int64_t h, int64_t w, int64_t c, co
             d[p * c + cb] = a < 0.0f ? 0.0f : (a > 6.0f ? 6.0f : a);
         }
     if (valid == ROWS)
-        for (int64_t k = 0; k < ntasks; k++) block8(d, c, y, ys, rr, rs, relu6, pw, pb, tasks + k * T_LEN, segs, oidx);
+        for (int64_t k = 0; k < ntasks; k++) task8(d, c, y, ys, rr, rs, relu6, pw, pb, tasks + k * T_LEN, segs, oidx);
     else
         for (int64_t p = 0; p < valid; p++)
             for (int64_t k = 0; k < ntasks; k++)
-                block1(d + p * c, y + p * ys, rr ? rr + p * rs : 0, relu6, pw, pb, tasks + k * T_LEN, segs, oidx);
+                task1(d + p * c, y + p * ys, rr ? rr + p * rs : 0, relu6, pw, pb, tasks + k * T_LEN, segs, oidx);
 }
 
 /* dw_project_chunk over output pixels [r, end), 8 at a time; y and rr (or NULL) point at output pixel 0 of x */
