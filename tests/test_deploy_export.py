@@ -150,3 +150,27 @@ def test_fused_onnx_is_exact_for_every_group_count(groups, variant, tmp_path):
     logits = onnxruntime_session(tmp_path / "net.onnx").run(None, {"images": x.numpy()})[0]
     assert expected.abs().max() > 0.5
     assert abs(logits - expected.numpy()).max() <= 1e-4
+
+
+def test_fused_onnx_with_stock_layers_between_custom_ops(tmp_path):
+    """A network whose blocks are not all fused (one projection block-diagonal, as kernel="auto" may choose): the
+    stock-op block splits the custom nodes into two chains, with the transposes around it; still exact."""
+    import onnx
+
+    from flgc_lightning.deploy import onnxruntime_ops, onnxruntime_session
+    from flgc_lightning.deploy.grouped import UnequalGroupConv2d, replace_module
+
+    model = model_with_empty_groups("reference")
+    net = deploy_model(model, kernel="fused")
+    name = next(n for n, m in net.named_modules() if isinstance(m, UnequalGroupConv2d) and n.startswith("features.9."))
+    replace_module(net, name, net.get_submodule(name).rebuilt("blockdiag"))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        expected = model(x)
+    export_onnx(net, tmp_path / "net.onnx")
+    rewritten = onnx.load(str(tmp_path / "net.onnx"))
+    onnxruntime_ops._forget(onnxruntime_ops._with_cached_weights(rewritten))
+    kinds = [n.op_type for n in rewritten.graph.node if n.domain == "ai.onnx.contrib"]
+    assert kinds.count("FlgcChainCached") == 2 and "Conv" in [n.op_type for n in rewritten.graph.node][3:-3]
+    logits = onnxruntime_session(tmp_path / "net.onnx").run(None, {"images": x.numpy()})[0]
+    assert expected.abs().max() > 0.5 and abs(logits - expected.numpy()).max() <= 1e-4
