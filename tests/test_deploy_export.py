@@ -65,7 +65,7 @@ def test_compiled_exported_and_onnx_forms_match_the_trained_network(variant, tmp
 
 def check_fused_onnx(net, x, expected, path):
     """The fused ONNX file: every fused block one custom node, activations channels-last between them (two
-    transposes: after the stem, before the last conv), exact through the session helper (all custom nodes as one
+    transposes: after the stem conv, after the head conv, a custom op too), exact through the session helper (all custom nodes as one
     chain) and through a plain session with the custom-op library registered (each node with its weights)."""
     import onnx
     import onnxruntime
@@ -78,6 +78,7 @@ def check_fused_onnx(net, x, expected, path):
     model = onnx.load(str(path))
     fused = [n.op_type for n in custom_nodes(model)]
     assert fused.count("FlgcInvertedResidual") == 16 and fused.count("FlgcDepthwiseProjection") == 1
+    assert model.graph.node[-3].op_type == "Transpose" and custom_nodes(model)[-1].output[0] == model.graph.node[-3].input[0]
     assert [n.op_type for n in model.graph.node].count("Transpose") == 2
     assert not {"Gather", "GatherElements"} & {n.op_type for n in model.graph.node}
     rewritten = onnx.load(str(path))
@@ -174,3 +175,28 @@ def test_fused_onnx_with_stock_layers_between_custom_ops(tmp_path):
     assert kinds.count("FlgcChainCached") == 2 and "Conv" in [n.op_type for n in rewritten.graph.node][3:-3]
     logits = onnxruntime_session(tmp_path / "net.onnx").run(None, {"images": x.numpy()})[0]
     assert expected.abs().max() > 0.5 and abs(logits - expected.numpy()).max() <= 1e-4
+
+
+def test_a_broken_onnx_file_is_refused_before_the_kernel_runs(tmp_path):
+    """Kernel tables from a file are checked when the session is made: a segment pointing past the input
+    channels (or outside the weights) is a clear ValueError, never an out-of-bounds read."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from flgc_lightning.deploy import onnxruntime_session
+    from flgc_lightning.deploy.onnx_custom_ops import custom_nodes
+
+    net = deploy_model(model_with_empty_groups("reference"), kernel="fused")
+    export_onnx(net, tmp_path / "net.onnx")
+    model = onnx.load(str(tmp_path / "net.onnx"))
+    node = custom_nodes(model)[3]
+    segments = node.input[2 + 7 + 3]  # FlgcInvertedResidual: x, residual, e_* (5), dw_taps, dw_bias, weight, bias, tasks, segments
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == segments:
+            values = numpy_helper.to_array(init).copy()
+            values[0, 0] = 10_000  # first input channel of the projection's first segment
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(values.astype(np.int64), segments))
+    onnx.save(model, str(tmp_path / "broken.onnx"))
+    with pytest.raises(ValueError, match="do not fit a projection reading|points outside"):
+        onnxruntime_session(tmp_path / "broken.onnx")

@@ -38,24 +38,40 @@ def with_kernel(model: nn.Module, kernel: str | None) -> nn.Module:
     return model
 
 
-def _fused_shortcuts(model: nn.Module) -> nn.Module:
-    """A copy whose dense 1x1 shortcut convs (blocks that change width at stride 1) run the fused kernel as one
-    group, when their block does: in an ONNX file they are then custom ops too, so the activations stay
-    channels-last instead of being transposed for ONNX Runtime's conv and back (same numbers)."""
+def _one_group(conv: nn.Module, relu6: bool = False) -> UnequalGroupConv2d | None:
+    """A dense 1x1 conv (stride 1, no padding) as a one-group fused layer with the same weights, else ``None``."""
+    if not (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
+            and conv.padding == (0, 0)):
+        return None
+    zeros_in = torch.zeros(conv.in_channels, dtype=torch.long)
+    zeros_out = torch.zeros(conv.out_channels, dtype=torch.long)
+    return UnequalGroupConv2d(conv.weight.detach()[:, :, 0, 0], conv.bias, zeros_in, zeros_out, 1, "fused", relu6)
+
+
+def _fused_neighbours(model: nn.Module) -> nn.Module:
+    """A copy whose dense 1x1 convs next to fused blocks run the fused kernel as one group: the shortcut convs of
+    blocks that change width at stride 1, and the head conv (+ ReLU6) after the last block. In an ONNX file they
+    are then custom ops too, in the same chain as the blocks, so the activations stay channels-last instead of
+    being transposed for ONNX Runtime's conv and back (same numbers)."""
     from flgc_lightning.deploy.blocks import DeployedInvertedResidual
     model = copy.deepcopy(model)
+
+    def fused(block) -> bool:
+        return (isinstance(block, DeployedInvertedResidual) and block.can_fuse_depthwise()
+                and block.projection.kernel == "fused")
+
     for block in model.modules():
-        if not (isinstance(block, DeployedInvertedResidual) and block.can_fuse_depthwise()
-                and block.projection.kernel == "fused" and isinstance(block.shortcut, nn.Sequential)
-                and len(block.shortcut) == 1):
-            continue
-        conv = block.shortcut[0]
-        if (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
-                and conv.padding == (0, 0)):
-            zeros_in = torch.zeros(conv.in_channels, dtype=torch.long)
-            zeros_out = torch.zeros(conv.out_channels, dtype=torch.long)
-            block.shortcut[0] = UnequalGroupConv2d(conv.weight.detach()[:, :, 0, 0], conv.bias, zeros_in, zeros_out, 1,
-                                                   "fused")
+        if fused(block) and isinstance(block.shortcut, nn.Sequential) and len(block.shortcut) == 1:
+            layer = _one_group(block.shortcut[0])
+            if layer is not None:
+                block.shortcut[0] = layer
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.Sequential) and len(features) >= 2 and fused(features[-2]):
+        head = features[-1]
+        if isinstance(head, nn.Sequential) and len(head) == 2 and isinstance(head[1], nn.ReLU6):
+            layer = _one_group(head[0], relu6=True)
+            if layer is not None:
+                features[-1] = nn.Sequential(layer)
     return model
 
 
@@ -103,7 +119,7 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None
     """
     if kernel not in ONNX_KERNELS:
         raise ValueError(f"ONNX export kernel must be one of {ONNX_KERNELS}, got {kernel!r}")
-    model = with_kernel(model, kernel) if kernel != "fused" else _fused_shortcuts(model)
+    model = with_kernel(model, kernel) if kernel != "fused" else _fused_neighbours(model)
     refresh_tables(model)
     model = _portable_copy(model)
     batch = torch.export.Dim("batch", min=1, max=65536)

@@ -161,6 +161,7 @@ def _build_and_load() -> ctypes.CDLL:
                                                         ctypes.c_int]
         lib.inverted_residual_unequal_group.restype = ctypes.c_int
         lib.preferred_lanes.argtypes, lib.preferred_lanes.restype = [], ctypes.c_int
+        lib.run_chain.argtypes, lib.run_chain.restype = [p, i64, p, i64, ctypes.c_int], ctypes.c_int
         lib.flags = flags
         return lib
     raise NativeKernelUnavailable(f"compiling {SOURCE.name} with {compiler} failed: " + "; ".join(errors))
@@ -364,3 +365,39 @@ def inverted_residual_unequal_group(x: Tensor, expand_tables: dict[str, Tensor],
     if status != 0:
         raise MemoryError("the fused block kernel could not allocate its per-thread buffers")
     return y
+
+
+STEP_FIELDS = 27  # P_LEN in the C source
+STEP_KINDS = {"FlgcConv1x1": 0, "FlgcDepthwiseProjection": 1, "FlgcInvertedResidual": 2}
+
+
+def table_reads(tables: dict[str, Tensor]) -> int:
+    """How many input channels :func:`pack`'s tables read (the highest channel + 1), after checking that every
+    task and segment stays inside the tables' arrays: tables from a file must not make the kernel read or write out
+    of bounds. Raises ``ValueError``."""
+    tasks, segments, out_index = tables["tasks"].tolist(), tables["segments"].tolist(), tables["out_index"]
+    outputs, n_bias, n_weight = len(out_index), tables["bias"].numel(), tables["weight"].numel()
+    if len(out_index) and not (0 <= int(out_index.min()) and int(out_index.max()) < outputs):
+        raise ValueError("kernel tables: output channel out of range")
+    reads = 0
+    for first_seg, n_seg, b_at, n_filters, o_at, flags in tasks:
+        width = WIDE_LANES if flags & WIDE else LANES
+        ok = (0 <= first_seg and first_seg + n_seg <= len(segments) and 0 <= b_at and b_at + width <= n_bias
+              and 0 <= n_filters <= width and 0 <= o_at and o_at + n_filters <= outputs)
+        if ok and flags & CONSECUTIVE:
+            ok = n_filters == width and int(out_index[o_at]) + width <= outputs
+        for first, length, w_at in segments[first_seg:first_seg + n_seg] if ok else []:
+            ok = ok and first >= 0 and length >= 0 and w_at >= 0 and w_at + length * width <= n_weight
+            reads = max(reads, first + length)
+        if not ok:
+            raise ValueError("kernel tables: a task or segment points outside the tables")
+    return reads
+
+
+def run_chain(steps: Tensor, buffers: Tensor, n: int, threads: int | None = None) -> None:
+    """Run ``steps`` (``STEP_FIELDS`` int64 each: what, which buffers, sizes, table pointers) in one C call;
+    ``buffers``: int64 data pointers, the input first and one output per step."""
+    status = load_library().run_chain(steps.data_ptr(), len(steps), buffers.data_ptr(), n,
+                                      threads or torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("the fused block kernel could not allocate its per-thread buffers")

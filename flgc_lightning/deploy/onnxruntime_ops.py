@@ -8,13 +8,17 @@ the tensors in place, or, without a C compiler, the same stock-op fallback as th
 
 onnxruntime-extensions copies every input of a Python op on every call, the weights included (a few MB per
 network). :func:`session` therefore moves the weights of every custom node into this process once, when the
-session is made, and runs a copy of the graph whose nodes (``<op>Cached``) take only the activations and
-the key of their weights: that is what makes the file faster than the dense network in ONNX Runtime. A plain
-``InferenceSession`` on the file (extensions library registered, this module imported) gives the same numbers.
+session is made (checked: tables that would make the kernel read out of bounds are refused), and runs a copy
+of the graph in which each chain of consecutive custom nodes is one node (``FlgcChainCached``: one C call for
+all its kernels, intermediate tensors never through ONNX Runtime) and any other custom node takes only its
+activations and the key of its weights (``<op>Cached``): that is what makes the file faster than the dense
+network in ONNX Runtime. A plain ``InferenceSession`` on the file (extensions library registered, this module
+imported) gives the same numbers, more slowly.
 """
 from __future__ import annotations
 
 import itertools
+import threading
 import weakref
 from pathlib import Path
 
@@ -81,6 +85,7 @@ def _dense(tables: dict[str, torch.Tensor], in_channels: int) -> dict[str, torch
 def _compute(op_type: str, xt: torch.Tensor, res: torch.Tensor | None, tables: dict, stride: int,
              relu6: int) -> torch.Tensor:
     """One custom op on N, C, H, W channels_last tensors: the compiled kernel, or without it the stock-op fallback."""
+    _check_input(op_type, tables, xt.shape[1])
     t = tables["projection"]
     out_channels, relu6 = len(t["out_index"]), bool(relu6)
     if op_type == "FlgcConv1x1":
@@ -112,9 +117,49 @@ def _run(op_type: str, x: np.ndarray, residual: np.ndarray, tables: dict, stride
     return _nhwc(_compute(op_type, xt, res, tables, stride, relu6))
 
 
+def _plan(chain: dict, shape: tuple[int, ...]) -> dict:
+    """The chain as one C call for inputs of ``shape`` (N, H, W, C): step records, output buffers (reused by every
+    call with that shape), checked once."""
+    n, h, w, c = shape
+    sizes, slots = {chain["entry"]: (h, w, c)}, {chain["entry"]: 0}
+    records, outputs = [], []
+    for op_type, x_name, residual_name, tables, stride, relu6, out_name in chain["steps"]:
+        h, w, c = sizes[x_name]
+        _check_input(op_type, tables, c)
+        if op_type != "FlgcConv1x1" and stride not in (1, 2):
+            raise ValueError(f"{op_type}: stride must be 1 or 2, got {stride}")
+        ho, wo = (h, w) if op_type == "FlgcConv1x1" else ((h - 1) // stride + 1, (w - 1) // stride + 1)
+        t, c_out = tables["projection"], len(tables["projection"]["out_index"])
+        if residual_name is not None and sizes[residual_name] != (ho, wo, c_out):
+            raise ValueError(f"{op_type}: residual of size {sizes[residual_name]}, output {(ho, wo, c_out)}")
+        e = tables.get("expand", t)
+        taps, dw_bias = tables.get("dw_taps", t["bias"]), tables.get("dw_bias", t["bias"])
+        records.append([native.STEP_KINDS[op_type], slots[x_name], -1 if residual_name is None else slots[residual_name],
+                        len(outputs) + 1, c, h, w, stride, ho, wo, int(relu6), c_out, taps.shape[-1],
+                        e["weight"].data_ptr(), e["bias"].data_ptr(), e["tasks"].data_ptr(), len(e["tasks"]),
+                        e["segments"].data_ptr(), e["out_index"].data_ptr(), taps.data_ptr(), dw_bias.data_ptr(),
+                        t["weight"].data_ptr(), t["bias"].data_ptr(), t["tasks"].data_ptr(), len(t["tasks"]),
+                        t["segments"].data_ptr(), t["out_index"].data_ptr()])
+        outputs.append(torch.empty(n, ho, wo, c_out))
+        sizes[out_name], slots[out_name] = (ho, wo, c_out), len(outputs)
+    return {"steps": torch.tensor(records, dtype=torch.long).reshape(-1, native.STEP_FIELDS), "outputs": outputs,
+            "exit": slots[chain["exit"]], "lock": threading.Lock()}
+
+
 def _run_chain(x: np.ndarray, chain: dict) -> np.ndarray:
-    """Consecutive custom nodes in one call: their intermediate tensors never go through ONNX Runtime."""
-    values = {chain["entry"]: _nchw(np.ascontiguousarray(x, dtype=np.float32))}
+    """Consecutive custom nodes in one call: their intermediate tensors never go through ONNX Runtime. With the
+    compiled kernel, one C call for all of them (a Python call per kernel costs as much as a kernel at batch 1)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if native.available() and x.ndim == 4:
+        plans = chain.setdefault("plans", {})
+        if x.shape not in plans and len(plans) >= 4:  # buffers for at most 4 input shapes
+            plans.pop(next(iter(plans)))
+        plan = plans.get(x.shape) or plans.setdefault(x.shape, _plan(chain, x.shape))
+        with plan["lock"]:  # its buffers are shared by every call with this shape
+            buffers = torch.tensor([x.ctypes.data] + [o.data_ptr() for o in plan["outputs"]], dtype=torch.long)
+            native.run_chain(plan["steps"], buffers, x.shape[0], chain.get("threads"))
+            return plan["outputs"][plan["exit"] - 1].numpy().copy().view(_Output)
+    values = {chain["entry"]: _nchw(x)}
     for op_type, x_name, residual_name, tables, stride, relu6, out_name in chain["steps"]:
         res = None if residual_name is None else values[residual_name]
         values[out_name] = _compute(op_type, values[x_name], res, tables, stride, relu6)
@@ -122,14 +167,33 @@ def _run_chain(x: np.ndarray, chain: dict) -> np.ndarray:
 
 
 def _group(op_type: str, values: dict[str, np.ndarray | torch.Tensor]) -> dict:
-    """A node's tables by role: ``projection`` (and ``expand``) kernel tables, depthwise taps and bias."""
+    """A node's tables by role: ``projection`` (and ``expand``) kernel tables, depthwise taps and bias, checked
+    (``ValueError``) so that no table of a broken file makes the kernel read or write out of bounds; ``reads``: the
+    input channels the node needs."""
     tables = {"projection": _tables(values)}
+    reads = native.table_reads(tables["projection"])
     if op_type != "FlgcConv1x1":
-        tables["dw_taps"] = torch.as_tensor(values["dw_taps"])
-        tables["dw_bias"] = torch.as_tensor(values["dw_bias"])
+        taps, dw_bias = torch.as_tensor(values["dw_taps"]), torch.as_tensor(values["dw_bias"])
+        hidden = taps.shape[1] if taps.dim() == 2 else -1
+        if taps.shape != (9, hidden) or dw_bias.shape != (hidden,) or reads > hidden:
+            raise ValueError(f"{op_type}: depthwise weights {tuple(taps.shape)} / {tuple(dw_bias.shape)} do not fit "
+                             f"a projection reading {reads} channels")
+        tables["dw_taps"], tables["dw_bias"], reads = taps.contiguous(), dw_bias.contiguous(), hidden
     if op_type == "FlgcInvertedResidual":
         tables["expand"] = _tables(values, "e_")
+        if len(tables["expand"]["out_index"]) != reads:
+            raise ValueError(f"{op_type}: the expand conv writes {len(tables['expand']['out_index'])} channels, the "
+                             f"depthwise conv reads {reads}")
+        reads = native.table_reads(tables["expand"])
+    tables["reads"] = reads
     return tables
+
+
+def _check_input(op_type: str, tables: dict, channels: int) -> None:
+    exact = op_type == "FlgcDepthwiseProjection"  # the depthwise conv reads every channel
+    if channels < tables["reads"] or (exact and channels != tables["reads"]):
+        raise ValueError(f"{op_type}: input has {channels} channels, its weights need "
+                         f"{'exactly ' if exact else ''}{tables['reads']}")
 
 
 def _register(op_type: str) -> None:
@@ -209,7 +273,7 @@ def _chains(graph: onnx.GraphProto, custom: list[onnx.NodeProto], no_residual: s
     return valid
 
 
-def _with_cached_weights(model: onnx.ModelProto) -> list[str]:
+def _with_cached_weights(model: onnx.ModelProto, threads: int | None = None) -> list[str]:
     """Move every custom node's weights into this process (see the module docstring) and run each chain of
     consecutive custom nodes as one ``FlgcChainCached`` node; the keys of the weights."""
     graph, keys = model.graph, []
@@ -241,7 +305,8 @@ def _with_cached_weights(model: onnx.ModelProto) -> list[str]:
                 steps.append((m.op_type, m.input[0], residual, tables[id(m)], a.get("stride", 1), a.get("relu6", 0),
                               m.output[0]))
             key = f"{next(_keys)}"
-            _weights[key], keys = {"entry": members[0].input[0], "exit": node.output[0], "steps": steps}, keys + [key]
+            _weights[key] = {"entry": members[0].input[0], "exit": node.output[0], "steps": steps, "threads": threads}
+            keys.append(key)
             replaced.append(helper.make_node("FlgcChainCached", [members[0].input[0]], [node.output[0]],
                                              name=f"flgc_chain_{key}", domain=node.domain, key=key))
             continue
@@ -266,12 +331,15 @@ def _forget(keys: list[str]) -> None:
 
 
 def session(path: str | Path, threads: int = 2, spinning: bool = False):
-    """An ONNX Runtime CPU session for an ONNX file of the deploy step, custom ops or not."""
+    """An ONNX Runtime CPU session for an ONNX file of the deploy step, custom ops or not: ``threads`` threads for
+    ONNX Runtime's ops, or, in a file with custom ops, for our kernels, ONNX Runtime then keeping one thread for
+    the few stock ops left (the stem conv, pooling, classifier), so that its pool never competes with the
+    kernels' OpenMP threads for the cores (5 % at batch 1)."""
     import onnxruntime as ort
     model = onnx.load(str(path))
-    keys = _with_cached_weights(model)
+    keys = _with_cached_weights(model, threads)
     try:
-        result = ort.InferenceSession(model.SerializeToString(), session_options(threads, spinning),
+        result = ort.InferenceSession(model.SerializeToString(), session_options(1 if keys else threads, spinning),
                                       providers=["CPUExecutionProvider"])
     except BaseException:
         _forget(keys)

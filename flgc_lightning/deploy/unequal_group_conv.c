@@ -249,6 +249,14 @@ void unequal_group_conv1x1(const float *x, int64_t rows, int64_t xs, float *y, i
                            int64_t rs, int relu6, const float *w, const float *b, const int64_t *tasks,
                            int64_t ntasks, const int64_t *segs, const int64_t *oidx, int nthreads) {
     int64_t nblocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    if (nblocks < nthreads && ntasks >= 2 * nthreads) { /* few rows (batch 1, 4x4 maps): threads split the tasks */
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (int64_t part = 0; part < nthreads; part++) {
+            int64_t k0 = ntasks * part / nthreads, k1 = ntasks * (part + 1) / nthreads;
+            conv1x1_rows(x, 0, rows, rows, xs, y, ys, res, rs, relu6, w, b, tasks + k0 * T_LEN, k1 - k0, segs, oidx);
+        }
+        return;
+    }
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t blk = 0; blk < nblocks; blk++) {
         int64_t r = blk * BLOCK_ROWS, end = r + BLOCK_ROWS < rows ? r + BLOCK_ROWS : rows;
@@ -499,4 +507,42 @@ int inverted_residual_unequal_group(
         }
     }
     return failed ? -1 : 0; /* -1: out of memory, y not (fully) written */
+}
+
+/* A chain of the three kernels above in one call (the ONNX Runtime custom-op session runs all consecutive custom
+   nodes this way at batch 1, where a Python call per kernel costs as much as the kernel). steps: nsteps records of
+   P_LEN int64 (pointers as integers), buffers: the input (slot 0) and one output per step (slot k + 1), each
+   channels_last; a step reads slots written before it. Returns 0, or -1 if a kernel ran out of memory. */
+enum { P_KIND, P_IN, P_RES, P_OUT, P_CIN, P_H, P_W, P_STRIDE, P_HO, P_WO, P_RELU6, P_COUT, P_HIDDEN, P_EW, P_EB,
+       P_ET, P_NET, P_ES, P_EO, P_DWW, P_DWB, P_PW, P_PB, P_T, P_NT, P_S, P_O, P_LEN };
+enum { K_CONV1X1, K_DEPTHWISE, K_BLOCK };
+#define AS(type, v) ((type)(intptr_t)(v))
+
+int run_chain(const int64_t *steps, int64_t nsteps, const int64_t *buffers, int64_t n, int nthreads) {
+    for (int64_t k = 0; k < nsteps; k++) {
+        const int64_t *s = steps + k * P_LEN;
+        const float *x = AS(const float *, buffers[s[P_IN]]);
+        const float *res = s[P_RES] < 0 ? 0 : AS(const float *, buffers[s[P_RES]]);
+        float *y = AS(float *, buffers[s[P_OUT]]);
+        const float *pw = AS(const float *, s[P_PW]), *pb = AS(const float *, s[P_PB]);
+        const int64_t *t = AS(const int64_t *, s[P_T]), *sg = AS(const int64_t *, s[P_S]);
+        const int64_t *o = AS(const int64_t *, s[P_O]);
+        int relu6 = (int)s[P_RELU6], status = 0;
+        if (s[P_KIND] == K_CONV1X1)
+            unequal_group_conv1x1(x, n * s[P_H] * s[P_W], s[P_CIN], y, s[P_COUT], res, s[P_COUT], relu6, pw, pb, t,
+                                  s[P_NT], sg, o, nthreads);
+        else if (s[P_KIND] == K_DEPTHWISE)
+            status = depthwise_unequal_group_conv(x, n, s[P_H], s[P_W], s[P_CIN], AS(const float *, s[P_DWW]),
+                                                  AS(const float *, s[P_DWB]), s[P_STRIDE], s[P_HO], s[P_WO], y,
+                                                  s[P_COUT], res, s[P_COUT], relu6, pw, pb, t, s[P_NT], sg, o,
+                                                  nthreads);
+        else
+            status = inverted_residual_unequal_group(
+                x, n, s[P_H], s[P_W], s[P_CIN], AS(const float *, s[P_EW]), AS(const float *, s[P_EB]),
+                AS(const int64_t *, s[P_ET]), s[P_NET], AS(const int64_t *, s[P_ES]), AS(const int64_t *, s[P_EO]),
+                s[P_HIDDEN], AS(const float *, s[P_DWW]), AS(const float *, s[P_DWB]), s[P_STRIDE], s[P_HO], s[P_WO],
+                y, s[P_COUT], res, s[P_COUT], relu6, pw, pb, t, s[P_NT], sg, o, nthreads);
+        if (status) return status;
+    }
+    return 0;
 }
