@@ -137,9 +137,10 @@ def test_fused_onnx_without_the_compiled_kernel_gives_the_same_numbers(tmp_path,
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("groups", [g if g in (3, 16) else pytest.param(g, marks=pytest.mark.exhaustive)
                                     for g in range(1, 17)])
-def test_fused_onnx_is_exact_for_every_group_count(groups, variant, tmp_path):
-    """The deploy CLI's default ONNX form through the session helper, G = 3 and 16 (empty groups: G exceeds the
-    narrow layers' widths' groups) by default, every G in 1..16 with -m exhaustive."""
+def test_exported_forms_are_exact_for_every_group_count(groups, variant, tmp_path):
+    """The deploy CLI's files for G = 3 and 16 (empty groups: G exceeds some layers' widths) by default, every G in
+    1..16 with -m exhaustive: the default ONNX form (custom ops) through the session helper, the stock-op ONNX form,
+    the .pt2 program. (Eager forms: every G in test_deploy.py; compiled: G = 5 above, every G with -m exhaustive.)"""
     from flgc_lightning.deploy import onnxruntime_session
 
     torch.manual_seed(groups)
@@ -147,10 +148,31 @@ def test_fused_onnx_is_exact_for_every_group_count(groups, variant, tmp_path):
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(groups))
     with torch.inference_mode():
         expected = model(x)
-    export_onnx(deploy_model(model, kernel="fused"), tmp_path / "net.onnx")
-    logits = onnxruntime_session(tmp_path / "net.onnx").run(None, {"images": x.numpy()})[0]
     assert expected.abs().max() > 0.5
-    assert abs(logits - expected.numpy()).max() <= 1e-4
+    net = deploy_model(model, kernel="fused")
+    export_onnx(net, tmp_path / "net.onnx")
+    export_onnx(deploy_model(model, kernel="blockdiag", align_hidden=16), tmp_path / "stock.onnx", kernel="blockdiag")
+    for name in ("net", "stock"):
+        logits = onnxruntime_session(tmp_path / f"{name}.onnx").run(None, {"images": x.numpy()})[0]
+        assert abs(logits - expected.numpy()).max() <= 1e-4, name
+    export_program(net, tmp_path / "net.pt2")
+    with torch.no_grad():
+        reloaded = torch.export.load(str(tmp_path / "net.pt2")).module()(x.contiguous(memory_format=torch.channels_last))
+    assert (reloaded - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.exhaustive
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("groups", range(1, 17))
+def test_compiled_form_is_exact_for_every_group_count(groups, variant):
+    torch.manual_seed(groups)
+    model = trained_like(MobileNetV2(groups=groups, use_flgc=True, **VARIANTS[variant]), groups)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(groups))
+    with torch.inference_mode():
+        expected = model(x)
+        torch._dynamo.reset()
+        compiled = compile_deployed(deploy_model(model, kernel="fused"))(x.contiguous(memory_format=torch.channels_last))
+    assert (compiled - expected).abs().max() <= 1e-4
 
 
 def test_fused_onnx_with_stock_layers_between_custom_ops(tmp_path):
