@@ -168,10 +168,11 @@ def test_compiled_form_is_exact_for_every_group_count(groups, variant):
     torch.manual_seed(groups)
     model = trained_like(MobileNetV2(groups=groups, use_flgc=True, **VARIANTS[variant]), groups)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(groups))
+    net = deploy_model(model, kernel="fused")
     with torch.inference_mode():
         expected = model(x)
         torch._dynamo.reset()
-        compiled = compile_deployed(deploy_model(model, kernel="fused"))(x.contiguous(memory_format=torch.channels_last))
+        compiled = compile_deployed(net)(x.contiguous(memory_format=torch.channels_last))
     assert (compiled - expected).abs().max() <= 1e-4
 
 
