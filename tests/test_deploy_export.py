@@ -63,10 +63,19 @@ def test_compiled_exported_and_onnx_forms_match_the_trained_network(variant, tmp
     assert all(w % 16 == 0 for w in widths)  # pruned hidden widths kept at ONNX Runtime's 16-channel blocks
 
 
+def net_logits(net, x, n):
+    """The deployed network's logits for the first ``n`` of ``x`` repeated (eager PyTorch, the same kernels)."""
+    import numpy as np
+    batch = torch.from_numpy(np.concatenate([x.numpy()] * 2)[:n])
+    with torch.inference_mode():
+        return net(batch.contiguous(memory_format=torch.channels_last)).numpy()
+
+
 def check_fused_onnx(net, x, expected, path):
     """The fused ONNX file: every fused block one custom node, activations channels-last between them (two
     transposes: after the stem conv, after the head conv, a custom op too), exact through the session helper (all custom nodes as one
     chain) and through a plain session with the custom-op library registered (each node with its weights)."""
+    import numpy as np
     import onnx
     import onnxruntime
     from onnxruntime_extensions import get_library_path
@@ -87,6 +96,13 @@ def check_fused_onnx(net, x, expected, path):
     assert kinds == ["FlgcChainCached"]  # what the helper's session runs: one call for all blocks
     session = onnxruntime_session(path)
     assert abs(session.run(None, {"images": x.numpy()})[0] - expected.numpy()).max() <= 1e-4
+    # batch 1 (threads share each image, small layers split their tasks), then more input shapes than the chain
+    # keeps buffers for (4), then batch 1 again; and one kernel thread
+    for n in (1, 2, 1, 3, 4, 5, 1):
+        got = session.run(None, {"images": x.numpy()[:n] if n <= len(x) else np.concatenate([x.numpy()] * 2)[:n]})[0]
+        assert abs(got - net_logits(net, x, n)).max() <= 1e-4, n
+    one = onnxruntime_session(path, threads=1)
+    assert abs(one.run(None, {"images": x.numpy()})[0] - expected.numpy()).max() <= 1e-4
     options = onnxruntime.SessionOptions()
     options.register_custom_ops_library(get_library_path())
     plain = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -223,3 +239,9 @@ def test_a_broken_onnx_file_is_refused_before_the_kernel_runs(tmp_path):
     onnx.save(model, str(tmp_path / "broken.onnx"))
     with pytest.raises(ValueError, match="do not fit a projection reading|points outside"):
         onnxruntime_session(tmp_path / "broken.onnx")
+    for i, init in enumerate(model.graph.initializer):  # the same table stored as floats: refused too
+        if init.name == segments:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(values.astype(np.float32), segments))
+    onnx.save(model, str(tmp_path / "floats.onnx"))
+    with pytest.raises(ValueError, match="segments must be a contiguous 2-d torch.int64 tensor"):
+        onnxruntime_session(tmp_path / "floats.onnx")

@@ -124,12 +124,12 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None
     model = _portable_copy(model)
     batch = torch.export.Dim("batch", min=1, max=65536)
     with torch.no_grad():
-        torch.onnx.export(model, (_example(example, input_size),), str(path), input_names=["images"],
-                          output_names=["logits"], opset_version=opset, dynamo=True, dynamic_shapes=({0: batch},),
-                          external_data=False, verbose=False, custom_translation_table=translation_table())
-    exported = onnx.load(str(path))
-    if custom_nodes(exported):
-        onnx.save(cancel_transposes(exported), str(path))
+        program = torch.onnx.export(model, (_example(example, input_size),), None, input_names=["images"],
+                                    output_names=["logits"], opset_version=opset, dynamo=True,
+                                    dynamic_shapes=({0: batch},), verbose=False,
+                                    custom_translation_table=translation_table())
+    exported = program.model_proto
+    onnx.save(cancel_transposes(exported) if custom_nodes(exported) else exported, str(path))
     return Path(path)
 
 

@@ -177,11 +177,8 @@ class UnequalGroupConv2d(nn.Module):
         The fused kernel runs one 8- or 16-lane FMA per input a task reads, so only vector lanes are padded.
         """
         if self.kernel == "fused":
-            t = self.fused_tables
-            lanes = native.task_lanes(t)
-            inputs = torch.stack([t["segments"][s:s + n, 1].sum() for s, n in t["tasks"][:, :2].tolist()]) \
-                if len(t["tasks"]) else torch.zeros(0, dtype=torch.long)
-            return int((inputs * lanes).sum())
+            t = self.fused_tables  # pack() writes each task's segments right after the previous task's
+            return int((t["segments"][:, 1] * native.task_lanes(t).repeat_interleave(t["tasks"][:, 1])).sum())
         return self.conv.weight.numel()
 
     @property

@@ -201,7 +201,7 @@ def pack(weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Ten
     """The kernel's tables for a ``C_out x C_in`` 1x1 weight restricted to groups.
 
     A "task" is one vector of 8 accumulators: up to 8 filters, of one group or of several
-    consecutive small groups (a group of more than 8 filters takes several tasks). Each group in a
+    consecutive small groups (a group of more than 8 filters takes several tasks; see ``lanes`` for 16). Each group in a
     task reads its inputs as runs of consecutive channels (one run when the deploy step made the
     group contiguous), each run with a ``[run length][8]`` weight block that is zero in the lanes of
     the task's other groups. Packing small groups together costs no extra multiply-adds (a task
@@ -236,7 +236,7 @@ def pack(weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Ten
                 members.setdefault(int(out_groups[f]), []).append(f)
             bins.append([(filters, runs[g]) for g, filters in members.items()])
     else:
-        chunks = []  # (filters, input runs): up to 8 filters of one group
+        chunks = []  # (filters, input runs): up to `lanes` filters of one group
         for g in range(num_groups):
             filters = torch.nonzero(out_groups == g).flatten().tolist()
             chunks += [(filters[i:i + lanes], runs[g]) for i in range(0, len(filters), lanes)]
@@ -375,6 +375,15 @@ def table_reads(tables: dict[str, Tensor]) -> int:
     """How many input channels :func:`pack`'s tables read (the highest channel + 1), after checking that every
     task and segment stays inside the tables' arrays: tables from a file must not make the kernel read or write out
     of bounds. Raises ``ValueError``."""
+    kinds = {"weight": (torch.float32, 1), "bias": (torch.float32, 1), "tasks": (torch.int64, 2),
+             "segments": (torch.int64, 2), "out_index": (torch.int64, 1)}
+    for name, (dtype, dim) in kinds.items():
+        t = tables[name]
+        if t.dtype != dtype or t.dim() != dim or not t.is_contiguous():
+            raise ValueError(f"kernel tables: {name} must be a contiguous {dim}-d {dtype} tensor, got {t.dtype} "
+                             f"{tuple(t.shape)}")
+    if tables["tasks"].shape[1] != TASK_FIELDS or tables["segments"].shape[1] != SEGMENT_FIELDS:
+        raise ValueError(f"kernel tables: tasks / segments must have {TASK_FIELDS} / {SEGMENT_FIELDS} columns")
     tasks, segments, out_index = tables["tasks"].tolist(), tables["segments"].tolist(), tables["out_index"]
     outputs, n_bias, n_weight = len(out_index), tables["bias"].numel(), tables["weight"].numel()
     if len(out_index) and not (0 <= int(out_index.min()) and int(out_index.max()) < outputs):

@@ -154,7 +154,9 @@ def _run_chain(x: np.ndarray, chain: dict) -> np.ndarray:
         plans = chain.setdefault("plans", {})
         if x.shape not in plans and len(plans) >= 4:  # buffers for at most 4 input shapes
             plans.pop(next(iter(plans)))
-        plan = plans.get(x.shape) or plans.setdefault(x.shape, _plan(chain, x.shape))
+        if x.shape not in plans:
+            plans[x.shape] = _plan(chain, x.shape)
+        plan = plans[x.shape]
         with plan["lock"]:  # its buffers are shared by every call with this shape
             buffers = torch.tensor([x.ctypes.data] + [o.data_ptr() for o in plan["outputs"]], dtype=torch.long)
             native.run_chain(plan["steps"], buffers, x.shape[0], chain.get("threads"))
@@ -175,7 +177,8 @@ def _group(op_type: str, values: dict[str, np.ndarray | torch.Tensor]) -> dict:
     if op_type != "FlgcConv1x1":
         taps, dw_bias = torch.as_tensor(values["dw_taps"]), torch.as_tensor(values["dw_bias"])
         hidden = taps.shape[1] if taps.dim() == 2 else -1
-        if taps.shape != (9, hidden) or dw_bias.shape != (hidden,) or reads > hidden:
+        if (taps.shape != (9, hidden) or dw_bias.shape != (hidden,) or reads > hidden
+                or taps.dtype != torch.float32 or dw_bias.dtype != torch.float32):
             raise ValueError(f"{op_type}: depthwise weights {tuple(taps.shape)} / {tuple(dw_bias.shape)} do not fit "
                              f"a projection reading {reads} channels")
         tables["dw_taps"], tables["dw_bias"], reads = taps.contiguous(), dw_bias.contiguous(), hidden
@@ -289,15 +292,14 @@ def _with_cached_weights(model: onnx.ModelProto, threads: int | None = None) -> 
                 raise ValueError(f"custom node {node.name}: input {name} ({value}) is not a stored weight")
             values[name] = numpy_helper.to_array(initializers[value]).copy()
         tables[id(node)] = _group(node.op_type, values)
-    chains = _chains(graph, custom, no_residual)
-    in_chain = {i for chain in chains for i in chain}
     nodes = list(graph.node)
+    chain_of = {i: chain for chain in _chains(graph, custom, no_residual) for i in chain}
     replaced = []
     for i, node in enumerate(nodes):
-        if i in in_chain and i != next(c for c in chains if i in c)[-1]:
-            continue
-        if i in in_chain:
-            members = [nodes[j] for j in next(c for c in chains if i in c)]
+        if i in chain_of and i != chain_of[i][-1]:
+            continue  # the chain's node takes the place of its last member
+        if i in chain_of:
+            members = [nodes[j] for j in chain_of[i]]
             steps = []
             for m in members:
                 a = _attributes(m)
@@ -312,7 +314,8 @@ def _with_cached_weights(model: onnx.ModelProto, threads: int | None = None) -> 
             continue
         if id(node) in tables:
             key = f"{next(_keys)}"
-            _weights[key], keys = tables[id(node)], keys + [key]
+            _weights[key] = tables[id(node)]
+            keys.append(key)
             node = helper.make_node(node.op_type + "Cached", node.input[:2], node.output, name=node.name,
                                     domain=node.domain, key=key, **_attributes(node))
         replaced.append(node)
