@@ -111,3 +111,48 @@ def test_every_parameter_gets_a_gradient():
 def test_width_multiplier_and_forward_shape():
     model = MobileNetV2(num_classes=100, groups=2, use_flgc=True, width_mult=0.5, in_channels=1)
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 100)
+
+
+@pytest.mark.parametrize("groups", [2, 4, 8])
+def test_balanced_flgc_macs_against_independent_counts(groups):
+    """Balanced groups are equal, so every cost view of a balanced network equals the standard grouped one,
+    counted here by hand (projection convs: C_in * C_out / G per position) and by the deployed network.
+    ptflops hooks by exact type; BalancedFlgc2d once counted 0 MACs (8.30 M at every G)."""
+    from flgc_lightning.deploy import deploy_model, deployed_macs
+
+    torch.manual_seed(groups)
+    balanced = MobileNetV2(groups=groups, use_flgc=True, assignment="balanced", width_mult=0.25)
+    dense = MobileNetV2(groups=1, width_mult=0.25)
+    positions = {}
+    projections = [b.projection for b in dense.modules() if isinstance(b, InvertedResidual)]
+    hooks = [m.register_forward_hook(lambda mod, i, o: positions.__setitem__(mod, o.shape[-2] * o.shape[-1]))
+             for m in projections]
+    dense.eval()(torch.zeros(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    dense_total = count_macs(dense)
+    projection_macs = sum(m.in_channels * m.out_channels * positions[m] for m in projections)
+    by_hand = dense_total - projection_macs + projection_macs // groups
+    assert dense_total == 11_087_882 and (dense_total - projection_macs, projection_macs) == (8_300_554, 2_787_328)
+    assert count_macs(balanced, flgc_cost="nominal") == by_hand
+    assert count_macs(balanced, flgc_cost="learned") == by_hand
+    assert count_macs(balanced, flgc_cost="dense") == dense_total
+    assert complexity_summary(balanced)["macs_learned"] == by_hand
+    assert count_macs(MobileNetV2(groups=groups, use_flgc=False, width_mult=0.25)) == by_hand
+    # The deployed networks (BN folded away, so a constant fewer MACs than the training form) agree too.
+    folded_away = dense_total - deployed_macs(deploy_model(dense, kernel="padded"))
+    assert folded_away > 0
+    assert deployed_macs(deploy_model(balanced, kernel="padded")) == by_hand - folded_away
+
+
+def test_every_flgc_layer_type_is_counted():
+    """A new FLGC subclass is counted without registering it anywhere (the hook follows isinstance)."""
+
+    class Renamed(Flgc2d):
+        pass
+
+    layer = Renamed(16, 24, 1, groups=4, bias=False)
+    net = nn.Sequential(layer)
+    in_sizes, out_sizes = layer.group_sizes()
+    assert count_macs(net, (16, 8, 8), "learned") == int((in_sizes * out_sizes).sum()) * 64
+    assert count_macs(net, (16, 8, 8), "nominal") == 16 * 24 * 64 // 4

@@ -62,13 +62,16 @@ def _flgc_hook(cost: FlgcCost):
 def count_macs(model: nn.Module, input_size=(3, 32, 32), flgc_cost: FlgcCost = "dense") -> int:
     """MACs of one ``input_size`` image, counted by ptflops on a CPU copy in eval mode."""
     probe = copy.deepcopy(model).cpu().eval()
+    # ptflops looks hooks up by exact type: every FLGC layer class present (BalancedFlgc2d, future
+    # subclasses) needs its own entry, or its convs count 0 MACs.
+    flgc_types = {type(m) for m in probe.modules() if isinstance(m, Flgc2d)}
     macs, _ = get_model_complexity_info(
         probe,
         tuple(input_size),
         as_strings=False,
         print_per_layer_stat=False,
         backend="pytorch",
-        custom_modules_hooks={Flgc2d: _flgc_hook(flgc_cost)},
+        custom_modules_hooks={t: _flgc_hook(flgc_cost) for t in flgc_types},
         backend_specific_config={"count_functional": False},
     )
     return int(macs)
