@@ -4,29 +4,12 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from flgc_lightning.callbacks import HostSyncCounter
+from flgc_lightning.callbacks.host_syncs import SyncingOpCounter as SyncCounter
 from flgc_lightning.data import DigitsDataModule
 from flgc_lightning.errors import NonFiniteLossError
 from flgc_lightning.training.module import ImageClassifier
-
-# Ops that make the host wait for a CUDA device: reading a value (item, bool, int) or an output whose size
-# depends on the data. On the CPU they are just ops, so counting them here finds the syncs a GPU step would do.
-SYNCING_OPS = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "bincount", "is_nonzero", "equal",
-               "repeat_interleave", "item")
-
-
-class SyncCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        if name in SYNCING_OPS:
-            self.calls.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
 
 class CountStepSyncs(pl.Callback):
     """Counts syncing ops from the start of each training batch to its end (forward, backward, optimizer step,
@@ -69,6 +52,37 @@ def test_no_host_sync_inside_training_steps(assignment):
     fit(module(assignment=assignment), [counter], steps=6)
     assert len(counter.per_step) == 4
     assert counter.per_step == [[]] * 4, counter.per_step[0][:10]
+
+
+class ReadsTheLoss(ImageClassifier):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        loss.item()  # a host sync in every step
+        return loss
+
+
+def test_host_sync_counter_callback_counts_whole_steps():
+    """The callback any run can add: windows from one batch end to the next, after skip_steps."""
+    clean = HostSyncCounter(skip_steps=2)
+    fit(module(), [clean], steps=6)
+    assert clean.summary() == {"device": "cpu", "steps": 4, "syncs": 0, "steps_with_syncs": 0, "where": {}}
+    net = {"_target_": "flgc_lightning.models.MobileNetV2", "num_classes": 10, "groups": 4, "use_flgc": True,
+           "width_mult": 0.25, "in_channels": 1}
+    syncing = HostSyncCounter(skip_steps=2, steps=2)
+    fit(ReadsTheLoss(net, {"_target_": "torch.optim.SGD", "lr": 0.05}, None, (1, 16, 16)), [syncing], steps=6)
+    summary = syncing.summary()
+    assert summary["steps"] == 2 and summary["steps_with_syncs"] == 2
+    assert summary["where"] == {"_local_scalar_dense.default": 2}
+
+
+def test_compile_modes_in_the_config():
+    from flgc_lightning.config import compose
+    from flgc_lightning.training.schema import schema_problems
+
+    for value, ok in (("true", True), ("false", True), ("reduce-overhead", True), ("max-autotune", True),
+                      ("fast", False)):
+        cfg = compose("train", [f"compile={value}", "run_dir=/tmp/x"])
+        assert (schema_problems(cfg) == []) is ok, (value, schema_problems(cfg))
 
 
 def test_the_sync_counter_sees_a_sync():

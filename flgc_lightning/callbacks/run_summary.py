@@ -70,6 +70,9 @@ class RunSummary(Callback):
         self.data: dict[str, Any] = {}
         self._fit_started = 0.0
         self._previous_wall = 0.0
+        self._epoch_started: Optional[float] = None
+        self._validation_started: Optional[float] = None
+        self._validation_time = 0.0
 
     # -- helpers -----------------------------------------------------------------------------
     def _write(self, trainer: pl.Trainer) -> None:
@@ -148,7 +151,16 @@ class RunSummary(Callback):
         self._update_accuracy()
         self._write(trainer)
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_started, self._validation_time = time.monotonic(), 0.0
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validation_started = time.monotonic()
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._validation_started is not None and not trainer.sanity_checking:
+            self._validation_time += time.monotonic() - self._validation_started
+        self._validation_started = None
         if trainer.sanity_checking or not self.data:
             return
         entry = {"epoch": trainer.current_epoch, "val_acc": _metric(trainer, self.monitor),
@@ -161,9 +173,16 @@ class RunSummary(Callback):
         if not self.data:
             return
         self.data["epochs_done"] = trainer.current_epoch + 1
+        # Wall time of the epoch in this process (a resumed epoch: its resumed part), validation included
+        # (Lightning validates before the train epoch ends); the metrics read above synchronised the device.
+        times = {}
+        if self._epoch_started is not None:
+            times = {"epoch_time_s": round(time.monotonic() - self._epoch_started, 3),
+                     "val_time_s": round(self._validation_time, 3)}
         for entry in self.data["history"]:
             if entry["epoch"] == trainer.current_epoch:
-                entry.update(train_acc=_metric(trainer, "train/acc"), train_loss=_metric(trainer, "train/loss"))
+                entry.update(train_acc=_metric(trainer, "train/acc"), train_loss=_metric(trainer, "train/loss"),
+                             **times)
         self._write(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -75,7 +75,7 @@ class ImageClassifier(pl.LightningModule):
         self.run_config: Optional[dict] = None
         # Runtime options (not hyperparameters: test.py and deploy rebuild the network without them).
         self.channels_last = False
-        self.compile_network = False
+        self.compile_network: bool | str = False  # True or a torch.compile mode ("reduce-overhead": CUDA graphs)
         self._first_nonfinite: Optional[torch.Tensor] = None  # device scalar: first step with a bad loss, or -1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +160,8 @@ class ImageClassifier(pl.LightningModule):
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
         if self.compile_network:  # in place: parameter names (checkpoints) stay those of the plain network
-            self.net.compile()
+            mode = None if self.compile_network is True else str(self.compile_network)
+            self.net.compile(mode=None if mode == "default" else mode)
         if self.trainer.is_global_zero:
             rank_zero_info(
                 "model: " + ", ".join(f"{k}={format_millions(v)}" for k, v in self.complexity.items())

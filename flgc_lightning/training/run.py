@@ -50,7 +50,7 @@ def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> ImageCl
         assign_optim=plain(cfg.get("assign_optim")),
     )
     module.run_config = plain(cfg)
-    module.compile_network = bool(cfg.get("compile", False))
+    module.compile_network = cfg.get("compile", False)
     return module
 
 

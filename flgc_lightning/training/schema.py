@@ -51,7 +51,7 @@ class TrainKeys(_Schema):
     test_after_fit: bool = False
     assign_optim: AssignOptim = AssignOptim(lr_mult=1.0)
     channels_last: Union[bool, Literal["auto"]] = "auto"
-    compile: bool = False
+    compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = False
     arm: Optional[str] = None  # experiment=subset_study
 
 
