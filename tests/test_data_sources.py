@@ -118,3 +118,36 @@ def test_imagefolder_errors_say_what_is_wrong(tmp_path):
         ImageFolderDataModule(root=str(tmp_path), num_workers=0).setup()
     with pytest.raises(ConfigError, match="channels"):
         ImageFolderDataModule(root=str(tmp_path), channels=2)
+
+
+class _Planted:
+    """Unpickles as a call of ``os.mkdir(path)``: what a crafted data file could run."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        import os
+        return (os.mkdir, (self.path,))
+
+
+def test_cifar_batch_files_cannot_run_code(tmp_path, cifar_subset):
+    """A CIFAR batch file is a pickle; one that names a callable other than numpy's array rebuilding is
+    refused with a clear error, and the callable never runs. The real subset still loads."""
+    import pickle
+    import shutil
+
+    from flgc_lightning.data import CifarDataModule
+
+    folder = tmp_path / "cifar" / "cifar-10-batches-py"
+    shutil.copytree(cifar_subset / "cifar-10-batches-py", folder)
+    marker = tmp_path / "side-effect"
+    with open(folder / "data_batch_3", "wb") as fh:
+        pickle.dump({"data": np.zeros((1, 3072), np.uint8), "labels": [0], "hook": _Planted(str(marker))}, fh)
+    dm = CifarDataModule(root=str(tmp_path / "cifar"), download=False)
+    with pytest.raises(DataNotFoundError, match=r"could not read cifar10 file .*data_batch_3.*references posix\.mkdir"):
+        dm.setup()
+    assert not marker.exists()
+    real = CifarDataModule(root=str(cifar_subset), download=False, limit_train=10)
+    real.setup()
+    assert len(real.train_set) == 10

@@ -14,6 +14,30 @@ from pathlib import Path
 
 import numpy as np
 
+
+# What the official CIFAR batch files (and copies written by numpy 1 or 2) reference: arrays, their dtype, and
+# ``_codecs.encode`` (Python 3 pickles of bytes). A pickle may name any callable; anything else is refused.
+_PICKLE_GLOBALS = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                   ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+                   ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles data only: a data file must not decide what code runs."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"it references {module}.{name}; a CIFAR batch file holds only arrays, "
+                                         "lists and strings")
+        return super().find_class(module, name)
+
+
+def load_batch_file(path: Path) -> dict:
+    """One pickled CIFAR batch (``data``, labels, ...), with only array reconstruction allowed."""
+    with open(path, "rb") as fh:
+        return _BatchUnpickler(fh, encoding="latin1").load()
+
+
 @dataclass(frozen=True)
 class CifarLayout:
     name: str  # "cifar10" | "cifar100"
@@ -88,8 +112,7 @@ def load_split(folder: Path, layout: CifarLayout, train: bool) -> tuple[np.ndarr
     for name in layout.train_files if train else layout.test_files:
         path = folder / name
         try:
-            with open(path, "rb") as fh:
-                entry = pickle.load(fh, encoding="latin1")
+            entry = load_batch_file(path)
             images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(entry[layout.label_key])
         except Exception as err:
