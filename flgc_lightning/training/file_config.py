@@ -141,9 +141,10 @@ def check_hparams(hparams: Any, source: str) -> None:
 
 def check_checkpoint(checkpoint: dict, source: str) -> None:
     """Every config in a checkpoint that something may build: ``hyper_parameters`` and the run config's
-    ``model``/``optimizer``/``scheduler``/``data``. Raises :class:`CheckpointError` naming ``source``."""
+    (``flgc_config``) ``model``/``optimizer``/``scheduler``/``data``. Raises :class:`CheckpointError` naming
+    ``source``."""
     problems = hparams_problems(checkpoint.get("hyper_parameters"))
-    run_config = checkpoint.get("flgc_config")
+    run_config = checkpoint.get("flgc_config", {})  # absent from checkpoints of a Trainer outside train.py
     if not isinstance(run_config, dict):
         problems.append(f"flgc_config: expected a mapping, got {type(run_config).__name__}")
         run_config = {}

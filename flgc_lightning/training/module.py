@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from flgc_lightning.errors import ConfigError, NonFiniteLossError
-from flgc_lightning.training.file_config import TRUSTED, check_hparams
+from flgc_lightning.training.file_config import TRUSTED, check_checkpoint, check_hparams
 from flgc_lightning.training.schema import instantiate_checked
 from flgc_lightning.utils.complexity import complexity_summary, format_millions
 
@@ -65,6 +65,7 @@ class ImageClassifier(pl.LightningModule):
             # and scheduler ones are built later (configure_optimizers), so all are checked now
             check_hparams({"model": plain(model), "optimizer": plain(optimizer), "scheduler": plain(scheduler),
                            "input_size": list(input_size), "assign_optim": plain(assign_optim)}, str(config_origin))
+        self._checkpoint_source = "checkpoint" if config_origin is TRUSTED else str(config_origin)
         assign_optim = {"lr_mult": 1.0, "weight_decay": None, **(plain(assign_optim) or {})}
         if not assign_optim["lr_mult"] >= 0:
             raise ConfigError(f"invalid configuration:\n  - assign_optim.lr_mult must be >= 0, got {assign_optim['lr_mult']!r}")
@@ -184,6 +185,15 @@ class ImageClassifier(pl.LightningModule):
             )
             for logger in self.loggers:
                 logger.log_metrics({f"model/{k}": float(v) for k, v in self.complexity.items()}, step=0)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint read by Lightning (``load_from_checkpoint``, a resume) gets the checks of every checkpoint
+        this program reads: one whose run config names code outside the allow-list is refused."""
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict) and "config_origin" in hparams:  # load_from_checkpoint's own argument, which
+            # Lightning copies into the hyperparameters it read (only TRUSTED would count, and no file holds that)
+            checkpoint = {**checkpoint, "hyper_parameters": {k: v for k, v in hparams.items() if k != "config_origin"}}
+        check_checkpoint(checkpoint, self._checkpoint_source)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite()  # never write weights that a non-finite loss has touched
