@@ -9,8 +9,9 @@ downloaded checkpoint could run code although ``torch.load(weights_only=True)`` 
 So every config that comes from a file passes :func:`file_config_problems` before anything is imported or
 built: its ``_target_`` must be on :data:`ALLOWED_TARGETS` for its group; none of its values may hold another
 ``_target_``, a Hydra key (``_args_``, ``_partial_``, ``_recursive_``, ``_convert_``: any ``_name_``) or an
-OmegaConf interpolation (``${...}``: ``oc.decode`` turns a string into a new ``_target_`` when Hydra reads
-it); then its arguments are checked against the class's signature
+OmegaConf interpolation (``${...}``: resolvers run when Hydra reads the value; ``oc.env`` reads the
+environment, ``oc.decode`` makes new nodes, ``_target_`` ones included); then its arguments are checked
+against the class's signature
 (:func:`flgc_lightning.training.schema.check_node`). Configs the user composes (``conf/*.yaml`` and the
 command line, or code calling :class:`~flgc_lightning.training.module.ImageClassifier` with
 ``config_origin=TRUSTED``) are trusted as any code the user runs is. A checkpoint's ``trainer``,
