@@ -174,3 +174,235 @@ def test_command_lines_refuse_a_planted_checkpoint(trained, tmp_path):
                             f"hydra.run.dir={tmp_path / 'resumed'}", check=False), path)
     assert not made.exists()
     assert not any((tmp_path / d).exists() for d in ("test", "deployed", "resumed"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Kernel tables are validated before C sees them
+# --------------------------------------------------------------------------------------------------------------
+
+from flgc_lightning.deploy import native  # noqa: E402
+
+needs_kernel = pytest.mark.skipif(not native.available(), reason="no working C compiler: no table reaches C code")
+
+
+def fused_layer(c_in: int, c_out: int, seed: int):
+    from flgc_lightning.deploy.grouped import UnequalGroupConv2d
+
+    gen = torch.Generator().manual_seed(seed)
+    return UnequalGroupConv2d(torch.randn(c_out, c_in, generator=gen), torch.randn(c_out, generator=gen),
+                              torch.randint(0, 3, (c_in,), generator=gen), torch.randint(0, 3, (c_out,), generator=gen),
+                              3, "fused")
+
+
+def kernel_case(seed: int = 0) -> dict:
+    """Valid inputs of the three fused ops: a 16 -> 24 expand conv, 3x3 depthwise taps over 24 channels, a 24 -> 16
+    projection (all unequal groups), inputs of 16 and 24 channels."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"expand": dict(fused_layer(16, 24, seed + 1).fused_tables),
+            "projection": dict(fused_layer(24, 16, seed + 2).fused_tables),
+            "dw_taps": torch.randn(9, 24, generator=gen), "dw_bias": torch.randn(24, generator=gen),
+            "x16": torch.randn(2, 16, 7, 6, generator=gen), "x24": torch.randn(2, 24, 7, 6, generator=gen)}
+
+
+def run_op(kind: str, case: dict, stride: int = 1) -> torch.Tensor:
+    """``torch.ops.flgc.<kind>`` called directly with ``case``'s tensors."""
+    p, e = case["projection"], case["expand"]
+    tables = [p[k] for k in ("weight", "bias", "tasks", "segments", "out_index", "dense_weight", "dense_bias")]
+    if kind == "conv1x1":
+        return torch.ops.flgc.unequal_group_conv1x1(case["x24"], *tables, None, False)
+    if kind == "depthwise":
+        return torch.ops.flgc.depthwise_unequal_group_conv(case["x24"], case["dw_taps"], case["dw_bias"], stride,
+                                                          *tables, None, True)
+    expand = [e[k] for k in ("weight", "bias", "tasks", "segments", "out_index", "dense_weight", "dense_bias")]
+    return torch.ops.flgc.inverted_residual_unequal_group(case["x16"], *expand, case["dw_taps"], case["dw_bias"],
+                                                          stride, *tables, None, False)
+
+
+def _set(name: str, index, value):
+    """An edit of one table entry (on a copy: the tables of the case stay valid)."""
+    def edit(tables):
+        t = tables[name] = tables[name].clone()
+        t[index] = value(tables) if callable(value) else value
+    return edit
+
+
+def _replace(name: str, make):
+    def edit(tables):
+        tables[name] = make(tables[name])
+    return edit
+
+
+TABLE_CRAFTS = {  # name: (edit of a table set, what the refusal says)
+    "tasks as floats": (_replace("tasks", lambda t: t.float()), r"tasks must be a contiguous 2-d torch\.int64"),
+    "out_index as int32": (_replace("out_index", lambda t: t.int()), r"out_index must be a contiguous 1-d torch\.int64"),
+    "segments not contiguous": (_replace("segments", lambda t: t.t().contiguous().t()), r"segments must be a contiguous"),
+    "negative entry": (_set("segments", (0, 0), -1), r"negative or huge"),
+    "huge entry": (_set("tasks", (0, 0), 1 << 62), r"negative or huge"),
+    "weights past the end": (_set("segments", (-1, 2), lambda t: int(t["segments"][-1, 2]) + 8),
+                             r"weights past the end of weight"),
+    "segments past the end": (_set("tasks", (-1, 1), lambda t: len(t["segments"]) + 1 - int(t["tasks"][-1, 0])),
+                              r"segments past the end of segments"),
+    "bias past the end": (_set("tasks", (-1, 2), lambda t: len(t["bias"])), r"bias vector past the end"),
+    "more filters than lanes": (_set("tasks", (0, 3), 17), r"more filters than vector lanes"),
+    "outputs past out_index": (_set("tasks", (-1, 4), lambda t: len(t["out_index"])), r"past the end of out_index"),
+    "out_index past the output": (_set("out_index", 0, lambda t: len(t["out_index"])), r"write output channel \d+, the "
+                                                                                       r"output has"),
+    "input past the input": (_set("segments", (-1, 0), lambda t: int(t["dense_weight"].shape[1])),
+                             r"read \d+ input channels, the input has"),
+    "consecutive but not full": (_set("tasks", 0, lambda t: t["tasks"][0] * torch.tensor([1, 1, 1, 0, 1, 0])
+                                      + torch.tensor([0, 0, 0, 3, 0, native.CONSECUTIVE])),
+                                 r"consecutive outputs in a task that is not full"),
+}
+DEPTHWISE_CRAFTS = {
+    "dw_taps with 8 rows": (lambda c: c.__setitem__("dw_taps", c["dw_taps"][:8].clone()), r"dw_taps must be .*\(9, 24\)"),
+    "dw_taps as float64": (lambda c: c.__setitem__("dw_taps", c["dw_taps"].double()), r"dw_taps must be"),
+    "dw_bias one short": (lambda c: c.__setitem__("dw_bias", c["dw_bias"][:-1].clone()), r"dw_bias must be .*\(24,\)"),
+}
+
+
+@needs_kernel
+def test_direct_op_calls_with_crafted_tables_are_refused():
+    """Each fused op called directly with tables it has never seen: every crafted table (wrong dtype, layout,
+    offsets past the ends, outputs past the output, inputs past the input, too many lanes) and every wrong
+    depthwise weight is a clear error before any C code runs; the valid case still gives the stock-op numbers."""
+    from flgc_lightning.deploy import ops
+
+    case = kernel_case()
+    p = case["projection"]
+    reference = ops.reference(case["x24"], p["dense_weight"], p["dense_bias"], None, False)
+    torch.testing.assert_close(run_op("conv1x1", case), reference, atol=1e-5, rtol=0)
+    for kind in ("conv1x1", "depthwise", "block"):
+        for role in ("projection", "expand") if kind == "block" else ("projection",):
+            for name, (edit, message) in TABLE_CRAFTS.items():
+                crafted = {**case, role: dict(case[role])}
+                edit(crafted[role])
+                with pytest.raises(native.TableError, match=message):
+                    run_op(kind, crafted)
+        if kind != "conv1x1":
+            for name, (edit, message) in DEPTHWISE_CRAFTS.items():
+                crafted = dict(case)
+                edit(crafted)
+                with pytest.raises(native.TableError, match=message):
+                    run_op(kind, crafted)
+            with pytest.raises(native.TableError, match="stride must be 1 or 2"):
+                run_op(kind, case, stride=3)
+    run_op("block", case, stride=2)  # the valid case again: nothing above poisoned the cache
+
+
+@needs_kernel
+def test_tables_are_validated_once_per_table_object(monkeypatch):
+    """Validation runs once per set of table tensors, not per call; tables changed in place, or new tensors with
+    the same (or crafted) contents, are validated again."""
+    calls = []
+    validate = native.validate_tables
+    monkeypatch.setattr(native, "validate_tables", lambda tables: calls.append(1) or validate(tables))
+    case = kernel_case(seed=3)
+    for _ in range(3):
+        run_op("block", case)
+        run_op("depthwise", case)
+    assert len(calls) == 2  # the expand tables, the projection tables
+    case["projection"]["out_index"][0] = 10_000  # in place: its version counter moved
+    with pytest.raises(native.TableError, match="write output channel 10000"):
+        run_op("depthwise", case)
+    case["projection"] = {k: v.clone() for k, v in kernel_case(seed=3)["projection"].items()}  # new tensors
+    run_op("depthwise", case)
+    assert len(calls) == 4
+
+
+@needs_kernel
+def test_a_tampered_pt2_program_is_refused(tmp_path):
+    """A ``.pt2`` program's kernel tables are constants in the file: tampered in the file, or in place in the loaded
+    program after it ran, the op refuses them with a clear error."""
+    from flgc_lightning.deploy import deploy_model, export_program
+    from flgc_lightning.models import MobileNetV2
+
+    torch.manual_seed(0)
+    net = deploy_model(MobileNetV2(groups=4, use_flgc=True, width_mult=0.25).eval(), kernel="fused")
+    program = export_program(net, tmp_path / "net.pt2", input_size=(3, 16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = net(x)
+    # the first fused op (features.1: depthwise conv + projection): taps, then weight, bias, tasks, segments, out_index
+    node = next(n for n in program.graph.nodes if n.op == "call_function" and "flgc" in str(n.target))
+    constant = {s.arg.name: s.target for s in program.graph_signature.input_specs if s.target is not None}
+    names = [constant[a.name] for a in (node.args[1], *node.args[4:9])]
+    for index, edit, message in ((5, lambda t: t.fill_(10_000), "write output channel 10000"),
+                                 (3, lambda t: t.__setitem__((0, 2), 10_000), "bias vector past the end"),
+                                 (0, lambda t: t[:8].clone(), r"dw_taps must be")):
+        loaded = torch.export.load(str(tmp_path / "net.pt2"))
+        tampered = edit(loaded.constants[names[index]])
+        if tampered is not None:
+            loaded.constants[names[index]] = tampered
+        torch.export.save(loaded, str(tmp_path / "tampered.pt2"))
+        with pytest.raises(native.TableError, match=message):
+            torch.export.load(str(tmp_path / "tampered.pt2")).module()(x)
+    module = torch.export.load(str(tmp_path / "net.pt2")).module()
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), expected, atol=1e-4, rtol=0)
+        getattr(module.get_submodule("features.1"), names[5].rpartition(".")[2])[0] = 10_000  # in place, after a run
+        with pytest.raises(native.TableError, match="write output channel 10000"):
+            module(x)
+
+
+def _tamper(model, node_index: int, input_name: str, edit, path: Path) -> Path:
+    """A copy of the ONNX ``model`` whose custom node ``node_index`` has input ``input_name`` edited."""
+    import onnx
+    from onnx import numpy_helper
+
+    from flgc_lightning.deploy.onnx_custom_ops import OPS, custom_nodes
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    node = custom_nodes(model)[node_index]
+    stored = node.input[OPS[node.op_type][0].index(input_name)]
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == stored:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(edit(numpy_helper.to_array(init).copy()), stored))
+    onnx.save(model, str(path))
+    return path
+
+
+PLAIN_SESSION = """
+import sys, numpy as np, onnxruntime
+from onnxruntime_extensions import get_library_path
+import flgc_lightning.deploy.onnxruntime_ops  # defines the custom ops
+options = onnxruntime.SessionOptions()
+options.register_custom_ops_library(get_library_path())
+session = onnxruntime.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+print("session made", flush=True)
+session.run(None, {"images": np.zeros((2, 3, 16, 16), np.float32)})
+print("ran", flush=True)
+"""
+
+
+@needs_kernel
+def test_a_tampered_onnx_file_is_refused(tmp_path):
+    """An ONNX file's kernel tables are initializers: tampered ones (an output index past the output, a bias offset
+    past the end, a short depthwise bias, tables of the wrong type) are refused when the session helper loads the
+    file. In a plain onnxruntime session the custom op refuses them on its first call; onnxruntime-extensions turns
+    an op's exception into a process abort (no Python exception crosses it), so that runs in its own process."""
+    import numpy as np
+    import onnx
+
+    from flgc_lightning.deploy import deploy_model, export_onnx, onnxruntime_session
+    from flgc_lightning.deploy.onnx_custom_ops import custom_nodes
+    from flgc_lightning.models import MobileNetV2
+
+    torch.manual_seed(0)
+    net = deploy_model(MobileNetV2(groups=4, use_flgc=True, width_mult=0.25).eval(), kernel="fused")
+    model = onnx.load(str(export_onnx(net, tmp_path / "net.onnx", input_size=(3, 16, 16))))
+    kinds = [n.op_type for n in custom_nodes(model)]
+    block = kinds.index("FlgcInvertedResidual")
+    cases = [
+        (block, "out_index", lambda a: np.full_like(a, len(a)), r"write output channel"),
+        (block, "e_tasks", lambda a: (a.__setitem__((0, 2), 10_000), a)[1], r"bias vector past the end"),
+        (block, "dw_bias", lambda a: a[:-1], r"depthwise weights"),
+        (kinds.index("FlgcDepthwiseProjection"), "tasks", lambda a: a.astype(np.float32), r"tasks must be"),
+    ]
+    for i, (node, name, edit, message) in enumerate(cases):
+        path = _tamper(model, node, name, edit, tmp_path / f"tampered{i}.onnx")
+        with pytest.raises(ValueError, match=message):
+            onnxruntime_session(path)
+    proc = subprocess.run([sys.executable, "-c", PLAIN_SESSION, str(tmp_path / "tampered0.onnx")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert "session made" in proc.stdout and "ran" not in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert proc.returncode != 0 and "TableError: FlgcInvertedResidual: kernel tables: write output channel" in proc.stderr

@@ -8,7 +8,8 @@ registers and writes each filter straight to its output channel.
 It is plain C (no Python or torch headers), compiled on first use with the system C compiler
 (``$CC`` or ``cc``; ``-O3 -march=native -fopenmp``, falling back to fewer flags) into a cache
 folder keyed by source, compiler, flags and CPU, so a shared home folder on a mixed cluster never
-loads a library built for another CPU. ``$FLGC_NATIVE_CACHE`` overrides the folder. OpenMP comes
+loads a library built for another CPU. ``$FLGC_NATIVE_CACHE`` overrides the folder, ``$FLGC_NATIVE_FLAGS``
+the flags (one set, no fallback: the tests build with AddressSanitizer this way). OpenMP comes
 from the ``libgomp`` torch already loaded, so both share one thread pool.
 """
 from __future__ import annotations
@@ -41,6 +42,12 @@ FLAG_SETS = (
 
 class NativeKernelUnavailable(RuntimeError):
     """The fused kernel cannot be built here (no C compiler, or it failed)."""
+
+
+def flag_sets() -> list[list[str]]:
+    """:data:`FLAG_SETS`, or the one set in ``$FLGC_NATIVE_FLAGS`` (e.g. a build with AddressSanitizer for tests)."""
+    chosen = os.environ.get("FLGC_NATIVE_FLAGS", "").split()
+    return [chosen] if chosen else FLAG_SETS
 
 
 def cache_dir() -> Path:
@@ -135,7 +142,7 @@ def _build_and_load() -> ctypes.CDLL:
         raise NativeKernelUnavailable(f"kernel source missing from the installation: {err}") from None
     folder = _writable_cache_dir()
     errors = []
-    for flags in FLAG_SETS:
+    for flags in flag_sets():
         key = hashlib.sha256("\0".join([source, compiler, version, *flags, _cpu_signature()]).encode())
         target = folder / f"unequal_group_conv-{key.hexdigest()[:16]}.so"
         message = None if target.exists() else _compile(compiler, flags, target)
