@@ -194,14 +194,15 @@ def fused_layer(c_in: int, c_out: int, seed: int):
                               3, "fused")
 
 
-def kernel_case(seed: int = 0) -> dict:
+def kernel_case(seed: int = 0, size: tuple[int, int, int] = (2, 7, 6)) -> dict:
     """Valid inputs of the three fused ops: a 16 -> 24 expand conv, 3x3 depthwise taps over 24 channels, a 24 -> 16
-    projection (all unequal groups), inputs of 16 and 24 channels."""
+    projection (all unequal groups), inputs of 16 and 24 channels (batch, height, width: ``size``)."""
     gen = torch.Generator().manual_seed(seed)
+    n, h, w = size
     return {"expand": dict(fused_layer(16, 24, seed + 1).fused_tables),
             "projection": dict(fused_layer(24, 16, seed + 2).fused_tables),
             "dw_taps": torch.randn(9, 24, generator=gen), "dw_bias": torch.randn(24, generator=gen),
-            "x16": torch.randn(2, 16, 7, 6, generator=gen), "x24": torch.randn(2, 24, 7, 6, generator=gen)}
+            "x16": torch.randn(n, 16, h, w, generator=gen), "x24": torch.randn(n, 24, h, w, generator=gen)}
 
 
 def run_op(kind: str, case: dict, stride: int = 1) -> torch.Tensor:
@@ -406,3 +407,116 @@ def test_a_tampered_onnx_file_is_refused(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert "session made" in proc.stdout and "ran" not in proc.stdout, proc.stdout + proc.stderr[-3000:]
     assert proc.returncode != 0 and "TableError: FlgcInvertedResidual: kernel tables: write output channel" in proc.stderr
+
+
+# Run in a process with the kernel built with AddressSanitizer: the checked paths on valid tables of several shapes
+# and thread counts (direct ops, a deployed network, the ONNX session's one-call chain), then every crafted table.
+ASAN_CHECKED = """
+import sys, numpy as np, torch
+sys.path.insert(0, sys.argv[1])
+from flgc_lightning.deploy import deploy_model, native, ops, onnxruntime_session
+from flgc_lightning.models import MobileNetV2
+from test_file_safety import DEPTHWISE_CRAFTS, TABLE_CRAFTS, kernel_case, run_op
+assert "-fsanitize=address" in native.load_library().flags, native.load_library().flags
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    for seed, size in enumerate([(2, 7, 6), (1, 1, 1), (3, 9, 17), (1, 8, 8)]):
+        case = kernel_case(seed, size)
+        p, e = case["projection"], case["expand"]
+        for stride in (1, 2):
+            hidden = ops.depthwise_reference(case["x24"], case["dw_taps"], case["dw_bias"], stride)
+            torch.testing.assert_close(run_op("depthwise", case, stride),
+                                       ops.reference(hidden, p["dense_weight"], p["dense_bias"], None, True))
+            expanded = ops.reference(case["x16"], e["dense_weight"], e["dense_bias"], None, True)
+            hidden = ops.depthwise_reference(expanded, case["dw_taps"], case["dw_bias"], stride)
+            torch.testing.assert_close(run_op("block", case, stride),
+                                       ops.reference(hidden, p["dense_weight"], p["dense_bias"], None, False))
+        torch.testing.assert_close(run_op("conv1x1", case),
+                                   ops.reference(case["x24"], p["dense_weight"], p["dense_bias"], None, False))
+refused = 0
+for kind in ("conv1x1", "depthwise", "block"):
+    for role in ("projection", "expand") if kind == "block" else ("projection",):
+        for edit, message in TABLE_CRAFTS.values():
+            case = kernel_case()
+            case[role] = dict(case[role])
+            edit(case[role])
+            try:
+                run_op(kind, case)
+            except native.TableError:
+                refused += 1
+    for edit, message in DEPTHWISE_CRAFTS.values() if kind != "conv1x1" else ():
+        case = kernel_case()
+        edit(case)
+        try:
+            run_op(kind, case)
+        except native.TableError:
+            refused += 1
+torch.manual_seed(0)
+net = deploy_model(MobileNetV2(groups=4, use_flgc=True, width_mult=0.25, group_expand=True).eval(), kernel="fused")
+with torch.no_grad():
+    for n in (1, 3):
+        net(torch.randn(n, 3, 16, 16).contiguous(memory_format=torch.channels_last))
+session = onnxruntime_session(sys.argv[2])
+for n in (1, 2, 5):
+    session.run(None, {"images": np.random.default_rng(n).standard_normal((n, 3, 16, 16)).astype(np.float32)})
+print("refused", refused, flush=True)
+"""
+# The same build reading one weight vector past the end, straight through ctypes (no checks): ASan must see it,
+# or a clean run above would prove nothing.
+ASAN_UNCHECKED = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from flgc_lightning.deploy import native
+from test_file_safety import kernel_case
+case = kernel_case()
+t, x = case["projection"], case["x24"].contiguous(memory_format=torch.channels_last)
+t["segments"] = t["segments"].clone()
+t["segments"][-1, 2] += 8
+y = torch.empty(2, 16, 7, 6, memory_format=torch.channels_last)
+native.load_library().unequal_group_conv1x1(
+    x.data_ptr(), 2 * 7 * 6, 24, y.data_ptr(), 16, None, 16, 0, t["weight"].data_ptr(), t["bias"].data_ptr(),
+    t["tasks"].data_ptr(), len(t["tasks"]), t["segments"].data_ptr(), t["out_index"].data_ptr(), 1)
+print("no report", flush=True)
+"""
+
+
+def _asan_environment(folder: Path) -> dict:
+    """Environment of a process whose fused kernel is built with AddressSanitizer, or skip where that cannot be."""
+    import os
+    import shutil
+
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    runtime = [subprocess.run([compiler, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+               for name in ("libasan.so", "libstdc++.so.6")] if compiler else []
+    if not runtime or not all(os.path.isabs(path) and os.path.exists(path) for path in runtime):
+        pytest.skip("no AddressSanitizer runtime (libasan) next to the C compiler")
+    return {**os.environ, "FLGC_NATIVE_CACHE": str(folder), "ASAN_OPTIONS": "detect_leaks=0",
+            "FLGC_NATIVE_FLAGS": f"-O1 -g -fsanitize=address -fno-omit-frame-pointer {' '.join(native.load_library().flags[1:])}",
+            # libstdc++ too: loaded after ASan, C++ exceptions thrown by torch abort ASan's interceptor
+            "LD_PRELOAD": " ".join(runtime)}
+
+
+@needs_kernel
+def test_checked_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
+    """With the C kernel built with AddressSanitizer, the checked paths (valid tables of several shapes, strides
+    and thread counts; a deployed network; the ONNX session's chain of kernels; every crafted table, refused)
+    run without a report, while the same build handed a crafted table straight through ctypes is reported."""
+    from flgc_lightning.deploy import deploy_model, export_onnx
+    from flgc_lightning.models import MobileNetV2
+
+    env = _asan_environment(tmp_path / "asan-cache")
+    torch.manual_seed(1)
+    net = deploy_model(MobileNetV2(groups=4, use_flgc=True, width_mult=0.25).eval(), kernel="fused")
+    onnx_file = export_onnx(net, tmp_path / "net.onnx", input_size=(3, 16, 16))
+    tests = str(Path(__file__).parent)
+    checked = subprocess.run([sys.executable, "-c", ASAN_CHECKED, tests, str(onnx_file)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+    if "NativeKernelUnavailable" in checked.stderr:
+        pytest.skip(f"the kernel does not build with AddressSanitizer here: {checked.stderr.strip().splitlines()[-1]}")
+    assert "AddressSanitizer" not in checked.stderr, checked.stderr[-5000:]
+    expected = len(TABLE_CRAFTS) * 4 + len(DEPTHWISE_CRAFTS) * 2
+    assert checked.returncode == 0 and f"refused {expected}" in checked.stdout, checked.stdout + checked.stderr[-3000:]
+    unchecked = subprocess.run([sys.executable, "-c", ASAN_UNCHECKED, tests], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=600)
+    assert unchecked.returncode != 0 and "no report" not in unchecked.stdout
+    assert "ERROR: AddressSanitizer: heap-buffer-overflow" in unchecked.stderr, unchecked.stderr[-3000:]
