@@ -112,16 +112,21 @@ def refusal(source: str, problems: list[str]) -> CheckpointError:
     )
 
 
-def hparams_problems(hparams: Any) -> list[str]:
-    """:func:`file_config_problems` of ImageClassifier's arguments read from a file, and their plain values' types."""
+def hparams_problems(hparams: Any, complete: bool = True) -> list[str]:
+    """:func:`file_config_problems` of ImageClassifier's arguments read from a file. ``complete``: they are about to
+    be ImageClassifier's arguments, so each must be one and the required ones must be there; otherwise (a checkpoint
+    read for its weights, maybe of another LightningModule) only the configs present are checked."""
     if not isinstance(hparams, dict):
         return [f"hyper_parameters: expected a mapping, got {type(hparams).__name__}"]
-    problems = [f"hyper_parameters.{k}: not an argument of ImageClassifier" for k in hparams if k not in HPARAM_KEYS]
+    problems = [f"hyper_parameters.{k}: not an argument of ImageClassifier" for k in hparams
+                if complete and k not in HPARAM_KEYS]
     for group in CHECKED["hyper_parameters"]:
         node = hparams.get(group)
-        if (node is None or node == {}) and group in OPTIONAL:
+        if (node is None or node == {}) and (group in OPTIONAL or not complete):
             continue
         problems += file_config_problems(node, group, f"hyper_parameters.{group}")
+    if not complete:
+        return problems
     input_size = hparams.get("input_size", [3, 32, 32])
     if not (isinstance(input_size, (list, tuple)) and len(input_size) == 3
             and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in input_size)):
@@ -141,10 +146,10 @@ def check_hparams(hparams: Any, source: str) -> None:
 
 
 def check_checkpoint(checkpoint: dict, source: str) -> None:
-    """Every config in a checkpoint that something may build: ``hyper_parameters`` and the run config's
-    (``flgc_config``) ``model``/``optimizer``/``scheduler``/``data``. Raises :class:`CheckpointError` naming
-    ``source``."""
-    problems = hparams_problems(checkpoint.get("hyper_parameters"))
+    """Every config in a checkpoint that something may build: ``hyper_parameters``' and the run config's
+    (``flgc_config``) ``model``/``optimizer``/``scheduler``/``data``, those present. Raises :class:`CheckpointError`
+    naming ``source``. (Whoever then builds ImageClassifier from the hyperparameters checks them whole.)"""
+    problems = hparams_problems(checkpoint.get("hyper_parameters", {}), complete=False)
     run_config = checkpoint.get("flgc_config", {})  # absent from checkpoints of a Trainer outside train.py
     if not isinstance(run_config, dict):
         problems.append(f"flgc_config: expected a mapping, got {type(run_config).__name__}")
