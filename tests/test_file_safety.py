@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, run_cli
+from flgc_lightning.deploy import native
 from flgc_lightning.errors import CheckpointError
 
 # --------------------------------------------------------------------------------------------------------------
@@ -179,8 +180,6 @@ def test_command_lines_refuse_a_planted_checkpoint(trained, tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 # Kernel tables are validated before C sees them
 # --------------------------------------------------------------------------------------------------------------
-
-from flgc_lightning.deploy import native  # noqa: E402
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason="no working C compiler: no table reaches C code")
 
