@@ -3,18 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hydra.utils import instantiate
 from torch import nn
 
 from flgc_lightning.deploy.convert import deploy_model
 from flgc_lightning.training.checkpoints import load_checkpoint
+from flgc_lightning.training.file_config import instantiate_from_file
 
 
 def load_trained_network(path: str | Path) -> tuple[nn.Module, tuple[int, int, int]]:
-    """The checkpoint's network (rebuilt from its saved model config), eval mode, on CPU,
+    """The checkpoint's network (rebuilt from its saved model config, an allowed class only), eval mode, on CPU,
     and the C x H x W input size it was trained on."""
     checkpoint = load_checkpoint(path)
-    net = instantiate(checkpoint["hyper_parameters"]["model"])
+    net = instantiate_from_file(checkpoint["hyper_parameters"]["model"], "model", f"checkpoint '{path}'")
     prefix = "net."
     net.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
     input_size = tuple(checkpoint["hyper_parameters"].get("input_size", (3, 32, 32)))

@@ -8,7 +8,8 @@ registers and writes each filter straight to its output channel.
 It is plain C (no Python or torch headers), compiled on first use with the system C compiler
 (``$CC`` or ``cc``; ``-O3 -march=native -fopenmp``, falling back to fewer flags) into a cache
 folder keyed by source, compiler, flags and CPU, so a shared home folder on a mixed cluster never
-loads a library built for another CPU. ``$FLGC_NATIVE_CACHE`` overrides the folder. OpenMP comes
+loads a library built for another CPU. ``$FLGC_NATIVE_CACHE`` overrides the folder, ``$FLGC_NATIVE_FLAGS``
+the flags (one set, no fallback: the tests build with AddressSanitizer this way). OpenMP comes
 from the ``libgomp`` torch already loaded, so both share one thread pool.
 """
 from __future__ import annotations
@@ -20,7 +21,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import weakref
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -39,6 +42,12 @@ FLAG_SETS = (
 
 class NativeKernelUnavailable(RuntimeError):
     """The fused kernel cannot be built here (no C compiler, or it failed)."""
+
+
+def flag_sets() -> list[list[str]]:
+    """:data:`FLAG_SETS`, or the one set in ``$FLGC_NATIVE_FLAGS`` (e.g. a build with AddressSanitizer for tests)."""
+    chosen = os.environ.get("FLGC_NATIVE_FLAGS", "").split()
+    return [chosen] if chosen else FLAG_SETS
 
 
 def cache_dir() -> Path:
@@ -133,7 +142,7 @@ def _build_and_load() -> ctypes.CDLL:
         raise NativeKernelUnavailable(f"kernel source missing from the installation: {err}") from None
     folder = _writable_cache_dir()
     errors = []
-    for flags in FLAG_SETS:
+    for flags in flag_sets():
         key = hashlib.sha256("\0".join([source, compiler, version, *flags, _cpu_signature()]).encode())
         target = folder / f"unequal_group_conv-{key.hexdigest()[:16]}.so"
         message = None if target.exists() else _compile(compiler, flags, target)
@@ -286,6 +295,8 @@ def unequal_group_conv1x1(x: Tensor, tables: dict[str, Tensor], out_channels: in
     ``residual`` (same shape as the result) is added in the same pass, then ReLU6 if ``relu6``.
     """
     lib = load_library()
+    _check_input(x)
+    check_tables(tables, x.shape[1], out_channels)
     x = x.contiguous(memory_format=torch.channels_last)
     n, c, h, w = x.shape
     y = torch.empty(n, out_channels, h, w, memory_format=torch.channels_last)
@@ -308,7 +319,7 @@ def _checked_residual(residual: Tensor | None, y: Tensor) -> Tensor | None:
     if residual is None:
         return None
     if residual.shape != y.shape or residual.dtype != torch.float32 or residual.device.type != "cpu":
-        raise ValueError(f"residual must be a CPU float32 tensor of shape {tuple(y.shape)}, got "
+        raise TableError(f"residual must be a CPU float32 tensor of shape {tuple(y.shape)}, got "
                          f"{residual.dtype} {tuple(residual.shape)}")
     return residual.contiguous(memory_format=torch.channels_last)
 
@@ -319,10 +330,13 @@ def depthwise_unequal_group_conv(x: Tensor, dw_taps: Tensor, dw_bias: Tensor, st
     the depthwise outputs of 8 pixels at a time stay in a per-thread buffer instead of going to memory.
     ``dw_taps``: the depthwise weight as ``9 x C`` (:func:`depthwise_taps`)."""
     lib = load_library()
+    _check_input(x)
+    taps, bias = dw_taps.contiguous(), dw_bias.contiguous()
+    _check_depthwise(taps, bias, x.shape[1], stride)
+    check_tables(tables, x.shape[1], out_channels)
     x = x.contiguous(memory_format=torch.channels_last)
     n, c, h, w = x.shape
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
-    taps, bias = dw_taps.contiguous(), dw_bias.contiguous()
     y = torch.empty(n, out_channels, ho, wo, memory_format=torch.channels_last)
     residual = _checked_residual(residual, y)
     status = lib.depthwise_unequal_group_conv(
@@ -344,13 +358,14 @@ def inverted_residual_unequal_group(x: Tensor, expand_tables: dict[str, Tensor],
     dense conv) with ``hidden`` outputs. The expanded image stays in a per-thread buffer (L2) and the
     depthwise output in L1: only the block's narrow input and output go through memory."""
     lib = load_library()
+    _check_input(x)
+    taps, bias = dw_taps.contiguous(), dw_bias.contiguous()
+    _check_depthwise(taps, bias, hidden, stride)
+    check_tables(expand_tables, x.shape[1], hidden, "expand conv tables")
+    check_tables(tables, hidden, out_channels)
     x = x.contiguous(memory_format=torch.channels_last)
     n, c, h, w = x.shape
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
-    taps, bias = dw_taps.contiguous(), dw_bias.contiguous()
-    if taps.shape != (9, hidden) or bias.shape != (hidden,):
-        raise ValueError(f"depthwise taps/bias must be 9 x {hidden} / {hidden}, got {tuple(taps.shape)} / "
-                         f"{tuple(bias.shape)}")
     y = torch.empty(n, out_channels, ho, wo, memory_format=torch.channels_last)
     residual = _checked_residual(residual, y)
     e, t = expand_tables, tables
@@ -371,36 +386,146 @@ STEP_FIELDS = 27  # P_LEN in the C source
 STEP_KINDS = {"FlgcConv1x1": 0, "FlgcDepthwiseProjection": 1, "FlgcInvertedResidual": 2}
 
 
-def table_reads(tables: dict[str, Tensor]) -> int:
-    """How many input channels :func:`pack`'s tables read (the highest channel + 1), after checking that every
-    task and segment stays inside the tables' arrays: tables from a file must not make the kernel read or write out
-    of bounds. Raises ``ValueError``."""
-    kinds = {"weight": (torch.float32, 1), "bias": (torch.float32, 1), "tasks": (torch.int64, 2),
-             "segments": (torch.int64, 2), "out_index": (torch.int64, 1)}
-    for name, (dtype, dim) in kinds.items():
-        t = tables[name]
-        if t.dtype != dtype or t.dim() != dim or not t.is_contiguous():
-            raise ValueError(f"kernel tables: {name} must be a contiguous {dim}-d {dtype} tensor, got {t.dtype} "
-                             f"{tuple(t.shape)}")
-    if tables["tasks"].shape[1] != TASK_FIELDS or tables["segments"].shape[1] != SEGMENT_FIELDS:
-        raise ValueError(f"kernel tables: tasks / segments must have {TASK_FIELDS} / {SEGMENT_FIELDS} columns")
-    tasks, segments, out_index = tables["tasks"].tolist(), tables["segments"].tolist(), tables["out_index"]
-    outputs, n_bias, n_weight = len(out_index), tables["bias"].numel(), tables["weight"].numel()
-    if len(out_index) and not (0 <= int(out_index.min()) and int(out_index.max()) < outputs):
-        raise ValueError("kernel tables: output channel out of range")
-    reads = 0
-    for first_seg, n_seg, b_at, n_filters, o_at, flags in tasks:
-        width = WIDE_LANES if flags & WIDE else LANES
-        ok = (0 <= first_seg and first_seg + n_seg <= len(segments) and 0 <= b_at and b_at + width <= n_bias
-              and 0 <= n_filters <= width and 0 <= o_at and o_at + n_filters <= outputs)
-        if ok and flags & CONSECUTIVE:
-            ok = n_filters == width and int(out_index[o_at]) + width <= outputs
-        for first, length, w_at in segments[first_seg:first_seg + n_seg] if ok else []:
-            ok = ok and first >= 0 and length >= 0 and w_at >= 0 and w_at + length * width <= n_weight
-            reads = max(reads, first + length)
-        if not ok:
-            raise ValueError("kernel tables: a task or segment points outside the tables")
-    return reads
+class TableError(ValueError):
+    """Kernel tables (or a call's tensors) that would make the C code read or write outside its arrays."""
+
+
+class TableLimits(NamedTuple):
+    reads: int  # input channels the tables read: the highest + 1
+    writes: int  # output channels they write: the highest + 1
+
+
+TABLE_KINDS = {"weight": (torch.float32, 1), "bias": (torch.float32, 1), "tasks": (torch.int64, 2),
+               "segments": (torch.int64, 2), "out_index": (torch.int64, 1)}
+TABLE_VALUE_LIMIT = 1 << 40  # no table entry is larger: sums and products of entries cannot overflow int64
+
+
+def _covered(starts: Tensor, counts: Tensor, size: int) -> Tensor:
+    """Which of ``size`` rows lie in some ``[start, start + count)`` range (a difference array, O(rows + ranges))."""
+    marks = torch.zeros(size + 1, dtype=torch.long)
+    marks.index_add_(0, starts, torch.ones_like(starts))
+    marks.index_add_(0, starts + counts, -torch.ones_like(starts))
+    return marks.cumsum(0)[:size] > 0
+
+
+def validate_tables(tables: dict[str, Tensor]) -> TableLimits:
+    """Check everything the C code indexes with :func:`pack`'s tables, and return the channels they read and write
+    (the caller compares those with its input and output). Raises :class:`TableError`.
+
+    What the C code trusts (``unequal_group_conv.c``: ``block8``, ``block1`` and their wide forms): each task row
+    ``[first segment, segment count, bias offset, filter count, offset in out_index, flags]`` has its segments
+    inside ``segments``, a bias vector of its width (8, or 16 with ``T_WIDE``) inside ``bias``, at most that many
+    filters, all inside ``out_index``, and with ``T_CONSECUTIVE`` exactly that many whose channels start at
+    ``out_index[offset]``; each segment ``[first input channel, length, weight offset]`` of a task reads inputs
+    ``first .. first + length`` and ``length`` weight vectors of the task's width from ``weight[offset]``.
+    Vectorised (no Python loop over tasks): a few hundred microseconds for a whole network's tables, once
+    per table object (:func:`table_limits`)."""
+    for name, (dtype, dim) in TABLE_KINDS.items():
+        t = tables.get(name)
+        if not isinstance(t, Tensor):
+            raise TableError(f"kernel tables: {name} missing")
+        if t.dtype != dtype or t.dim() != dim or not t.is_contiguous() or t.device.type != "cpu":
+            raise TableError(f"kernel tables: {name} must be a contiguous {dim}-d {dtype} tensor on the CPU, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device.type}")
+    tasks, segments, out_index = tables["tasks"], tables["segments"], tables["out_index"]
+    if tasks.shape[1] != TASK_FIELDS or segments.shape[1] != SEGMENT_FIELDS:
+        raise TableError(f"kernel tables: tasks / segments must have {TASK_FIELDS} / {SEGMENT_FIELDS} columns, got "
+                         f"{tasks.shape[1]} / {segments.shape[1]}")
+    for name, t in (("tasks", tasks), ("segments", segments), ("out_index", out_index)):
+        if t.numel() and not (int(t.min()) >= 0 and int(t.max()) < TABLE_VALUE_LIMIT):
+            raise TableError(f"kernel tables: {name} holds a negative or huge entry")
+    n_weight, n_bias, n_out, n_seg = tables["weight"].numel(), tables["bias"].numel(), len(out_index), len(segments)
+    first_seg, seg_count, bias_at, filters, out_at, flags = tasks.unbind(1)
+    width = torch.where(flags & WIDE != 0, WIDE_LANES, LANES)
+    consecutive = flags & CONSECUTIVE != 0
+    checks = (
+        (flags > (CONSECUTIVE | WIDE), "unknown flags"),
+        (first_seg + seg_count > n_seg, f"segments past the end of segments ({n_seg} rows)"),
+        (bias_at + width > n_bias, f"a bias vector past the end of bias ({n_bias} floats)"),
+        (filters > width, "more filters than vector lanes"),
+        (out_at + filters > n_out, f"outputs past the end of out_index ({n_out} entries)"),
+        (consecutive & (filters != width), "consecutive outputs in a task that is not full"),
+    )
+    for bad, what in checks:
+        if bad.any():
+            row = int(torch.nonzero(bad)[0])
+            raise TableError(f"kernel tables: task {row} {tasks[row].tolist()} points outside the tables: {what}")
+    writes = int(out_index.max()) + 1 if n_out else 0
+    if consecutive.any():  # one vector store of `width` channels from out_index[offset]
+        writes = max(writes, int((out_index[out_at[consecutive]] + width[consecutive]).max()))
+    used = _covered(first_seg, seg_count, n_seg)  # segments no task points to are never read
+    if not used.any():
+        return TableLimits(0, writes)
+    wide = flags & WIDE != 0
+    seg_width = torch.where(_covered(first_seg[wide], seg_count[wide], n_seg), WIDE_LANES, LANES)
+    first, length, weight_at = segments.unbind(1)
+    past = used & (weight_at + length * seg_width > n_weight)
+    if past.any():
+        row = int(torch.nonzero(past)[0])
+        raise TableError(f"kernel tables: segment {row} {segments[row].tolist()} points outside the tables: weights "
+                         f"past the end of weight ({n_weight} floats)")
+    return TableLimits(int((first + length)[used].max()), writes)
+
+
+def _versions(ts: tuple[Tensor, ...]) -> tuple[int, ...]:
+    """How often each tensor was changed in place (-1: an inference tensor, which keeps no count and can be changed
+    only inside inference mode)."""
+    return tuple(-1 if t.is_inference() else t._version for t in ts)
+
+
+_checked: dict[tuple[int, ...], tuple] = {}  # ids of a table set -> (weak references, versions, limits)
+
+
+def table_limits(tables: dict[str, Tensor]) -> TableLimits:
+    """:func:`validate_tables`, once per set of table tensors: a call with the tensors of an earlier call, unchanged
+    since, costs a dict lookup (about a microsecond). Entries are keyed by the tensors themselves (weak references: a
+    new tensor at a freed one's address or id is validated anew) and hold their version counters (an in-place
+    change, ``resize_`` and ``set_`` included, is validated anew)."""
+    w, b, t, s, o = tables["weight"], tables["bias"], tables["tasks"], tables["segments"], tables["out_index"]
+    key = (id(w), id(b), id(t), id(s), id(o))
+    entry = _checked.get(key)
+    if entry is not None:
+        (rw, rb, rt, rs, ro), versions, limits = entry
+        if rw() is w and rb() is b and rt() is t and rs() is s and ro() is o and (
+                versions[0] < 0 or (w._version, b._version, t._version, s._version, o._version) == versions):
+            return limits
+    limits = validate_tables(tables)
+    forget = lambda _, key=key: _checked.pop(key, None)  # noqa: E731
+    ts = (w, b, t, s, o)
+    versions = _versions(ts)
+    if min(versions) < 0:  # some inference tensors: no counters to compare
+        versions = (-1,) * len(ts)
+    _checked[key] = (tuple(weakref.ref(x, forget) for x in ts), versions, limits)
+    return limits
+
+
+def check_tables(tables: dict[str, Tensor], in_channels: int | None, out_channels: int | None,
+                 what: str = "kernel tables") -> TableLimits:
+    """:func:`table_limits`, and the tables read at most ``in_channels`` inputs and write inside ``out_channels``
+    outputs (``None``: not known yet). Raises :class:`TableError`."""
+    limits = table_limits(tables)
+    if in_channels is not None and limits.reads > in_channels:
+        raise TableError(f"{what}: read {limits.reads} input channels, the input has {in_channels}")
+    if out_channels is not None and limits.writes > out_channels:
+        raise TableError(f"{what}: write output channel {limits.writes - 1}, the output has {out_channels}")
+    return limits
+
+
+def _check_input(x: Tensor) -> None:
+    if not isinstance(x, Tensor) or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4:
+        raise TableError(f"the fused kernels take a 4-d CPU float32 input, got {getattr(x, 'dtype', type(x))} "
+                         f"{tuple(getattr(x, 'shape', ()))}")
+
+
+def _check_depthwise(dw_taps: Tensor, dw_bias: Tensor, channels: int, stride: int) -> None:
+    """The depthwise weights the C code reads: ``9 x channels`` taps and ``channels`` biases, float32, contiguous."""
+    for name, t, shape in (("dw_taps", dw_taps, (9, channels)), ("dw_bias", dw_bias, (channels,))):
+        if (not isinstance(t, Tensor) or t.shape != shape or t.dtype != torch.float32 or t.device.type != "cpu"
+                or not t.is_contiguous()):
+            raise TableError(f"depthwise weights: {name} must be a contiguous CPU float32 tensor of shape {shape}, got "
+                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+    if stride not in (1, 2):
+        raise TableError(f"depthwise conv: stride must be 1 or 2, got {stride}")
 
 
 def run_chain(steps: Tensor, buffers: Tensor, n: int, threads: int | None = None) -> None:

@@ -170,10 +170,12 @@ def _run_chain(x: np.ndarray, chain: dict) -> np.ndarray:
 
 def _group(op_type: str, values: dict[str, np.ndarray | torch.Tensor]) -> dict:
     """A node's tables by role: ``projection`` (and ``expand``) kernel tables, depthwise taps and bias, checked
-    (``ValueError``) so that no table of a broken file makes the kernel read or write out of bounds; ``reads``: the
-    input channels the node needs."""
+    (:func:`native.check_tables`, ``ValueError``) so that no table of a broken file makes the kernel read or write
+    out of bounds; ``reads``: the input channels the node needs. The kernels check the tables again before each C
+    call, a dict lookup for these same tensors."""
     tables = {"projection": _tables(values)}
-    reads = native.table_reads(tables["projection"])
+    out_channels = len(tables["projection"]["out_index"])  # the op's output width
+    reads = native.check_tables(tables["projection"], None, out_channels, f"{op_type}: kernel tables").reads
     if op_type != "FlgcConv1x1":
         taps, dw_bias = torch.as_tensor(values["dw_taps"]), torch.as_tensor(values["dw_bias"])
         hidden = taps.shape[1] if taps.dim() == 2 else -1
@@ -187,7 +189,7 @@ def _group(op_type: str, values: dict[str, np.ndarray | torch.Tensor]) -> dict:
         if len(tables["expand"]["out_index"]) != reads:
             raise ValueError(f"{op_type}: the expand conv writes {len(tables['expand']['out_index'])} channels, the "
                              f"depthwise conv reads {reads}")
-        reads = native.table_reads(tables["expand"])
+        reads = native.check_tables(tables["expand"], None, reads, f"{op_type}: expand conv tables").reads
     tables["reads"] = reads
     return tables
 

@@ -9,12 +9,14 @@ from typing import Any
 import torch
 
 from flgc_lightning.errors import CheckpointError
+from flgc_lightning.training.file_config import check_checkpoint
 
 REQUIRED_KEYS = ("state_dict", "hyper_parameters", "flgc_config")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` on CPU, then check it is one of ours.
+    """``torch.load(weights_only=True)`` on CPU, then check it is one of ours and that its saved configs
+    build only allowed code (:mod:`flgc_lightning.training.file_config`), whatever reads it next.
 
     Checkpoints hold plain types only, so no trusted (pickle) loading is ever needed.
     """
@@ -36,4 +38,5 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint '{path}' was not written by flgc-lightning's train.py (missing {', '.join(missing)})"
         )
+    check_checkpoint(checkpoint, f"checkpoint '{path}'")
     return checkpoint

@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 
 def data_config(cfg: DictConfig, saved: dict, overrides: list[str]) -> DictConfig:
-    """The checkpoint's data config with the command line's ``data``/``data.*`` overrides on top."""
+    """The checkpoint's data config with the command line's ``data``/``data.*`` overrides on top. The saved part
+    passed :func:`~flgc_lightning.training.checkpoints.load_checkpoint`'s check (an allowed data module, plain
+    values); what the command line adds is the user's own."""
     chosen = OmegaConf.create(saved.get("data") or OmegaConf.to_container(cfg.data, resolve=True))
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.key_or_group
@@ -47,7 +49,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
                                   default_root_dir=cfg.run_dir)
     datamodule = instantiate_checked(data_config(cfg, checkpoint["flgc_config"], overrides), "data")
     datamodule.prepare_data()
-    module = ImageClassifier(**checkpoint["hyper_parameters"])
+    module = ImageClassifier(**checkpoint["hyper_parameters"], config_origin=f"checkpoint '{cfg.ckpt_path}'")
     module.load_state_dict(checkpoint["state_dict"])
     (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
     result: dict[str, Any] = {

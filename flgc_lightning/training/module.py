@@ -18,6 +18,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from flgc_lightning.errors import ConfigError, NonFiniteLossError
+from flgc_lightning.training.file_config import TRUSTED, check_checkpoint, check_hparams
 from flgc_lightning.training.schema import instantiate_checked
 from flgc_lightning.utils.complexity import complexity_summary, format_millions
 
@@ -33,7 +34,8 @@ class ImageClassifier(pl.LightningModule):
     """Wraps a network given as a Hydra config (``_target_`` + kwargs).
 
     Hyperparameters are stored as plain dicts, so ``ImageClassifier.load_from_checkpoint``
-    rebuilds the exact network (groups, FLGC or not, width...) without the original config.
+    rebuilds the exact network (groups, FLGC or not, width...) without the original config, from
+    allowed classes only (``config_origin``).
 
     Args:
         model: network config, e.g. ``{"_target_": "flgc_lightning.models.MobileNetV2", ...}``.
@@ -43,6 +45,10 @@ class ImageClassifier(pl.LightningModule):
         assign_optim: how the optimizer treats FLGC assignment logits: ``lr_mult`` (their
             learning rate is ``optimizer.lr * lr_mult``) and ``weight_decay`` (``None``: the
             optimizer's). The reference treats them like every other parameter (1.0, ``None``).
+        config_origin: where ``model``/``optimizer``/``scheduler`` come from, for messages (default: a file's
+            hyperparameters, as ``load_from_checkpoint`` passes them). Configs are built only from classes a file
+            may name (:mod:`flgc_lightning.training.file_config`) unless it is ``TRUSTED``: configs the user
+            composed (``train.py`` passes it). Not a hyperparameter; a file cannot hold ``TRUSTED``.
     """
 
     def __init__(
@@ -52,8 +58,14 @@ class ImageClassifier(pl.LightningModule):
         scheduler: Optional[dict] = None,
         input_size: tuple[int, int, int] = (3, 32, 32),
         assign_optim: Optional[dict] = None,
+        config_origin: Any = "hyperparameters given to ImageClassifier",
     ) -> None:
         super().__init__()
+        if config_origin is not TRUSTED:  # Lightning's load_from_checkpoint hands us a file's configs: the optimizer
+            # and scheduler ones are built later (configure_optimizers), so all are checked now
+            check_hparams({"model": plain(model), "optimizer": plain(optimizer), "scheduler": plain(scheduler),
+                           "input_size": list(input_size), "assign_optim": plain(assign_optim)}, str(config_origin))
+        self._checkpoint_source = "checkpoint" if config_origin is TRUSTED else str(config_origin)
         assign_optim = {"lr_mult": 1.0, "weight_decay": None, **(plain(assign_optim) or {})}
         if not assign_optim["lr_mult"] >= 0:
             raise ConfigError(f"invalid configuration:\n  - assign_optim.lr_mult must be >= 0, got {assign_optim['lr_mult']!r}")
@@ -77,6 +89,12 @@ class ImageClassifier(pl.LightningModule):
         self.channels_last = False
         self.compile_network: bool | str = False  # True or a torch.compile mode ("reduce-overhead": CUDA graphs)
         self._first_nonfinite: Optional[torch.Tensor] = None  # device scalar: first step with a bad loss, or -1
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
+        """Lightning's ``load_from_checkpoint``; the file's configs are checked before anything is built."""
+        kwargs.setdefault("config_origin", f"checkpoint '{checkpoint_path}'")
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -168,6 +186,15 @@ class ImageClassifier(pl.LightningModule):
             )
             for logger in self.loggers:
                 logger.log_metrics({f"model/{k}": float(v) for k, v in self.complexity.items()}, step=0)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint read by Lightning (``load_from_checkpoint``, a resume) gets the checks of every checkpoint
+        this program reads: one whose run config names code outside the allow-list is refused."""
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict) and "config_origin" in hparams:  # load_from_checkpoint's own argument, which
+            # Lightning copies into the hyperparameters it read (only TRUSTED would count, and no file holds that)
+            checkpoint = {**checkpoint, "hyper_parameters": {k: v for k, v in hparams.items() if k != "config_origin"}}
+        check_checkpoint(checkpoint, self._checkpoint_source)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite()  # never write weights that a non-finite loss has touched

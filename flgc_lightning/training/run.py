@@ -15,6 +15,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from flgc_lightning.callbacks import Preemption, StepCheckpoint
 from flgc_lightning.errors import ConfigError, Stopped, UserError
 from flgc_lightning.training.checkpoints import load_checkpoint
+from flgc_lightning.training.file_config import TRUSTED
 from flgc_lightning.training.module import ImageClassifier, plain
 from flgc_lightning.training.schema import instantiate_checked
 from flgc_lightning.training.validation import check_resume_compatible, resume_setting_changes, validate_config
@@ -48,6 +49,7 @@ def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> ImageCl
         scheduler=plain(cfg.scheduler) or None,
         input_size=tuple(datamodule.input_size),
         assign_optim=plain(cfg.get("assign_optim")),
+        config_origin=TRUSTED,  # composed by the user (conf/ + command line), not read from a file
     )
     module.run_config = plain(cfg)
     module.compile_network = cfg.get("compile", False)
@@ -152,6 +154,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("best checkpoint: %s (val/acc %.4f)", checkpoint.best_model_path, float(checkpoint.best_model_score))
         log.info("last checkpoint: %s", checkpoint.last_model_path)
         if cfg.get("test_after_fit"):
+            load_checkpoint(checkpoint.best_model_path)  # a resumed run's best path came from a file: one of ours?
             trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     return metrics
@@ -163,11 +166,13 @@ def _test_best(cfg: DictConfig) -> dict[str, float]:
     best = checkpoint.get("callbacks", {})
     best_path = next((v.get("best_model_path") for k, v in best.items() if k.startswith("ModelCheckpoint")
                       and isinstance(v, dict) and v.get("best_model_path")), None)
+    best_path = best_path or str(_last_checkpoint(cfg))
+    load_checkpoint(best_path)  # a path named by a file: read it through the same checks before Lightning does
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     module = build_module(cfg, datamodule)
     trainer = build_trainer(cfg)
-    trainer.test(module, datamodule=datamodule, ckpt_path=best_path or str(_last_checkpoint(cfg)))
+    trainer.test(module, datamodule=datamodule, ckpt_path=best_path)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 

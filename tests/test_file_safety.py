@@ -1,0 +1,521 @@
+"""Files can't run code (issue 20).
+
+Checkpoints: a real train.py checkpoint with planted configs (``os.makedirs`` as the network, optimizer,
+scheduler or data module, a ``_target_`` nested in an argument, Hydra's ``_args_``, an interpolation that
+decodes to a ``_target_``) is refused with a clear message by every program that reads checkpoints, and the
+planted directory is never made. Kernel tables: tables the C kernel would index out of bounds are refused on
+every path that hands them to C (direct op calls, a ``.pt2`` program, ONNX Runtime), and, where a C compiler
+with AddressSanitizer exists, a sanitized build shows that the checked path never reads or writes out of bounds.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, run_cli
+from flgc_lightning.deploy import native
+from flgc_lightning.errors import CheckpointError
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints can't choose code
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cifar_subset) -> Path:
+    """A real checkpoint of ``python train.py`` (one tiny epoch on the CIFAR subset)."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    run_cli("train.py", f"data.root={cifar_subset}", *TINY, "trainer.max_epochs=1", "model.width_mult=0.25",
+            "groups=2", f"hydra.run.dir={run}")
+    return run / "checkpoints" / "last.ckpt"
+
+
+def makedirs(made: Path) -> dict:
+    """A config that, built by Hydra, creates the directory ``made``: the side effect the checks must prevent."""
+    return {"_target_": "os.makedirs", "name": str(made)}
+
+
+def _model_and_run_config(c, made):
+    c["hyper_parameters"]["model"] = makedirs(made)
+    c["flgc_config"]["model"] = makedirs(made)
+
+
+def _optimizer(c, made):
+    c["hyper_parameters"]["optimizer"] = makedirs(made)
+    c["flgc_config"]["optimizer"] = makedirs(made)
+
+
+def _scheduler(c, made):
+    c["hyper_parameters"]["scheduler"] = makedirs(made)
+
+
+def _data(c, made):
+    c["flgc_config"]["data"] = makedirs(made)
+
+
+def _nested(c, made):
+    c["hyper_parameters"]["model"]["width_mult"] = makedirs(made)
+
+
+def _nested_in_list(c, made):
+    c["hyper_parameters"]["scheduler"]["milestones"] = [150, makedirs(made)]
+
+
+def _args(c, made):
+    c["hyper_parameters"]["model"]["_args_"] = [makedirs(made)]
+
+
+def _interpolation(c, made):
+    c["hyper_parameters"]["model"]["width_mult"] = "${oc.decode:'{_target_: os.makedirs, name: " + str(made) + "}'}"
+
+
+PLANTS = {  # name: (what the file says, what the refusal must name)
+    "model": (_model_and_run_config, r"hyper_parameters\.model\._target_: 'os\.makedirs' is not one of the classes "
+                                     r"a file may build"),
+    "optimizer": (_optimizer, r"hyper_parameters\.optimizer\._target_: 'os\.makedirs'"),
+    "scheduler": (_scheduler, r"hyper_parameters\.scheduler\._target_: 'os\.makedirs'"),
+    "data": (_data, r"flgc_config\.data\._target_: 'os\.makedirs'"),
+    "nested": (_nested, r"hyper_parameters\.model\.width_mult: a nested _target_"),
+    "nested-in-list": (_nested_in_list, r"hyper_parameters\.scheduler\.milestones\[1\]: a nested _target_"),
+    "args": (_args, r"hyper_parameters\.model\._args_: Hydra key"),
+    "interpolation": (_interpolation, r"hyper_parameters\.model\.width_mult: .*interpolation"),
+}
+
+
+def plant(trained: Path, folder: Path, name: str) -> tuple[Path, Path, str]:
+    """A copy of the trained checkpoint with plant ``name``: (file, the directory it would make, message regex)."""
+    edit, message = PLANTS[name]
+    checkpoint = torch.load(trained, map_location="cpu", weights_only=True)
+    made = folder / f"made-by-{name}"
+    edit(checkpoint, made)
+    path = folder / "checkpoints" / "planted.ckpt"
+    path.parent.mkdir(parents=True)
+    torch.save(checkpoint, path)
+    return path, made, message
+
+
+def test_real_checkpoints_still_load_everywhere(trained, tmp_path):
+    """The allow-list lets train.py's own checkpoints through (every saved config passes its schema check); a
+    config the user composes is trusted (any optimizer class), the same config from a file is not."""
+    from flgc_lightning.deploy.checkpoint import load_trained_network
+    from flgc_lightning.training.checkpoints import load_checkpoint
+    from flgc_lightning.training.file_config import TRUSTED
+    from flgc_lightning.training.module import ImageClassifier
+
+    checkpoint = load_checkpoint(trained)
+    module = ImageClassifier.load_from_checkpoint(trained)
+    net, input_size = load_trained_network(trained)
+    assert input_size == (3, 32, 32) and type(net) is type(module.net)
+    assert module.configure_optimizers()["optimizer"].__class__.__name__ == "SGD"
+    hparams = {**checkpoint["hyper_parameters"], "optimizer": {"_target_": "torch.optim.RMSprop", "lr": 0.1}}
+    assert type(ImageClassifier(**hparams, config_origin=TRUSTED).configure_optimizers()["optimizer"]).__name__ == "RMSprop"
+    with pytest.raises(CheckpointError, match=r"'torch\.optim\.RMSprop' is not one of the classes"):
+        ImageClassifier(**hparams)
+
+
+@pytest.mark.parametrize("name", PLANTS)
+def test_every_reader_refuses_a_planted_checkpoint(name, trained, tmp_path, capsys):
+    """In-process, every program that reads a checkpoint: the test and deploy steps, Lightning's
+    ``load_from_checkpoint``, resume, the assignment tools; each names the file and what it refused."""
+    from flgc_lightning.assignments.report import main as assignments
+    from flgc_lightning.cli import report_user_errors
+    from flgc_lightning.config import compose
+    from flgc_lightning.deploy.checkpoint import load_trained_network
+    from flgc_lightning.training.checkpoints import load_checkpoint
+    from flgc_lightning.training.evaluate import evaluate
+    from flgc_lightning.training.module import ImageClassifier
+    from flgc_lightning.training.run import train
+
+    path, made, message = plant(trained, tmp_path, name)
+    readers = {
+        "load_checkpoint": lambda: load_checkpoint(path),
+        "test.py": lambda: evaluate(compose("test", [f"ckpt_path={path}", f"run_dir={tmp_path / 'test'}"]), []),
+        "deploy": lambda: load_trained_network(path),
+        "load_from_checkpoint": lambda: ImageClassifier.load_from_checkpoint(path),
+        "resume": lambda: train(compose("train", [f"ckpt_path={path}", f"run_dir={tmp_path / 'run'}",
+                                                  "trainer.accelerator=cpu"])),
+        "assignments": lambda: assignments(["--from-checkpoints", str(path.parent)]),
+    }
+    for reader, read in readers.items():
+        with pytest.raises(CheckpointError, match=message) as refused:
+            read()
+        assert f"'{path}' refused" in str(refused.value), reader
+    if name == "model":  # a reader of the whole file names every place
+        with pytest.raises(CheckpointError, match=r"(?s)hyper_parameters\.model\._target_.*flgc_config\.model\._target_"):
+            load_checkpoint(path)
+    with pytest.raises(SystemExit) as stopped:  # as the assignments command line reports it
+        report_user_errors(lambda: assignments(["--from-checkpoints", str(path.parent)]))
+    assert stopped.value.code == 1
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")] == [
+        f"error: checkpoint '{path}' refused (a file cannot choose the code that runs):"]
+    assert not made.exists() and not (tmp_path / "test").exists() and not (tmp_path / "run").exists()
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, path: Path) -> None:
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: checkpoint '{path}' refused (a file cannot choose the code that runs):"], proc.stderr
+    assert "'os.makedirs' is not one of the classes a file may build" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_command_lines_refuse_a_planted_checkpoint(trained, tmp_path):
+    """The real commands (test.py, the deploy step, a resume) on a checkpoint whose network is ``os.makedirs``:
+    exit 1 with one ``error:`` line, the directory never made, nothing written."""
+    path, made, _ = plant(trained, tmp_path, "model")
+    _one_error_line(run_cli("test.py", f"ckpt_path={path}", f"hydra.run.dir={tmp_path / 'test'}", check=False), path)
+    _one_error_line(run_cli("-m", "flgc_lightning.deploy", str(path), "--out", str(tmp_path / "deployed"),
+                            check=False), path)
+    _one_error_line(run_cli("train.py", f"ckpt_path={path}", "trainer.accelerator=cpu",
+                            f"hydra.run.dir={tmp_path / 'resumed'}", check=False), path)
+    assert not made.exists()
+    assert not any((tmp_path / d).exists() for d in ("test", "deployed", "resumed"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Kernel tables are validated before C sees them
+# --------------------------------------------------------------------------------------------------------------
+
+needs_kernel = pytest.mark.skipif(not native.available(), reason="no working C compiler: no table reaches C code")
+
+
+def fused_layer(c_in: int, c_out: int, seed: int):
+    from flgc_lightning.deploy.grouped import UnequalGroupConv2d
+
+    gen = torch.Generator().manual_seed(seed)
+    return UnequalGroupConv2d(torch.randn(c_out, c_in, generator=gen), torch.randn(c_out, generator=gen),
+                              torch.randint(0, 3, (c_in,), generator=gen), torch.randint(0, 3, (c_out,), generator=gen),
+                              3, "fused")
+
+
+def kernel_case(seed: int = 0, size: tuple[int, int, int] = (2, 7, 6)) -> dict:
+    """Valid inputs of the three fused ops: a 16 -> 24 expand conv, 3x3 depthwise taps over 24 channels, a 24 -> 16
+    projection (all unequal groups), inputs of 16 and 24 channels (batch, height, width: ``size``)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, h, w = size
+    return {"expand": dict(fused_layer(16, 24, seed + 1).fused_tables),
+            "projection": dict(fused_layer(24, 16, seed + 2).fused_tables),
+            "dw_taps": torch.randn(9, 24, generator=gen), "dw_bias": torch.randn(24, generator=gen),
+            "x16": torch.randn(n, 16, h, w, generator=gen), "x24": torch.randn(n, 24, h, w, generator=gen)}
+
+
+def run_op(kind: str, case: dict, stride: int = 1) -> torch.Tensor:
+    """``torch.ops.flgc.<kind>`` called directly with ``case``'s tensors."""
+    p, e = case["projection"], case["expand"]
+    tables = [p[k] for k in ("weight", "bias", "tasks", "segments", "out_index", "dense_weight", "dense_bias")]
+    if kind == "conv1x1":
+        return torch.ops.flgc.unequal_group_conv1x1(case["x24"], *tables, None, False)
+    if kind == "depthwise":
+        return torch.ops.flgc.depthwise_unequal_group_conv(case["x24"], case["dw_taps"], case["dw_bias"], stride,
+                                                          *tables, None, True)
+    expand = [e[k] for k in ("weight", "bias", "tasks", "segments", "out_index", "dense_weight", "dense_bias")]
+    return torch.ops.flgc.inverted_residual_unequal_group(case["x16"], *expand, case["dw_taps"], case["dw_bias"],
+                                                          stride, *tables, None, False)
+
+
+def _set(name: str, index, value):
+    """An edit of one table entry (on a copy: the tables of the case stay valid)."""
+    def edit(tables):
+        t = tables[name] = tables[name].clone()
+        t[index] = value(tables) if callable(value) else value
+    return edit
+
+
+def _replace(name: str, make):
+    def edit(tables):
+        tables[name] = make(tables[name])
+    return edit
+
+
+TABLE_CRAFTS = {  # name: (edit of a table set, what the refusal says)
+    "tasks as floats": (_replace("tasks", lambda t: t.float()), r"tasks must be a contiguous 2-d torch\.int64"),
+    "out_index as int32": (_replace("out_index", lambda t: t.int()), r"out_index must be a contiguous 1-d torch\.int64"),
+    "segments not contiguous": (_replace("segments", lambda t: t.t().contiguous().t()), r"segments must be a contiguous"),
+    "negative entry": (_set("segments", (0, 0), -1), r"negative or huge"),
+    "huge entry": (_set("tasks", (0, 0), 1 << 62), r"negative or huge"),
+    "weights past the end": (_set("segments", (-1, 2), lambda t: int(t["segments"][-1, 2]) + 8),
+                             r"weights past the end of weight"),
+    "segments past the end": (_set("tasks", (-1, 1), lambda t: len(t["segments"]) + 1 - int(t["tasks"][-1, 0])),
+                              r"segments past the end of segments"),
+    "bias past the end": (_set("tasks", (-1, 2), lambda t: len(t["bias"])), r"bias vector past the end"),
+    "more filters than lanes": (_set("tasks", (0, 3), 17), r"more filters than vector lanes"),
+    "outputs past out_index": (_set("tasks", (-1, 4), lambda t: len(t["out_index"])), r"past the end of out_index"),
+    "out_index past the output": (_set("out_index", 0, lambda t: len(t["out_index"])), r"write output channel \d+, the "
+                                                                                       r"output has"),
+    "input past the input": (_set("segments", (-1, 0), lambda t: int(t["dense_weight"].shape[1])),
+                             r"read \d+ input channels, the input has"),
+    "consecutive but not full": (_set("tasks", 0, lambda t: t["tasks"][0] * torch.tensor([1, 1, 1, 0, 1, 0])
+                                      + torch.tensor([0, 0, 0, 3, 0, native.CONSECUTIVE])),
+                                 r"consecutive outputs in a task that is not full"),
+}
+DEPTHWISE_CRAFTS = {
+    "dw_taps with 8 rows": (lambda c: c.__setitem__("dw_taps", c["dw_taps"][:8].clone()), r"dw_taps must be .*\(9, 24\)"),
+    "dw_taps as float64": (lambda c: c.__setitem__("dw_taps", c["dw_taps"].double()), r"dw_taps must be"),
+    "dw_bias one short": (lambda c: c.__setitem__("dw_bias", c["dw_bias"][:-1].clone()), r"dw_bias must be .*\(24,\)"),
+}
+
+
+@needs_kernel
+def test_direct_op_calls_with_crafted_tables_are_refused():
+    """Each fused op called directly with tables it has never seen: every crafted table (wrong dtype, layout,
+    offsets past the ends, outputs past the output, inputs past the input, too many lanes) and every wrong
+    depthwise weight is a clear error before any C code runs; the valid case still gives the stock-op numbers."""
+    from flgc_lightning.deploy import ops
+
+    case = kernel_case()
+    p = case["projection"]
+    reference = ops.reference(case["x24"], p["dense_weight"], p["dense_bias"], None, False)
+    torch.testing.assert_close(run_op("conv1x1", case), reference, atol=1e-5, rtol=0)
+    for kind in ("conv1x1", "depthwise", "block"):
+        for role in ("projection", "expand") if kind == "block" else ("projection",):
+            for name, (edit, message) in TABLE_CRAFTS.items():
+                crafted = {**case, role: dict(case[role])}
+                edit(crafted[role])
+                with pytest.raises(native.TableError, match=message):
+                    run_op(kind, crafted)
+        if kind != "conv1x1":
+            for name, (edit, message) in DEPTHWISE_CRAFTS.items():
+                crafted = dict(case)
+                edit(crafted)
+                with pytest.raises(native.TableError, match=message):
+                    run_op(kind, crafted)
+            with pytest.raises(native.TableError, match="stride must be 1 or 2"):
+                run_op(kind, case, stride=3)
+    run_op("block", case, stride=2)  # the valid case again: nothing above poisoned the cache
+
+
+@needs_kernel
+def test_tables_are_validated_once_per_table_object(monkeypatch):
+    """Validation runs once per set of table tensors, not per call; tables changed in place, or new tensors with
+    the same (or crafted) contents, are validated again."""
+    calls = []
+    validate = native.validate_tables
+    monkeypatch.setattr(native, "validate_tables", lambda tables: calls.append(1) or validate(tables))
+    case = kernel_case(seed=3)
+    for _ in range(3):
+        run_op("block", case)
+        run_op("depthwise", case)
+    assert len(calls) == 2  # the expand tables, the projection tables
+    case["projection"]["out_index"][0] = 10_000  # in place: its version counter moved
+    with pytest.raises(native.TableError, match="write output channel 10000"):
+        run_op("depthwise", case)
+    case["projection"] = {k: v.clone() for k, v in kernel_case(seed=3)["projection"].items()}  # new tensors
+    run_op("depthwise", case)
+    assert len(calls) == 4
+
+
+@needs_kernel
+def test_a_tampered_pt2_program_is_refused(tmp_path):
+    """A ``.pt2`` program's kernel tables are constants in the file: tampered in the file, or in place in the loaded
+    program after it ran, the op refuses them with a clear error."""
+    from flgc_lightning.deploy import deploy_model, export_program
+    from flgc_lightning.models import MobileNetV2
+
+    torch.manual_seed(0)
+    net = deploy_model(MobileNetV2(groups=4, use_flgc=True, width_mult=0.25).eval(), kernel="fused")
+    program = export_program(net, tmp_path / "net.pt2", input_size=(3, 16, 16))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = net(x)
+    # the first fused op (features.1: depthwise conv + projection): taps, then weight, bias, tasks, segments, out_index
+    node = next(n for n in program.graph.nodes if n.op == "call_function" and "flgc" in str(n.target))
+    constant = {s.arg.name: s.target for s in program.graph_signature.input_specs if s.target is not None}
+    names = [constant[a.name] for a in (node.args[1], *node.args[4:9])]
+    for index, edit, message in ((5, lambda t: t.fill_(10_000), "write output channel 10000"),
+                                 (3, lambda t: t.__setitem__((0, 2), 10_000), "bias vector past the end"),
+                                 (0, lambda t: t[:8].clone(), r"dw_taps must be")):
+        loaded = torch.export.load(str(tmp_path / "net.pt2"))
+        tampered = edit(loaded.constants[names[index]])
+        if tampered is not None:
+            loaded.constants[names[index]] = tampered
+        torch.export.save(loaded, str(tmp_path / "tampered.pt2"))
+        with pytest.raises(native.TableError, match=message):
+            torch.export.load(str(tmp_path / "tampered.pt2")).module()(x)
+    module = torch.export.load(str(tmp_path / "net.pt2")).module()
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), expected, atol=1e-4, rtol=0)
+        getattr(module.get_submodule("features.1"), names[5].rpartition(".")[2])[0] = 10_000  # in place, after a run
+        with pytest.raises(native.TableError, match="write output channel 10000"):
+            module(x)
+
+
+def _tamper(model, node_index: int, input_name: str, edit, path: Path) -> Path:
+    """A copy of the ONNX ``model`` whose custom node ``node_index`` has input ``input_name`` edited."""
+    import onnx
+    from onnx import numpy_helper
+
+    from flgc_lightning.deploy.onnx_custom_ops import OPS, custom_nodes
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    node = custom_nodes(model)[node_index]
+    stored = node.input[OPS[node.op_type][0].index(input_name)]
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == stored:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(edit(numpy_helper.to_array(init).copy()), stored))
+    onnx.save(model, str(path))
+    return path
+
+
+PLAIN_SESSION = """
+import sys, numpy as np, onnxruntime
+from onnxruntime_extensions import get_library_path
+import flgc_lightning.deploy.onnxruntime_ops  # defines the custom ops
+options = onnxruntime.SessionOptions()
+options.register_custom_ops_library(get_library_path())
+session = onnxruntime.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+print("session made", flush=True)
+session.run(None, {"images": np.zeros((2, 3, 16, 16), np.float32)})
+print("ran", flush=True)
+"""
+
+
+@needs_kernel
+def test_a_tampered_onnx_file_is_refused(tmp_path):
+    """An ONNX file's kernel tables are initializers: tampered ones (an output index past the output, a bias offset
+    past the end, a short depthwise bias, tables of the wrong type) are refused when the session helper loads the
+    file. In a plain onnxruntime session the custom op refuses them on its first call; onnxruntime-extensions turns
+    an op's exception into a process abort (no Python exception crosses it), so that runs in its own process."""
+    import numpy as np
+    import onnx
+
+    from flgc_lightning.deploy import deploy_model, export_onnx, onnxruntime_session
+    from flgc_lightning.deploy.onnx_custom_ops import custom_nodes
+    from flgc_lightning.models import MobileNetV2
+
+    torch.manual_seed(0)
+    net = deploy_model(MobileNetV2(groups=4, use_flgc=True, width_mult=0.25).eval(), kernel="fused")
+    model = onnx.load(str(export_onnx(net, tmp_path / "net.onnx", input_size=(3, 16, 16))))
+    kinds = [n.op_type for n in custom_nodes(model)]
+    block = kinds.index("FlgcInvertedResidual")
+    cases = [
+        (block, "out_index", lambda a: np.full_like(a, len(a)), r"write output channel"),
+        (block, "e_tasks", lambda a: (a.__setitem__((0, 2), 10_000), a)[1], r"bias vector past the end"),
+        (block, "dw_bias", lambda a: a[:-1], r"depthwise weights"),
+        (kinds.index("FlgcDepthwiseProjection"), "tasks", lambda a: a.astype(np.float32), r"tasks must be"),
+    ]
+    for i, (node, name, edit, message) in enumerate(cases):
+        path = _tamper(model, node, name, edit, tmp_path / f"tampered{i}.onnx")
+        with pytest.raises(ValueError, match=message):
+            onnxruntime_session(path)
+    proc = subprocess.run([sys.executable, "-c", PLAIN_SESSION, str(tmp_path / "tampered0.onnx")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert "session made" in proc.stdout and "ran" not in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert proc.returncode != 0 and "TableError: FlgcInvertedResidual: kernel tables: write output channel" in proc.stderr
+
+
+# Run in a process with the kernel built with AddressSanitizer: the checked paths on valid tables of several shapes
+# and thread counts (direct ops, a deployed network, the ONNX session's one-call chain), then every crafted table.
+ASAN_CHECKED = """
+import sys, numpy as np, torch
+sys.path.insert(0, sys.argv[1])
+from flgc_lightning.deploy import deploy_model, native, ops, onnxruntime_session
+from flgc_lightning.models import MobileNetV2
+from test_file_safety import DEPTHWISE_CRAFTS, TABLE_CRAFTS, kernel_case, run_op
+assert "-fsanitize=address" in native.load_library().flags, native.load_library().flags
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    for seed, size in enumerate([(2, 7, 6), (1, 1, 1), (3, 9, 17), (1, 8, 8)]):
+        case = kernel_case(seed, size)
+        p, e = case["projection"], case["expand"]
+        for stride in (1, 2):
+            hidden = ops.depthwise_reference(case["x24"], case["dw_taps"], case["dw_bias"], stride)
+            torch.testing.assert_close(run_op("depthwise", case, stride),
+                                       ops.reference(hidden, p["dense_weight"], p["dense_bias"], None, True))
+            expanded = ops.reference(case["x16"], e["dense_weight"], e["dense_bias"], None, True)
+            hidden = ops.depthwise_reference(expanded, case["dw_taps"], case["dw_bias"], stride)
+            torch.testing.assert_close(run_op("block", case, stride),
+                                       ops.reference(hidden, p["dense_weight"], p["dense_bias"], None, False))
+        torch.testing.assert_close(run_op("conv1x1", case),
+                                   ops.reference(case["x24"], p["dense_weight"], p["dense_bias"], None, False))
+refused = 0
+for kind in ("conv1x1", "depthwise", "block"):
+    for role in ("projection", "expand") if kind == "block" else ("projection",):
+        for edit, message in TABLE_CRAFTS.values():
+            case = kernel_case()
+            case[role] = dict(case[role])
+            edit(case[role])
+            try:
+                run_op(kind, case)
+            except native.TableError:
+                refused += 1
+    for edit, message in DEPTHWISE_CRAFTS.values() if kind != "conv1x1" else ():
+        case = kernel_case()
+        edit(case)
+        try:
+            run_op(kind, case)
+        except native.TableError:
+            refused += 1
+torch.manual_seed(0)
+net = deploy_model(MobileNetV2(groups=4, use_flgc=True, width_mult=0.25, group_expand=True).eval(), kernel="fused")
+with torch.no_grad():
+    for n in (1, 3):
+        net(torch.randn(n, 3, 16, 16).contiguous(memory_format=torch.channels_last))
+session = onnxruntime_session(sys.argv[2])
+for n in (1, 2, 5):
+    session.run(None, {"images": np.random.default_rng(n).standard_normal((n, 3, 16, 16)).astype(np.float32)})
+print("refused", refused, flush=True)
+"""
+# The same build reading one weight vector past the end, straight through ctypes (no checks): ASan must see it,
+# or a clean run above would prove nothing.
+ASAN_UNCHECKED = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from flgc_lightning.deploy import native
+from test_file_safety import kernel_case
+case = kernel_case()
+t, x = case["projection"], case["x24"].contiguous(memory_format=torch.channels_last)
+t["segments"] = t["segments"].clone()
+t["segments"][-1, 2] += 8
+y = torch.empty(2, 16, 7, 6, memory_format=torch.channels_last)
+native.load_library().unequal_group_conv1x1(
+    x.data_ptr(), 2 * 7 * 6, 24, y.data_ptr(), 16, None, 16, 0, t["weight"].data_ptr(), t["bias"].data_ptr(),
+    t["tasks"].data_ptr(), len(t["tasks"]), t["segments"].data_ptr(), t["out_index"].data_ptr(), 1)
+print("no report", flush=True)
+"""
+
+
+def _asan_environment(folder: Path) -> dict:
+    """Environment of a process whose fused kernel is built with AddressSanitizer, or skip where that cannot be."""
+    import os
+    import shutil
+
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    runtime = [subprocess.run([compiler, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+               for name in ("libasan.so", "libstdc++.so.6")] if compiler else []
+    if not runtime or not all(os.path.isabs(path) and os.path.exists(path) for path in runtime):
+        pytest.skip("no AddressSanitizer runtime (libasan) next to the C compiler")
+    return {**os.environ, "FLGC_NATIVE_CACHE": str(folder), "ASAN_OPTIONS": "detect_leaks=0",
+            "FLGC_NATIVE_FLAGS": f"-O1 -g -fsanitize=address -fno-omit-frame-pointer {' '.join(native.load_library().flags[1:])}",
+            # libstdc++ too: loaded after ASan, C++ exceptions thrown by torch abort ASan's interceptor
+            "LD_PRELOAD": " ".join(runtime)}
+
+
+@needs_kernel
+def test_checked_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
+    """With the C kernel built with AddressSanitizer, the checked paths (valid tables of several shapes, strides
+    and thread counts; a deployed network; the ONNX session's chain of kernels; every crafted table, refused)
+    run without a report, while the same build handed a crafted table straight through ctypes is reported."""
+    from flgc_lightning.deploy import deploy_model, export_onnx
+    from flgc_lightning.models import MobileNetV2
+
+    env = _asan_environment(tmp_path / "asan-cache")
+    torch.manual_seed(1)
+    net = deploy_model(MobileNetV2(groups=4, use_flgc=True, width_mult=0.25).eval(), kernel="fused")
+    onnx_file = export_onnx(net, tmp_path / "net.onnx", input_size=(3, 16, 16))
+    tests = str(Path(__file__).parent)
+    checked = subprocess.run([sys.executable, "-c", ASAN_CHECKED, tests, str(onnx_file)], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+    if "NativeKernelUnavailable" in checked.stderr:
+        pytest.skip(f"the kernel does not build with AddressSanitizer here: {checked.stderr.strip().splitlines()[-1]}")
+    assert "AddressSanitizer" not in checked.stderr, checked.stderr[-5000:]
+    expected = len(TABLE_CRAFTS) * 4 + len(DEPTHWISE_CRAFTS) * 2
+    assert checked.returncode == 0 and f"refused {expected}" in checked.stdout, checked.stdout + checked.stderr[-3000:]
+    unchecked = subprocess.run([sys.executable, "-c", ASAN_UNCHECKED, tests], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=600)
+    assert unchecked.returncode != 0 and "no report" not in unchecked.stdout
+    assert "ERROR: AddressSanitizer: heap-buffer-overflow" in unchecked.stderr, unchecked.stderr[-3000:]
