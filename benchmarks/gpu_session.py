@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-subset"
 # The learning estimator of the learned-groups work (full straight-through + dense weight gradient).
-LEARNING = "model.assign_grad=ste model.dense_weight_grad=true"
+LEARNING = "model.assign_grad=ste model.dense_weight_grad=true assign_optim.lr_mult=10"
 MODELS = {  # name -> overrides of train.py's config
     "dense": "groups=1",
     "grouped-8": "groups=8 model.use_flgc=false",
@@ -171,6 +171,7 @@ class Plan:
         self.repeat_train, self.repeat_test = (256, 128) if dry else (50_000, 10_000)
         self.epochs_c = 2 if dry else 3
         self.models = list(MODELS)
+        self.compile_models = list(MODELS)
         self.compile_jobs = [] if dry else [("dense", "default"), ("FLGC-8 reference", "default"),
                                             ("FLGC-8 reference", "reduce-overhead"), ("FLGC-8 learning", "reduce-overhead")]
 
@@ -374,6 +375,7 @@ def measure_config(config: dict) -> dict:
     module = build_module(cfg, dm)
     module.channels_last = config["channels_last"]
     module.compile_network = config["compile"] or False
+    module.cuda_graphs = bool(config.get("cuda_graphs"))
     pl.seed_everything(0)
     steps = config["warmup"] + config["timed"] + 1
     timing = _timing_callback(config["warmup"], config["sync_steps"], config["timed"],
@@ -400,6 +402,42 @@ def measure_config(config: dict) -> dict:
             "ms_per_step": 1000 * timing.seconds / config["timed"], "host_syncs": syncs}
 
 
+def check_cuda_graphs(width: float) -> dict:
+    """Two training steps of an FLGC-8 network, eager and through :class:`GraphedTraining` (capture, then a
+    replay on a new batch), from the same weights: the losses and gradients must agree."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from flgc_lightning.models import MobileNetV2
+    from flgc_lightning.training.cuda_graphs import GraphedTraining
+
+    torch.manual_seed(0)
+    eager = MobileNetV2(groups=8, use_flgc=True, width_mult=width).cuda().to(memory_format=torch.channels_last)
+    graphed_net = copy.deepcopy(eager)
+    graphed = GraphedTraining(graphed_net)
+    out: dict = {}
+    for step in range(2):
+        x = torch.randn(128, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (128,), device="cuda")
+        losses, grads = [], []
+        for net, call in ((eager, eager), (graphed_net, graphed)):
+            net.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = F.cross_entropy(call(x), y)
+            loss.backward()
+            losses.append(loss.item())
+            grads.append(torch.cat([p.grad.flatten().float() for p in net.parameters() if p.grad is not None]))
+        out[f"step{step}_loss_eager"], out[f"step{step}_loss_graphed"] = losses
+        out[f"step{step}_grad_rel_diff"] = ((grads[0] - grads[1]).norm() / grads[0].norm()).item()
+    buffers = [(a - b).abs().max().item() for a, b in zip(eager.buffers(), graphed_net.buffers())
+               if a.dtype.is_floating_point]
+    out["bn_buffers_max_abs_diff"] = max(buffers)
+    out["ok"] = all(out[f"step{s}_grad_rel_diff"] < 5e-2 for s in range(2)) and out["bn_buffers_max_abs_diff"] < 1e-2
+    return out
+
+
 def _worker_main(config_path: str) -> int:
     config = json.loads(Path(config_path).read_text())
     try:
@@ -418,7 +456,8 @@ def section_throughput(plan: Plan, work: Path, data: Path, results: Results) -> 
             "sync_steps": plan.sync_steps, "timed": plan.timed, "compile": False}
     # Rows of models not measured now are kept from an earlier command (--models measures some again).
     previous = results.data["sections"].get("b. training throughput", {}).get("rows", [])
-    rows: list[dict] = [r for r in previous if r.get("model") not in plan.models]
+    rows: list[dict] = [r for r in previous if r.get("model") not in plan.models
+                        and not ((r.get("compile") or r.get("cuda_graphs")) and r.get("model") in plan.compile_models)]
 
     def record(row: dict) -> None:
         rows.append(row)
@@ -447,9 +486,26 @@ def section_throughput(plan: Plan, work: Path, data: Path, results: Results) -> 
                 row["error"] = f"{type(err).__name__}: {err}"[:500]
             print(row, flush=True)
             record(row)
+    graphs_check = None
+    if plan.cuda:  # CUDA graphs without compile (training/cuda_graphs.py): checked against eager, then timed
+        try:
+            graphs_check = check_cuda_graphs(plan.width)
+        except Exception as err:
+            traceback.print_exc()
+            graphs_check = {"error": f"{type(err).__name__}: {err}"[:500]}
+        for model in [m for m in plan.compile_models if m != "grouped-8"]:
+            row = {"model": model, "precision": best_precision, "channels_last": True, "compile": False,
+                   "cuda_graphs": True}
+            try:
+                row.update(measure_config({**base, **row}))
+            except Exception as err:
+                traceback.print_exc()
+                row["error"] = f"{type(err).__name__}: {err}"[:500]
+            print(row, flush=True)
+            record(row)
     # compiled: every setting in its own process, compiled at the same time, timed one at a time
     jobs = [dict(model=m, precision=best_precision, channels_last=True, compile=mode) for m, mode in plan.compile_jobs
-            if m in plan.models]
+            if m in plan.compile_models]
     if plan.dry:  # the process machinery without the compile (inductor on 2 CPU cores takes minutes)
         jobs = [dict(model=m, precision=best_precision, channels_last=True, compile=False, parallel=True)
                 for m in ("dense", "FLGC-8 reference") if m in plan.models]
@@ -467,7 +523,7 @@ def section_throughput(plan: Plan, work: Path, data: Path, results: Results) -> 
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": threads}
             procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(folder / f"config-{i}.json")],
                                           cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env))
-        limit = time.monotonic() + max(60.0, min(420.0, plan.left() - 15))
+        limit = time.monotonic() + max(60.0, min(210.0, plan.left() - 200))  # leave c and d their time
         for proc in procs:
             try:
                 proc.wait(timeout=max(1.0, limit - time.monotonic()))
@@ -492,22 +548,27 @@ def section_throughput(plan: Plan, work: Path, data: Path, results: Results) -> 
                  and r["channels_last"] and not r["compile"]), None)
     if fixed and same:
         share = max(0.0, same["ms_per_step"] - fixed["ms_per_step"]) / same["ms_per_step"]
-    value = {"rows": rows, "best": {m: {k: r[k] for k in ("precision", "channels_last", "compile", "images_per_s")}
-                                    for m, r in best.items()}, "data_share": share}
-    header = ["model", "precision", "channels_last", "compile", "images/s", "ms/step", "host syncs / step", "note"]
+    value = {"rows": rows, "best": {m: {k: r.get(k) for k in ("precision", "channels_last", "compile", "cuda_graphs",
+                                                              "images_per_s")}
+                                    for m, r in best.items()}, "data_share": share, "cuda_graphs_check": graphs_check}
+    header = ["model", "precision", "channels_last", "compile / graphs", "images/s", "ms/step", "host syncs / step",
+              "note"]
     lines = []
     for r in rows:
         syncs = r.get("host_syncs") or {}
         per = (f"{syncs['syncs'] / syncs['steps']:.2f}" if syncs.get("steps") else None)
         note = ("fixed batch (no data work)" if r.get("fixed_batch") else
                 "cudnn.benchmark off" if r.get("cudnn_benchmark") is False else r.get("error", ""))
-        lines.append([r["model"], r["precision"], r["channels_last"], r["compile"] or "no",
+        lines.append([r["model"], r["precision"], r["channels_last"],
+                      "cuda_graphs" if r.get("cuda_graphs") else (r["compile"] or "no"),
                       r.get("images_per_s"), r.get("ms_per_step"), per, note])
     md = [f"## b. Training throughput (batch {plan.batch}, {'CIFAR-size images' if not plan.dry else 'dry run'}, "
           "full optimizer steps through trainer.fit)", "", table(header, lines), ""]
     if share is not None:
         md.append(f"Share of the FLGC-8 step spent on data (step with its data vs the same step on one fixed batch): "
                   f"**{100 * share:.1f} %**.")
+    if graphs_check is not None:
+        md.append(f"CUDA graphs (cuda_graphs=true) against eager, one FLGC-8 step from the same weights: {graphs_check}.")
     where = {}
     for r in rows:
         for k, v in ((r.get("host_syncs") or {}).get("where") or {}).items():
@@ -542,8 +603,14 @@ def write_repeated_cifar(src: Path, dst: Path, n_train: int, n_test: int) -> Pat
 
 def section_epochs(plan: Plan, work: Path, data: Path, results: Results) -> tuple[dict, str]:
     throughput = results.data["sections"].get("b. training throughput", {})
-    best = (throughput.get("best") or {}).get("FLGC-8 reference") or {}
+    candidates = sorted((r for r in throughput.get("rows", []) if r.get("model") == "FLGC-8 reference"
+                         and "images_per_s" in r and not r.get("fixed_batch") and r.get("cudnn_benchmark", True)),
+                        key=lambda r: -r["images_per_s"])
+    # A compiled setting compiles again in train.py (minutes): only when the time left allows it.
+    feasible = [r for r in candidates if not r.get("compile") or plan.left() > 300 or plan.dry]
+    best = feasible[0] if feasible else {}
     compile_mode = best.get("compile") or False
+    graphs = bool(best.get("cuda_graphs"))
     channels_last = best.get("channels_last", True)
     precision = best.get("precision", "bf16-mixed" if plan.cuda else "32-true")
     full = write_repeated_cifar(data, work / "cifar50k", plan.repeat_train, plan.repeat_test)
@@ -551,6 +618,7 @@ def section_epochs(plan: Plan, work: Path, data: Path, results: Results) -> tupl
     overrides = [f"data.root={full}", plan.trainer, f"trainer.max_epochs={plan.epochs_c}",
                  f"trainer.precision={precision}", f"channels_last={str(channels_last).lower()}",
                  f"compile={str(compile_mode).lower() if isinstance(compile_mode, bool) else compile_mode}",
+                 f"cuda_graphs={str(graphs).lower()}",
                  f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false", "logger=csv",
                  f"model.width_mult={plan.width}", f"data.batch_size={plan.batch}",
                  "+callbacks.host_syncs._target_=flgc_lightning.callbacks.HostSyncCounter",
@@ -569,13 +637,15 @@ def section_epochs(plan: Plan, work: Path, data: Path, results: Results) -> tupl
         syncs = json.loads((run_dir / "host_syncs.json").read_text())
     except (OSError, ValueError):
         pass
-    value = {"settings": {"precision": precision, "channels_last": channels_last, "compile": compile_mode},
+    value = {"settings": {"precision": precision, "channels_last": channels_last, "compile": compile_mode,
+                          "cuda_graphs": graphs},
              "train_images": plan.repeat_train, "test_images": plan.repeat_test,
              "epoch_times_s": [h.get("epoch_time_s") for h in history], "val_times_s": [h.get("val_time_s") for h in history],
              "epoch_s": epoch, "val_s": val, "projected_400_epochs_min": projected, "target_min": 20,
              "host_syncs": syncs}
     md = ["## c. The 400-epoch recipe on this device", "",
           f"`train.py` FLGC G=8 (reference estimator), {precision}, channels_last={channels_last}, compile={compile_mode}, "
+          f"cuda_graphs={graphs}, "
           f"{plan.repeat_train:,} training / {plan.repeat_test:,} test images (the subset repeated to CIFAR-10's size), "
           f"batch {plan.batch}; {len(history)} epochs, epoch 0 includes autotuning/compilation.", "",
           f"- epoch times (s): {', '.join(f'{t:.2f}' for t in value['epoch_times_s'])} (validation part: "
@@ -593,6 +663,8 @@ STUDY_ARMS = {
     "FLGC-frozen-8": "groups=8 model.use_flgc=true model.assignment=frozen",
     "FLGC-8 reference": "groups=8 model.use_flgc=true",
     "FLGC-8 learning": f"groups=8 model.use_flgc=true {LEARNING}",
+    "FLGC-8 gumbel": "groups=8 model.use_flgc=true model.assign_grad=gumbel model.dense_weight_grad=true "
+                     "assign_optim.lr_mult=10",
 }
 
 
@@ -601,7 +673,9 @@ def section_study(plan: Plan, work: Path, data: Path, results: Results, seeds: i
     rows = [r for r in throughput.get("rows", []) if r.get("model") == "FLGC-8 reference" and "ms_per_step" in r
             and r.get("precision") == ("bf16-mixed" if plan.cuda else "32-true") and r.get("channels_last")
             and not r.get("compile") and not r.get("fixed_batch") and r.get("cudnn_benchmark", True)]
-    step_s = rows[0]["ms_per_step"] / 1000 if rows else 0.03
+    fastest = min(rows, key=lambda r: r["ms_per_step"], default=None)  # eager or CUDA graphs (no compile: 16 runs)
+    step_s = fastest["ms_per_step"] / 1000 if fastest else 0.03
+    graphs = ["cuda_graphs=true"] if fastest and fastest.get("cuda_graphs") else []
     runs = [(arm, seed) for arm in STUDY_ARMS for seed in range(seeds)]
     # Runs share the GPU: assume together they reach 3x one run's throughput (small kernels leave it idle).
     slowdown = max(1.0, len(runs) / 3) if plan.cuda else 1.0
@@ -617,7 +691,7 @@ def section_study(plan: Plan, work: Path, data: Path, results: Results, seeds: i
                      "scheduler=cosine", "test_after_fit=true", f"model.width_mult={plan.width}",
                      f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false", "logger=csv",
                      "num_threads=1", "callbacks.step_checkpoint.every_n_train_steps=1000",
-                     *plan.small, *shlex.split(STUDY_ARMS[arm])]
+                     *graphs, *plan.small, *shlex.split(STUDY_ARMS[arm])]
         if not plan.dry:
             overrides.append(f"+trainer.max_time=00:00:{int(max(1, budget)) // 60:02d}:{int(max(1, budget)) % 60:02d}")
         log = open(work / f"d_{i:02d}.log", "w")
@@ -645,7 +719,7 @@ def section_study(plan: Plan, work: Path, data: Path, results: Results, seeds: i
                                                   if h.get("epoch") == s.get("best_epoch")), None),
                         "channels_ever_moved": s.get("channels_ever_moved"), "macs_deployed": s.get("macs_deployed"),
                         "wall_time_s": s.get("wall_time_s")})
-    value = {"epochs": epochs, "seeds": seeds, "arms": STUDY_ARMS, "runs": per_run}
+    value = {"epochs": epochs, "seeds": seeds, "arms": STUDY_ARMS, "cuda_graphs": bool(graphs), "runs": per_run}
     report_md = report_dir / "report.md"
     md = [f"## d. Learned-groups study at width {plan.width}, G=8, {seeds} seeds, {epochs} epochs, "
           f"{len(runs)} runs at once on one device", "",
@@ -676,7 +750,10 @@ def main(argv=None) -> int:
     parser.add_argument("--sections", default="abcd", help="which sections to run, e.g. 'ab'")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per arm in the study")
     parser.add_argument("--models", default=",".join(MODELS),
-                        help="models section b measures (comma-separated); rows of others are kept from earlier runs")
+                        help="models section b measures eagerly (comma-separated); rows of others are kept from "
+                             "earlier runs")
+    parser.add_argument("--compile-models", default=",".join(MODELS),
+                        help="models section b measures with compile and CUDA graphs")
     parser.add_argument("--dry-run", action="store_true", help="every size shrunk: a rehearsal on the CPU")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -693,7 +770,8 @@ def main(argv=None) -> int:
     data = Path(args.data).resolve()
     plan = Plan(args.dry_run, torch.cuda.is_available(), 60 * args.budget_min)
     plan.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = set(plan.models) - set(MODELS)
+    plan.compile_models = [m.strip() for m in args.compile_models.split(",") if m.strip()]
+    unknown = (set(plan.models) | set(plan.compile_models)) - set(MODELS)
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; choose from {list(MODELS)}")
     results = Results(out, work / "results.json")

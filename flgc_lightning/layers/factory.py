@@ -9,13 +9,15 @@ ASSIGNMENTS = ("learned", "frozen", "balanced")
 
 
 def make_pointwise_conv(in_channels: int, out_channels: int, groups: int, use_flgc: bool,
-                        assignment: str = "learned", init_std: float = 1.0) -> nn.Conv2d:
+                        assignment: str = "learned", init_std: float = 1.0, assign_grad: str = "reference",
+                        dense_weight_grad: bool = False) -> nn.Conv2d:
     """A bias-free 1x1 conv: dense (``groups == 1``), standard grouped, or FLGC.
 
     FLGC's ``assignment``: ``"learned"`` (the reference), ``"frozen"`` (the N(0, init_std^2)
     draw never changes: random unequal groups, a control) or ``"balanced"`` (learned, equal sizes).
     With ``use_flgc`` and ``groups == 1`` the layer is plain dense: a single learned group is the
-    dense convolution, and the reference's dense baseline has no assignment maps.
+    dense convolution, and the reference's dense baseline has no assignment maps. ``assign_grad`` and
+    ``dense_weight_grad`` choose how FLGC assignments and weights get their gradients (:class:`Flgc2d`).
     """
     if assignment not in ASSIGNMENTS:
         raise ValueError(f"assignment must be one of {', '.join(ASSIGNMENTS)}, got {assignment!r}")
@@ -24,7 +26,8 @@ def make_pointwise_conv(in_channels: int, out_channels: int, groups: int, use_fl
     if use_flgc:
         layer = BalancedFlgc2d if assignment == "balanced" else Flgc2d
         return layer(in_channels, out_channels, 1, groups=groups, bias=False, init_std=init_std,
-                     learn_assignments=assignment != "frozen")
+                     learn_assignments=assignment != "frozen", assign_grad=assign_grad,
+                     dense_weight_grad=dense_weight_grad)
     if in_channels % groups or out_channels % groups:
         raise ValueError(
             f"standard grouped conv {in_channels}->{out_channels} needs both channel counts "

@@ -89,6 +89,36 @@ def straight_through(logits: Tensor, ids: Tensor) -> Tensor:
     return hard + (selected - selected.detach())
 
 
+ASSIGN_GRADS = ("reference", "ste", "gumbel")
+
+
+def straight_through_full(logits: Tensor, ids: Tensor, probs: Tensor | None = None) -> Tensor:
+    """One-hot of ``ids`` in value; the whole gradient ``grad_B`` into ``probs`` (default: the row softmax).
+
+    Unlike :func:`straight_through`, every entry of a row gets a gradient, so the unselected groups'
+    logits move by how much the loss wants each of them, not in proportion to their probability.
+    """
+    probs = torch.softmax(logits, dim=1) if probs is None else probs
+    hard = torch.zeros_like(probs).scatter_(1, ids[:, None], 1.0)
+    return hard + (probs - probs.detach())
+
+
+class _DenseWeightGrad(torch.autograd.Function):
+    """``weight * mask`` whose weight gradient is not masked: weights between a filter and the inputs of other
+    groups keep training, so what a channel would contribute in another group is measured with trained weights."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, mask: Tensor) -> Tensor:
+        ctx.save_for_backward(weight)
+        ctx.mask_shape = mask.shape
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad, (grad * weight).sum_to_size(ctx.mask_shape)
+
+
 class Flgc2d(nn.Conv2d):
     """Drop-in ``nn.Conv2d`` whose input channels and filters learn their group.
 
@@ -115,6 +145,8 @@ class Flgc2d(nn.Conv2d):
         dtype=None,
         init_std: float = 1.0,
         learn_assignments: bool = True,
+        assign_grad: str = "reference",
+        dense_weight_grad: bool = False,
     ) -> None:
         if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
             raise ValueError(f"Flgc2d: groups must be a positive integer, got {groups!r}")
@@ -124,10 +156,18 @@ class Flgc2d(nn.Conv2d):
         )
         if not init_std > 0:
             raise ValueError(f"assign_init_std must be > 0, got {init_std!r}")
+        if assign_grad not in ASSIGN_GRADS:
+            raise ValueError(f"assign_grad must be one of {', '.join(ASSIGN_GRADS)}, got {assign_grad!r}")
         self.num_groups, self.init_std = groups, init_std
+        self.assign_grad, self.dense_weight_grad = assign_grad, bool(dense_weight_grad)
         factory = {"device": device, "dtype": dtype}
         self.in_assign = nn.Parameter(torch.empty(in_channels, groups, **factory), requires_grad=learn_assignments)
         self.out_assign = nn.Parameter(torch.empty(out_channels, groups, **factory), requires_grad=learn_assignments)
+        if assign_grad == "gumbel":  # refreshed in place, outside forward (refresh_gumbel_noise); not checkpointed:
+            # the noise of a step derives from the run's seed and the step alone
+            self.register_buffer("gumbel_in", torch.zeros(in_channels, groups, **factory), persistent=False)
+            self.register_buffer("gumbel_out", torch.zeros(out_channels, groups, **factory), persistent=False)
+            self.register_buffer("gumbel_tau", torch.ones((), **factory), persistent=False)
         self.reset_assignments()
 
     @property
@@ -140,25 +180,55 @@ class Flgc2d(nn.Conv2d):
             self.in_assign.normal_(0.0, self.init_std)
             self.out_assign.normal_(0.0, self.init_std)
 
+    def refresh_gumbel_noise(self, generator: torch.Generator | None, tau: float = 1.0) -> None:
+        """New Gumbel(0, 1) noise drawn from ``generator`` (``None``: no noise) and temperature ``tau``,
+        written into the layer's buffers in place, so compiled graphs and CUDA graphs see them."""
+        if self.assign_grad != "gumbel":
+            return
+        with torch.no_grad():
+            for noise in (self.gumbel_in, self.gumbel_out):
+                if generator is None:
+                    noise.zero_()
+                else:  # -log(E), E ~ Exp(1), is Gumbel(0, 1)
+                    noise.exponential_(generator=generator).log_().neg_()
+            self.gumbel_tau.fill_(tau)
+
+    def _rule(self, logits: Tensor) -> Tensor:
+        """Group ids from (possibly noisy) logits: the argmax; balanced layers override it."""
+        return group_ids(logits)
+
+    def _membership(self, logits: Tensor, noise: Tensor | None) -> Tensor:
+        """One-hot group membership (C x G) with the gradient of the layer's estimator."""
+        if self.assign_grad == "reference":
+            return straight_through(logits, self._rule(logits))
+        if self.assign_grad == "gumbel" and self.training and noise is not None:
+            noisy = logits + noise
+            return straight_through_full(noisy, self._rule(noisy), torch.softmax(noisy / self.gumbel_tau, dim=1))
+        return straight_through_full(logits, self._rule(logits))
+
     def connection_mask(self) -> Tensor:
         """``M = B_out @ B_in^T`` (C_out x C_in), 1 where filter and input share a group."""
-        b_in = straight_through(self.in_assign, self.input_groups())
-        b_out = straight_through(self.out_assign, self.filter_groups())
+        gumbel = self.assign_grad == "gumbel"
+        b_in = self._membership(self.in_assign, self.gumbel_in if gumbel else None)
+        b_out = self._membership(self.out_assign, self.gumbel_out if gumbel else None)
         return b_out @ b_in.t()
 
     def masked_weight(self) -> Tensor:
-        return self.weight * self.connection_mask()[:, :, None, None].to(self.weight.dtype)
+        mask = self.connection_mask()[:, :, None, None].to(self.weight.dtype)
+        if self.dense_weight_grad:
+            return _DenseWeightGrad.apply(self.weight, mask)
+        return self.weight * mask
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.masked_weight(), self.bias)
 
     def input_groups(self) -> Tensor:
-        """Current group id (0..G-1) of every input channel, shape ``(C_in,)``."""
-        return group_ids(self.in_assign)
+        """Current group id (0..G-1) of every input channel, shape ``(C_in,)`` (noise-free, every estimator)."""
+        return self._rule(self.in_assign)
 
     def filter_groups(self) -> Tensor:
         """Current group id (0..G-1) of every filter (output channel), shape ``(C_out,)``."""
-        return group_ids(self.out_assign)
+        return self._rule(self.out_assign)
 
     def group_sizes(self) -> tuple[Tensor, Tensor]:
         """Channels per group (inputs, filters), each of shape ``(G,)`` on the CPU; groups may be empty."""
@@ -167,7 +237,9 @@ class Flgc2d(nn.Conv2d):
 
     def extra_repr(self) -> str:
         frozen = "" if self.learn_assignments else ", frozen"
-        return super().extra_repr() + f", learned_groups={self.num_groups}{frozen}"
+        estimator = "" if self.assign_grad == "reference" else f", assign_grad={self.assign_grad}"
+        dense = ", dense_weight_grad" if self.dense_weight_grad else ""
+        return super().extra_repr() + f", learned_groups={self.num_groups}{frozen}{estimator}{dense}"
 
 
 class BalancedFlgc2d(Flgc2d):
@@ -185,11 +257,8 @@ class BalancedFlgc2d(Flgc2d):
                              f"by groups={groups}")
         super().__init__(in_channels, out_channels, kernel_size, *args, groups=groups, **kwargs)
 
-    def input_groups(self) -> Tensor:
-        return balanced_group_ids(self.in_assign)
-
-    def filter_groups(self) -> Tensor:
-        return balanced_group_ids(self.out_assign)
+    def _rule(self, logits: Tensor) -> Tensor:
+        return balanced_group_ids(logits)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", balanced"

@@ -5,7 +5,7 @@ and ``group_shortcut`` extend grouping to the expand and shortcut 1x1 convs.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -70,13 +70,14 @@ class InvertedResidual(nn.Module):
     def __init__(
         self, inp: int, oup: int, stride: int, expand_ratio: int, groups: int, use_flgc: bool,
         group_expand: bool = False, group_shortcut: bool = False, assignment: str = "learned",
-        assign_init_std: float = 1.0,
+        assign_init_std: float = 1.0, assign_grad: str = "reference", dense_weight_grad: bool = False,
     ) -> None:
         super().__init__()
         hidden = int(round(inp * expand_ratio))
 
         def pointwise(cin: int, cout: int, grouped: bool) -> nn.Module:
-            return make_pointwise_conv(cin, cout, groups if grouped else 1, use_flgc, assignment, assign_init_std)
+            return make_pointwise_conv(cin, cout, groups if grouped else 1, use_flgc, assignment, assign_init_std,
+                                       assign_grad, dense_weight_grad)
 
         layers: list[nn.Module] = []
         if expand_ratio != 1:
@@ -114,6 +115,10 @@ class MobileNetV2(nn.Module):
         assignment: FLGC only: ``learned`` (the reference), ``frozen`` (random groups that never
             change: the control for learning) or ``balanced`` (learned, equal group sizes).
         assign_init_std: std of the N(0, std^2) assignment-logit init (reference 1.0).
+        assign_grad: FLGC only: how assignment logits get gradients: ``reference`` (straight-through at the
+            selected entry only, as the reference code), ``ste`` (straight-through into the whole softmax) or
+            ``gumbel`` (Gumbel-softmax straight-through; temperature and noise set by the training loop).
+        dense_weight_grad: FLGC only: weights outside a filter's group keep training (forward unchanged).
     """
 
     def __init__(
@@ -127,6 +132,8 @@ class MobileNetV2(nn.Module):
         in_channels: int = 3,
         assignment: str = "learned",
         assign_init_std: float = 1.0,
+        assign_grad: Literal["reference", "ste", "gumbel"] = "reference",
+        dense_weight_grad: bool = False,
         settings: Sequence[Sequence[int]] = CIFAR_SETTINGS,
     ) -> None:
         super().__init__()
@@ -143,7 +150,7 @@ class MobileNetV2(nn.Module):
         features: list[nn.Module] = [conv_bn(nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False), stem, relu6=True)]
         for inp, oup, stride, t in block_specs(width_mult, settings):
             features.append(InvertedResidual(inp, oup, stride, t, groups, use_flgc, group_expand, group_shortcut,
-                                             assignment, assign_init_std))
+                                             assignment, assign_init_std, assign_grad, dense_weight_grad))
         features.append(conv_bn(nn.Conv2d(oup, self.last_channels, 1, bias=False), self.last_channels, relu6=True))
         self.features = nn.Sequential(*features)
         self.classifier = nn.Linear(self.last_channels, num_classes)

@@ -132,9 +132,15 @@ def hparams_problems(hparams: Any, complete: bool = True) -> list[str]:
             and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in input_size)):
         problems.append(f"hyper_parameters.input_size: expected 3 positive integers (C, H, W), got {input_size!r}")
     assign = hparams.get("assign_optim")
-    if assign is not None and not (isinstance(assign, dict) and set(assign) <= {"lr_mult", "weight_decay"} and all(
-            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in assign.values())):
-        problems.append(f"hyper_parameters.assign_optim: expected lr_mult and weight_decay numbers, got {assign!r}")
+    if assign is not None:  # plain numbers only, the keys of the schema (older checkpoints: a subset)
+        from pydantic import ValidationError
+
+        from flgc_lightning.training.schema import AssignOptim
+        try:
+            AssignOptim.model_validate({"lr_mult": 1.0, **assign} if isinstance(assign, dict) else assign)
+        except ValidationError as err:
+            problems.append(f"hyper_parameters.assign_optim: expected {', '.join(AssignOptim.model_fields)} "
+                            f"(numbers), got {assign!r} ({err.errors()[0]['msg']})")
     return problems
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -19,8 +20,41 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from flgc_lightning.errors import ConfigError, NonFiniteLossError
 from flgc_lightning.training.file_config import TRUSTED, check_checkpoint, check_hparams
+from flgc_lightning.layers.flgc import Flgc2d
+from flgc_lightning.training.cuda_graphs import GraphedTraining
 from flgc_lightning.training.schema import instantiate_checked
 from flgc_lightning.utils.complexity import complexity_summary, format_millions
+
+
+# How the training loop treats FLGC assignment logits (top-level ``assign_optim`` in conf/train.yaml).
+ASSIGN_OPTIM_DEFAULTS = {"lr_mult": 1.0, "weight_decay": None, "warmup_epochs": 0, "freeze_epoch": None,
+                         "tau_start": 1.0, "tau_end": 0.1, "tau_epochs": None}
+
+
+def assign_optim_problems(a: dict) -> list[str]:
+    """Range problems of an ``assign_optim`` dict (types are the schema's)."""
+    problems = []
+    if not a["lr_mult"] >= 0:
+        problems.append(f"assign_optim.lr_mult must be >= 0, got {a['lr_mult']!r}")
+    if a["weight_decay"] is not None and not a["weight_decay"] >= 0:
+        problems.append(f"assign_optim.weight_decay must be >= 0 or null, got {a['weight_decay']!r}")
+    if not a["warmup_epochs"] >= 0:
+        problems.append(f"assign_optim.warmup_epochs must be >= 0, got {a['warmup_epochs']!r}")
+    if a["freeze_epoch"] is not None and not a["freeze_epoch"] > a["warmup_epochs"]:
+        problems.append(f"assign_optim.freeze_epoch must be > warmup_epochs ({a['warmup_epochs']}) or null, "
+                        f"got {a['freeze_epoch']!r}")
+    for key in ("tau_start", "tau_end"):
+        if not a[key] > 0:
+            problems.append(f"assign_optim.{key} must be > 0, got {a[key]!r}")
+    if a["tau_epochs"] is not None and not a["tau_epochs"] > 0:
+        problems.append(f"assign_optim.tau_epochs must be > 0 or null, got {a['tau_epochs']!r}")
+    return problems
+
+
+def noise_seed(run_seed: int, step: int) -> int:
+    """The seed of one training step's Gumbel noise: a function of the run's seed and the step alone, so a
+    resumed run draws the noise an uninterrupted one would."""
+    return int(np.random.SeedSequence([int(run_seed) & 0xFFFFFFFF, int(step)]).generate_state(1, np.uint64)[0])
 
 
 def plain(cfg: Any) -> Any:
@@ -66,12 +100,10 @@ class ImageClassifier(pl.LightningModule):
             check_hparams({"model": plain(model), "optimizer": plain(optimizer), "scheduler": plain(scheduler),
                            "input_size": list(input_size), "assign_optim": plain(assign_optim)}, str(config_origin))
         self._checkpoint_source = "checkpoint" if config_origin is TRUSTED else str(config_origin)
-        assign_optim = {"lr_mult": 1.0, "weight_decay": None, **(plain(assign_optim) or {})}
-        if not assign_optim["lr_mult"] >= 0:
-            raise ConfigError(f"invalid configuration:\n  - assign_optim.lr_mult must be >= 0, got {assign_optim['lr_mult']!r}")
-        if assign_optim["weight_decay"] is not None and not assign_optim["weight_decay"] >= 0:
-            raise ConfigError("invalid configuration:\n  - assign_optim.weight_decay must be >= 0 or null, got "
-                              f"{assign_optim['weight_decay']!r}")
+        assign_optim = {**ASSIGN_OPTIM_DEFAULTS, **(plain(assign_optim) or {})}
+        problems = assign_optim_problems(assign_optim)
+        if problems:
+            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
         self.save_hyperparameters({
             "model": plain(model), "optimizer": plain(optimizer), "scheduler": plain(scheduler),
             "input_size": list(input_size), "assign_optim": assign_optim,
@@ -88,6 +120,10 @@ class ImageClassifier(pl.LightningModule):
         # Runtime options (not hyperparameters: test.py and deploy rebuild the network without them).
         self.channels_last = False
         self.compile_network: bool | str = False  # True or a torch.compile mode ("reduce-overhead": CUDA graphs)
+        self.cuda_graphs = False  # training forward/backward replayed from CUDA graphs (training/cuda_graphs.py)
+        self.run_seed = 0  # the run's seed (train.py sets it): Gumbel noise derives from it and the step
+        self._noise_generator: Optional[torch.Generator] = None
+        self._graphed: Optional[GraphedTraining] = None
         self._first_nonfinite: Optional[torch.Tensor] = None  # device scalar: first step with a bad loss, or -1
 
     @classmethod
@@ -99,13 +135,17 @@ class ImageClassifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self._graphed is not None:
+            return self._graphed(x)
         return self.net(x)
 
     def _step(self, batch, loss_metric: MeanMetric, acc_metric: MulticlassAccuracy) -> torch.Tensor:
         images, targets = batch
         logits = self(images)
         loss = F.cross_entropy(logits, targets)
-        loss_metric.update(loss.detach(), weight=targets.numel())
+        # The weight as a tensor made on the device: a Python int becomes a blocking host-to-device copy inside
+        # MeanMetric (one host sync per step, seen on an H200 with torch.cuda.set_sync_debug_mode).
+        loss_metric.update(loss.detach(), weight=loss.detach().new_full((), targets.numel()))
         acc_metric.update(logits.detach(), targets)
         return loss
 
@@ -151,6 +191,51 @@ class ImageClassifier(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.check_finite()
 
+    # -- assignment schedule: warm-up, freeze, Gumbel noise and temperature ----------------------
+    def _flgc_layers(self) -> list[Flgc2d]:
+        return [m for m in self.net.modules() if isinstance(m, Flgc2d)]
+
+    def assignments_learn(self, epoch: Optional[int] = None) -> bool:
+        """Whether assignment logits are updated in ``epoch`` (default: the current one)."""
+        a = self.hparams.assign_optim
+        epoch = self.current_epoch if epoch is None else epoch
+        return epoch >= a["warmup_epochs"] and (a["freeze_epoch"] is None or epoch < a["freeze_epoch"])
+
+    def gumbel_tau(self, batch_idx: int = 0) -> float:
+        """Temperature, annealed exponentially from ``tau_start`` to ``tau_end`` over ``tau_epochs`` epochs
+        (default: the run's) from the end of the warm-up, step by step; constant after."""
+        a = self.hparams.assign_optim
+        trainer = self._trainer
+        span = a["tau_epochs"] or (trainer.max_epochs if trainer is not None and trainer.max_epochs > 0 else 1)
+        batches = trainer.num_training_batches if trainer is not None else float("inf")
+        fraction = batch_idx / batches if 0 < batches < float("inf") else 0.0
+        progress = min(1.0, max(0.0, (self.current_epoch - a["warmup_epochs"] + fraction) / span))
+        return float(a["tau_start"] * (a["tau_end"] / a["tau_start"]) ** progress)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        layers = [m for m in self._flgc_layers() if m.assign_grad == "gumbel" and m.learn_assignments]
+        if not layers:
+            return
+        if not self.assignments_learn():  # warm-up and frozen epochs train the groups as they are
+            for layer in layers:
+                layer.refresh_gumbel_noise(None)
+            return
+        if self._noise_generator is None or self._noise_generator.device != self.device:
+            self._noise_generator = torch.Generator(device=self.device)
+        self._noise_generator.manual_seed(noise_seed(self.run_seed, self.global_step))
+        tau = self.gumbel_tau(batch_idx)
+        for layer in layers:
+            layer.refresh_gumbel_noise(self._noise_generator, tau)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Outside the epochs in which assignments learn, their gradients are dropped, so the optimizer
+        neither moves nor decays them (a gradient of None is skipped; DDP has reduced it already)."""
+        if self.assignments_learn():
+            return
+        for layer in self._flgc_layers():
+            layer.in_assign.grad = None
+            layer.out_assign.grad = None
+
     def parameter_groups(self) -> list[dict] | Any:
         """All parameters in one group, as the reference does, unless ``assign_optim`` treats the
         FLGC assignment logits differently: then they form a second group."""
@@ -177,6 +262,12 @@ class ImageClassifier(pl.LightningModule):
         self.complexity = complexity_summary(self.net, tuple(self.hparams.input_size))
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
+        if self.cuda_graphs:
+            if self.device.type != "cuda" or self.trainer.world_size > 1 or self.compile_network:
+                raise ConfigError("invalid configuration:\n  - cuda_graphs=true needs one CUDA device (trainer=gpu, "
+                                  f"not DDP) and compile=false; here: device {self.device.type}, "
+                                  f"{self.trainer.world_size} process(es), compile={self.compile_network}")
+            self._graphed = GraphedTraining(self.net)
         if self.compile_network:  # in place: parameter names (checkpoints) stay those of the plain network
             mode = None if self.compile_network is True else str(self.compile_network)
             self.net.compile(mode=None if mode == "default" else mode)

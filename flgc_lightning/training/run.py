@@ -53,6 +53,8 @@ def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> ImageCl
     )
     module.run_config = plain(cfg)
     module.compile_network = cfg.get("compile", False)
+    module.cuda_graphs = bool(cfg.get("cuda_graphs", False))
+    module.run_seed = int(cfg.seed)
     return module
 
 
@@ -125,6 +127,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         torch.set_num_threads(int(cfg.num_threads))
     pl.seed_everything(cfg.seed, workers=True)
     trainer = build_trainer(cfg)  # first: an unavailable accelerator is a config error, found in a second
+    if cfg.get("cuda_graphs") and (trainer.strategy.root_device.type != "cuda" or trainer.world_size > 1
+                                   or cfg.get("compile")):
+        raise ConfigError("invalid configuration:\n  - cuda_graphs=true needs one CUDA device (trainer=gpu, not DDP) "
+                          f"and compile=false; here: {trainer.strategy.root_device.type}, {trainer.world_size} "
+                          f"process(es), compile={cfg.get('compile')}")
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()  # fail fast (missing data) before building anything heavy
     module = build_module(cfg, datamodule)

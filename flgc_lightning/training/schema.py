@@ -38,6 +38,11 @@ class _Schema(BaseModel):
 class AssignOptim(_Schema):
     lr_mult: float
     weight_decay: Optional[float] = None
+    warmup_epochs: int = 0
+    freeze_epoch: Optional[int] = None
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    tau_epochs: Optional[float] = None
 
 
 class TrainKeys(_Schema):
@@ -52,6 +57,7 @@ class TrainKeys(_Schema):
     assign_optim: AssignOptim = AssignOptim(lr_mult=1.0)
     channels_last: Union[bool, Literal["auto"]] = "auto"
     compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = False
+    cuda_graphs: bool = False
     arm: Optional[str] = None  # experiment=subset_study
 
 
