@@ -523,7 +523,7 @@ def section_throughput(plan: Plan, work: Path, data: Path, results: Results) -> 
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": threads}
             procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(folder / f"config-{i}.json")],
                                           cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env))
-        limit = time.monotonic() + max(60.0, min(210.0, plan.left() - 200))  # leave c and d their time
+        limit = time.monotonic() + max(60.0, min(150.0, plan.left() - 200))  # leave c and d their time
         for proc in procs:
             try:
                 proc.wait(timeout=max(1.0, limit - time.monotonic()))
