@@ -80,6 +80,7 @@ class Results:
 
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
+        self.state.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.data, indent=2, default=str)
         for folder in (self.out, self.state.parent):
             (folder / "results.json").write_text(text)
