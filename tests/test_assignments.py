@@ -99,6 +99,7 @@ def fit(run_dir: Path, max_epochs: int, ckpt_path=None, flgc=True, save_on_train
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="epoch{epoch}", save_top_k=-1,
                                  auto_insert_metric_name=False,
                                  save_last=True, save_on_train_epoch_end=save_on_train_epoch_end)
+    torch.manual_seed(0)  # the same weights in every run (the records' gradient norms depend on them)
     trainer = pl.Trainer(default_root_dir=run_dir, max_epochs=max_epochs, accelerator="cpu", logger=logger,
                          callbacks=[EditLogits(), AssignmentTracker(), checkpoint], enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0)
@@ -117,13 +118,45 @@ def test_logit_edits_give_exactly_the_expected_records(tmp_path):
             assert r[side]["moved"] == sum(added) and r[side]["total_diff"] == 2 * sum(added)
         assert r["empty_groups"] == {"filters_without_inputs": fwi, "inputs_without_filters": iwf}
         assert r["step"] == STEPS_PER_EPOCH * (r["epoch"] + 1)
-    assert records[4] == {  # one record in full: epoch 1, layer 0
+    diagnostics = ("margin_median", "margin_q10", "grad_norm", "moved_to_init_runner_up")
+    plain = [{**r, "inputs": {k: v for k, v in r["inputs"].items() if k not in diagnostics},
+              "filters": {k: v for k, v in r["filters"].items() if k not in diagnostics}} for r in records]
+    assert plain[4] == {  # one record in full: epoch 1, layer 0
         "epoch": 1, "step": 4, "layer": 0, "name": "0", "in_channels": 4, "out_channels": 6, "groups": 3,
         "baseline": False,
         "inputs": {"sizes": [0, 2, 2], "removed": [1, 0, 0], "added": [0, 0, 1], "moved": 1, "total_diff": 2},
         "filters": {"sizes": [3, 2, 1], "removed": [0, 1, 0], "added": [0, 0, 1], "moved": 1, "total_diff": 2},
         "empty_groups": {"filters_without_inputs": [0], "inputs_without_filters": []}, "num_empty_groups": 1,
     }
+    # Diagnostics, recomputed independently. Logits are one-hot x 5: every top-two margin is 5.
+    assert all(r[side]["margin_median"] == r[side]["margin_q10"] == 5.0 for r in records for side in ("inputs", "filters"))
+    # Init runner-up of a one-hot row: group 1 for channels in group 0, else group 0. Moves: epoch 0, layer 0,
+    # input 1 went 0 -> 1 (its runner-up); layer 1, filter 0 went 0 -> 2 (not); epoch 1: input 0 went 0 -> 2,
+    # filter 5 went 1 -> 2 (neither).
+    runner_up_moves = {(r["epoch"], r["layer"]): (r["inputs"]["moved_to_init_runner_up"],
+                                                    r["filters"]["moved_to_init_runner_up"]) for r in records}
+    assert runner_up_moves == {(-1, 0): (None, None), (-1, 1): (None, None), (0, 0): (1, 0), (0, 1): (0, 0),
+                               (1, 0): (0, 0), (1, 1): (0, 0), (2, 0): (0, 0), (2, 1): (0, 0)}
+    # Gradient norms: the mean over the epoch's steps of |grad| of each logit matrix, recomputed on a copy of the
+    # network with the epoch's logits (the learning rate is 0, so only the edits change anything).
+    net = TinyNet().net  # the trained weights (constant at learning rate 0), the logits set below
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    net.load_state_dict({k[len("net."):]: v for k, v in saved.items()})
+    for i, layer in enumerate(net[::2]):
+        set_groups(layer, *INITIAL[i])
+    for epoch in range(3):
+        for i, (inputs, filters) in EDITS.get(epoch, {}).items():
+            set_groups(net[2 * i], inputs, filters)
+        sums = np.zeros((2, 2))
+        for (batch,) in loader():
+            net.zero_grad()
+            net(batch).pow(2).mean().backward()
+            sums += [[net[2 * i].in_assign.grad.norm().item(), net[2 * i].out_assign.grad.norm().item()] for i in range(2)]
+        for r in records:
+            if r["epoch"] == epoch:
+                expected = sums[r["layer"]] / STEPS_PER_EPOCH
+                assert np.allclose([r["inputs"]["grad_norm"], r["filters"]["grad_norm"]], expected, rtol=1e-5), (r, expected)
+    assert records[0]["inputs"]["grad_norm"] is None  # the initial record: no step yet
     assert records[0]["baseline"] and records[1]["name"] == "2"
     # Summary scalars reached the logger, one row per epoch.
     trainer.logger.finalize("success")
@@ -137,9 +170,17 @@ def test_logit_edits_give_exactly_the_expected_records(tmp_path):
     state = ckpt["callbacks"]["AssignmentTracker"]
     assert state == {"epoch": 2, "layers": [
         {"name": "0", "inputs": [2, 1, 1, 2], "filters": [0, 0, 0, 1, 1, 2],
-         "ever_inputs": [1, 1, 0, 0], "ever_filters": [0, 0, 0, 0, 0, 1]},  # channels that ever changed group
+         "ever_inputs": [1, 1, 0, 0], "ever_filters": [0, 0, 0, 0, 0, 1],  # channels that ever changed group
+         "runner_up_inputs": [1, 1, 0, 0], "runner_up_filters": [1, 1, 1, 0, 0, 0], "moves": [2, 1, 1, 0]},
         {"name": "2", "inputs": [0, 1, 2, 0, 1, 2], "filters": [2, 1],
-         "ever_inputs": [0, 0, 0, 0, 0, 0], "ever_filters": [1, 0]}]}
+         "ever_inputs": [0, 0, 0, 0, 0, 0], "ever_filters": [1, 0],
+         "runner_up_inputs": [1, 0, 0, 1, 0, 0], "runner_up_filters": [1, 0], "moves": [0, 0, 1, 0]}],
+        "grad_norms": {"sum": None, "steps": 0}}  # read and reset at each epoch end
+    tracker = next(c for c in trainer.callbacks if isinstance(c, AssignmentTracker))
+    summary = tracker.diagnostics()
+    assert (summary["channels_ever_moved_inputs"], summary["channels_ever_moved_filters"]) == (2, 2)
+    assert (summary["moves_inputs"], summary["runner_up_share_inputs"]) == (2, 0.5)
+    assert (summary["moves_filters"], summary["runner_up_share_filters"]) == (2, 0.0)
     ever = [float(r["assign/ever_moved"]) for r in csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv"))
             if r.get("assign/ever_moved")]
     assert ever == [2.0, 4.0, 4.0]
@@ -203,7 +244,13 @@ def test_resume_from_a_checkpoint_without_tracker_state_restarts_the_chain(tmp_p
     records, expected = read_records(split / "assignments.jsonl"), read_records(whole / "assignments.jsonl")
     assert [(r["epoch"], r["baseline"]) for r in records] == [
         (-1, True), (-1, True), (0, True), (0, True), (1, False), (1, False), (2, False), (2, False)]
-    assert records[4:] == expected[4:]  # epochs 1 and 2 compare with epoch 0's ids as before
+    # Epochs 1 and 2 compare with epoch 0's ids as before; without the checkpoint's init state the runner-ups at
+    # initialisation are unknown (None), the rest is equal.
+    def known(r):
+        return {**r, **{side: {k: v for k, v in r[side].items() if k != "moved_to_init_runner_up"}
+                        for side in ("inputs", "filters")}}
+    assert [known(r) for r in records[4:]] == [known(r) for r in expected[4:]]
+    assert all(r[side]["moved_to_init_runner_up"] is None for r in records[4:] for side in ("inputs", "filters"))
     assert [r["inputs"]["sizes"] for r in records[2:4]] == [r["inputs"]["sizes"] for r in expected[2:4]]
 
 
@@ -262,9 +309,11 @@ def test_report_command_tables_pictures_and_checkpoints(tmp_path, capsys):
     for r in from_ckpts:
         expected = tracked[(r["epoch"], r["layer"])]
         assert r["name"] == expected["name"] and r["inputs"]["sizes"] == expected["inputs"]["sizes"]
-        if r["epoch"] > 0:
-            assert (r["inputs"], r["filters"], r["empty_groups"]) == (
-                expected["inputs"], expected["filters"], expected["empty_groups"])
+        if r["epoch"] > 0:  # the same records, logit margins recomputed from the saved logits included
+            for side in ("inputs", "filters"):
+                assert r[side] == {k: v for k, v in expected[side].items()
+                                   if k not in ("grad_norm", "moved_to_init_runner_up")}
+            assert r["empty_groups"] == expected["empty_groups"]
     report_main(["--from-checkpoints", str(tmp_path / "checkpoints"), "--layer", "1"])
     assert capsys.readouterr().out.splitlines()[2] == "0      -0/+0/2  -0/+0/2  -0/+0/2            0"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flgc_lightning.assignments.changes import layer_record, rule_for
+from flgc_lightning.assignments.diagnostics import margins
 from flgc_lightning.assignments.records import RecordsError
 from flgc_lightning.training.checkpoints import load_checkpoint
 
@@ -23,6 +24,7 @@ def checkpoint_groups(checkpoint: dict) -> list[dict]:
             "groups": int(logits.shape[1]),
             "inputs": rule(logits.float()).numpy(),
             "filters": rule(out_logits.float()).numpy(),
+            "margins": (margins(logits), margins(out_logits)),
         })
     return layers
 
@@ -56,12 +58,15 @@ def records_from_checkpoints(directory: Path) -> list[dict]:
             raise RecordsError(f"checkpoint '{path}' has different FLGC layers than the one before it")
         for i, layer in enumerate(layers):
             prev = previous[i] if previous is not None else None
-            records.append(layer_record(
+            record = layer_record(
                 epoch=int(ckpt.get("epoch", 0)), step=int(ckpt.get("global_step", 0)), layer=i,
                 name=layer["name"], num_groups=layer["groups"], inputs=layer["inputs"], filters=layer["filters"],
                 previous_inputs=None if prev is None else prev["inputs"],
                 previous_filters=None if prev is None else prev["filters"],
-            ))
+            )
+            record["inputs"].update(layer["margins"][0])  # the logits are in the file; gradients are not
+            record["filters"].update(layer["margins"][1])
+            records.append(record)
         previous = layers
     return records
 

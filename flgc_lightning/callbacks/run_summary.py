@@ -96,6 +96,8 @@ class RunSummary(Callback):
             "groups": groups,
             "use_flgc": use_flgc,
             "assignment": model.get("assignment", "learned"),
+            "assign_grad": model.get("assign_grad", "reference"),
+            "dense_weight_grad": bool(model.get("dense_weight_grad", False)),
             "assign_init_std": model.get("assign_init_std", 1.0),
             "assign_optim": hparams.get("assign_optim"),
             "width_mult": model.get("width_mult"),
@@ -194,6 +196,11 @@ class RunSummary(Callback):
         moved = _metric(trainer, "assign/ever_moved")
         if moved is not None:
             self.data["channels_ever_moved"] = int(moved)
+        from flgc_lightning.callbacks.assignment_tracker import AssignmentTracker
+
+        tracker = next((c for c in trainer.callbacks if isinstance(c, AssignmentTracker)), None)
+        if tracker is not None and tracker.diagnostics():
+            self.data["assignment_diagnostics"] = tracker.diagnostics()
         self.data["status"] = "finished"
         self._write(trainer)
 
