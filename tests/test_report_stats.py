@@ -130,3 +130,41 @@ def test_unfinished_controls_have_no_deployed_macs_and_runs_show_moves_and_imbal
     header = next(line for line in text.splitlines() if line.startswith("| run |"))
     assert "channels ever moved" in header and "group-size imbalance" in header
     assert "| 4 | 1.50 |" in text
+
+
+def test_estimator_arms_get_their_own_conv_type_and_loss_comparisons(tmp_path):
+    """Summaries that record the estimator (or only overrides that set it) give FLGC-ste+dw and friends,
+    compared with the frozen control, the reference estimator and grouped; lower cross-entropy is better."""
+    values = {"ste": ([0.60, 0.62, 0.64], [1.0, 1.1, 1.2]), "ref": ([0.58, 0.60, 0.61], [1.2, 1.3, 1.4]),
+              "frozen": ([0.55, 0.57, 0.59], [1.5, 1.6, 1.7])}
+    job = 0
+    for arm, (accs, losses) in values.items():
+        for seed, (acc, loss) in enumerate(zip(accs, losses)):
+            run = tmp_path / str(job)
+            (run / ".hydra").mkdir(parents=True)
+            extra = {"ste": ["model.assign_grad=ste", "model.dense_weight_grad=true"], "ref": [],
+                     "frozen": ["model.assignment=frozen"]}[arm]
+            (run / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in (f"seed={seed}", *extra)))
+            config = {"groups": 8, "use_flgc": True, "assignment": "frozen" if arm == "frozen" else "learned",
+                      "seed": seed, "val_size": 500}
+            if arm == "ste" and seed == 0:  # newer summaries record the estimator themselves
+                config.update(assign_grad="ste", dense_weight_grad=True)
+            summary = {"status": "finished", "config": config, "test_acc": acc, "best_val_acc": acc, "best_epoch": 2,
+                       "channels_ever_moved": 3,
+                       "history": [{"epoch": 2, "val_loss": loss}], "epochs_done": 3, "max_epochs": 3,
+                       "assignment_diagnostics": {"moves_inputs": 4, "moves_filters": 0,
+                                                  "runner_up_share_inputs": 0.5, "runner_up_share_filters": None,
+                                                  "channels_ever_moved_inputs": 3, "channels_ever_moved_filters": 0}}
+            (run / "summary.json").write_text(json.dumps(summary))
+            job += 1
+    rows, text = make_report(tmp_path)
+    assert {r.conv_type for r in rows} == {"FLGC-ste+dw", "FLGC", "FLGC-frozen"}
+    with open(tmp_path / "report_summary.csv") as fh:
+        diffs = [r for r in csv.DictReader(fh) if r["kind"] == "difference"]
+    by_name = {}
+    for r in diffs:
+        by_name.setdefault(r["conv_type"], []).append(float(r["mean"]))
+    assert by_name["FLGC-ste+dw-FLGC-frozen"] == [pytest.approx(0.05), pytest.approx(-0.5)]  # accuracy, loss
+    assert by_name["FLGC-ste+dw-FLGC"][0] == pytest.approx((0.02 + 0.02 + 0.03) / 3)
+    assert "| 8 | FLGC-ste+dw − FLGC-frozen | 0, 1, 2 | -0.500 | [-0.500, -0.500] | treatment better (interval below 0) |" in text
+    assert "50 %" in text and "3.0 (3.0 / 0.0)" in text  # moves to the init runner-up; inputs / filters moved

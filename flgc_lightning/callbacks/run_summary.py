@@ -24,14 +24,24 @@ from flgc_lightning.utils.complexity import count_macs, group_size_imbalance
 log = logging.getLogger(__name__)
 
 
-def conv_type(groups: int, use_flgc: bool, assignment: str = "learned") -> str:
-    """``dense`` (1 group), ``grouped`` (standard group conv), ``FLGC`` (learned groups),
-    ``FLGC-frozen`` (random groups that never change) or ``FLGC-balanced`` (learned, equal sizes)."""
+def conv_type(groups: int, use_flgc: bool, assignment: str = "learned", assign_grad: str = "reference",
+              dense_weight_grad: bool = False, groups_from: str | None = None, groups_shuffle: bool = False) -> str:
+    """``dense`` (1 group), ``grouped`` (standard group conv), ``FLGC`` (learned groups, the reference
+    estimator), ``FLGC-frozen`` (random groups that never change), ``FLGC-balanced`` (learned, equal sizes),
+    learned groups with another estimator (``FLGC-ste``, ``FLGC-gumbel+dw``: ``+dw`` = dense weight gradient),
+    ``FLGC-retrain`` (a trained run's groups retrained from scratch) or ``FLGC-retrain-shuffled`` (its sizes)."""
     if groups == 1:
         return "dense"
     if not use_flgc:
         return "grouped"
-    return "FLGC" if assignment in (None, "learned") else f"FLGC-{assignment}"
+    if groups_from:
+        return "FLGC-retrain-shuffled" if groups_shuffle else "FLGC-retrain"
+    if assignment == "frozen":
+        return "FLGC-frozen"  # nothing learns: the estimator makes no difference
+    kind = "FLGC" if assignment in (None, "learned") else f"FLGC-{assignment}"
+    if assign_grad not in (None, "reference"):
+        kind += f"-{assign_grad}"
+    return kind + ("+dw" if dense_weight_grad else "")
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -92,12 +102,16 @@ class RunSummary(Callback):
         groups, use_flgc = int(model.get("groups", 1)), bool(model.get("use_flgc", False))
         data = run.get("data") or {}
         return {
-            "conv_type": conv_type(groups, use_flgc, model.get("assignment", "learned")),
+            "conv_type": conv_type(groups, use_flgc, model.get("assignment", "learned"),
+                                   model.get("assign_grad", "reference"), bool(model.get("dense_weight_grad")),
+                                   model.get("groups_from"), bool(model.get("groups_shuffle"))),
             "groups": groups,
             "use_flgc": use_flgc,
             "assignment": model.get("assignment", "learned"),
             "assign_grad": model.get("assign_grad", "reference"),
             "dense_weight_grad": bool(model.get("dense_weight_grad", False)),
+            "groups_from": model.get("groups_from"),
+            "groups_shuffle": bool(model.get("groups_shuffle", False)),
             "assign_init_std": model.get("assign_init_std", 1.0),
             "assign_optim": hparams.get("assign_optim"),
             "width_mult": model.get("width_mult"),

@@ -119,6 +119,11 @@ class MobileNetV2(nn.Module):
             selected entry only, as the reference code), ``ste`` (straight-through into the whole softmax) or
             ``gumbel`` (Gumbel-softmax straight-through; temperature and noise set by the training loop).
         dense_weight_grad: FLGC only: weights outside a filter's group keep training (forward unchanged).
+        groups_from / groups_shuffle: FLGC only: a trained run's checkpoint whose learned groups this network
+            retrains from scratch, frozen (optionally shuffled, group sizes kept): the controls that separate
+            "which channels" from "how big the groups are". ``train.py`` copies the groups in at the start
+            of a fresh run (:func:`flgc_lightning.assignments.transfer.transfer_groups`); afterwards they
+            are in the weights, so rebuilding this network from a checkpoint never reads that file.
     """
 
     def __init__(
@@ -135,8 +140,18 @@ class MobileNetV2(nn.Module):
         assign_grad: Literal["reference", "ste", "gumbel"] = "reference",
         dense_weight_grad: bool = False,
         settings: Sequence[Sequence[int]] = CIFAR_SETTINGS,
+        groups_from: Optional[str] = None,
+        groups_shuffle: bool = False,
     ) -> None:
         super().__init__()
+        if groups_shuffle and not groups_from:
+            raise ValueError("groups_shuffle=true needs groups_from (the checkpoint whose groups are shuffled)")
+        if groups_from and (not use_flgc or groups == 1 or assignment == "balanced"):
+            raise ValueError("groups_from needs FLGC layers (use_flgc=true, groups > 1, assignment learned or "
+                             f"frozen); got use_flgc={use_flgc}, groups={groups}, assignment={assignment}")
+        self.groups_from, self.groups_shuffle = groups_from, groups_shuffle
+        if groups_from:
+            assignment = "frozen"  # the transferred groups are trained as they are
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
             raise ValueError(f"groups must be a positive integer, got {groups!r}")
         if not width_mult > 0:

@@ -24,11 +24,13 @@ def make_report(root: Path, out: Optional[Path] = None) -> tuple[list[RunRow], s
     groups = group_by_seed(rows)
     comparisons = paired_comparisons(groups, "selected_acc")
     pooled = pooled_comparisons(comparisons)
+    losses = paired_comparisons(groups, "val_loss")  # validation cross-entropy: less noisy than accuracy
+    losses = losses + pooled_comparisons(losses) if any(c.differences for c in losses) else []
     out = Path(out).expanduser() if out else root
     out.mkdir(parents=True, exist_ok=True)
-    text = write_markdown(rows, groups, comparisons, out / "report.md", root, pooled)
+    text = write_markdown(rows, groups, comparisons, out / "report.md", root, pooled, losses)
     write_csv(rows, out / "report.csv")
-    write_summary_csv(groups, [*comparisons, *pooled], out / "report_summary.csv")
+    write_summary_csv(groups, [*comparisons, *pooled, *losses], out / "report_summary.csv")
     plot(rows, groups, out / "report.png")
     return rows, text
 

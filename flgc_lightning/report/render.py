@@ -89,18 +89,23 @@ def accuracy_label(rows: Sequence[RunRow]) -> str:
 
 
 GROUP_HEADER = ("configuration", "conv type", "G", "n", "accuracy % (mean ± std)", "95 % interval of the mean",
-                "MACs deployed (mean)", "channels ever moved", "group-size imbalance", "validation")
+                "val cross-entropy (mean ± std)", "MACs deployed (mean)", "channels ever moved (inputs / filters)",
+                "moves to init runner-up", "group-size imbalance", "validation")
 
 
 def groups_table(groups: Sequence[ConfigGroup]) -> str:
     cells = []
     for g in groups:
-        acc = g.summary("selected_acc")
+        acc, loss = g.summary("selected_acc"), g.summary("val_loss")
         macs, moved, imbalance = g.summary("macs_deployed"), g.summary("channels_ever_moved"), g.summary("group_size_imbalance")
+        inputs, filters, runner_up = g.summary("moved_inputs"), g.summary("moved_filters"), g.summary("runner_up_share")
+        split = f" ({inputs.mean:.1f} / {filters.mean:.1f})" if inputs.n and filters.n else ""
         cells.append((g.key.replace("|", "\\|"), g.conv_type, "–" if g.groups is None else str(g.groups),
                       f"{acc.n}/{len(g.runs)}", _mean_std(acc),
                       "–" if acc.low is None else f"[{100 * acc.low:.2f}, {100 * acc.high:.2f}]",
-                      _millions(macs.mean), "–" if moved.n == 0 else f"{moved.mean:.1f}",
+                      _mean_std(loss, scale=1.0, digits=3),
+                      _millions(macs.mean), "–" if moved.n == 0 else f"{moved.mean:.1f}{split}",
+                      "–" if runner_up.n == 0 else f"{100 * runner_up.mean:.0f} %",
                       "–" if imbalance.n == 0 else f"{imbalance.mean:.2f}", g.runs[0].validation))
     return _table(GROUP_HEADER, cells)
 
@@ -108,20 +113,24 @@ def groups_table(groups: Sequence[ConfigGroup]) -> str:
 COMPARISON_HEADER = ("G", "comparison", "paired seeds", "mean difference (points)", "95 % interval", "reading")
 
 
-def comparisons_table(comparisons: Sequence[Comparison]) -> str:
+def comparisons_table(comparisons: Sequence[Comparison], scale: float = 100.0,
+                      header: Sequence[str] = COMPARISON_HEADER) -> str:
     cells = []
     for c in comparisons:
         s = c.summary
         pooled = c.treatment.groups is None
+        digits = 2 if scale == 100.0 else 3
         cells.append(("all" if pooled else str(c.treatment.groups), f"{c.treatment.conv_type} − {c.control.conv_type}",
                       f"{len(c.seeds)} pairs ({c.treatment.key.split('(', 1)[1][:-1]} × seeds)" if pooled
-                      else ", ".join(map(str, c.seeds)) or "none", "–" if s.n == 0 else f"{100 * s.mean:+.2f}",
-                      _interval(s), c.verdict))
-    return _table(COMPARISON_HEADER, cells)
+                      else ", ".join(map(str, c.seeds)) or "none", "–" if s.n == 0 else f"{scale * s.mean:+.{digits}f}",
+                      "–" if s.low is None else f"[{scale * s.low:+.{digits}f}, {scale * s.high:+.{digits}f}]",
+                      c.verdict))
+    return _table(header, cells)
 
 
 def write_markdown(rows: Sequence[RunRow], groups: Sequence[ConfigGroup], comparisons: Sequence[Comparison],
-                   path: Path, source: Path, pooled: Sequence[Comparison] = ()) -> str:
+                   path: Path, source: Path, pooled: Sequence[Comparison] = (),
+                   losses: Sequence[Comparison] = ()) -> str:
     label = accuracy_label(rows)
     sections = [f"# Sweep report: {source}\n"]
     if any(len(g.runs) > 1 for g in groups) or comparisons:
@@ -139,6 +148,12 @@ def write_markdown(rows: Sequence[RunRow], groups: Sequence[ConfigGroup], compar
                      "for the difference averaged over the G values studied, assuming pairs at different G vary "
                      "alike. A difference that depends on G can hide here; read it with the rows above.\n",
                      comparisons_table(pooled), ""]
+    if losses:
+        sections += ["## Paired comparisons of validation cross-entropy\n\nThe same pairs, on the validation "
+                     "cross-entropy of the selected epoch (lower is better; less noisy than accuracy on a few hundred "
+                     "images). Rows with G 'all' are pooled over G.\n",
+                     comparisons_table(losses, scale=1.0, header=("G", "comparison", "paired seeds",
+                                                                  "mean difference", "95 % interval", "reading")), ""]
     sections += ["## Runs\n", runs_table(rows), "",
                  "MACs per image. *Nominal*: uniform groups (dense cost / G for FLGC). *Deployed*: the learned, "
                  "unequal FLGC groups at the end of training (sum over groups of |in_g|·|out_g|·k²·H·W); for dense "
@@ -146,7 +161,9 @@ def write_markdown(rows: Sequence[RunRow], groups: Sequence[ConfigGroup], compar
                  "the test split in the reference setting (then the best epoch is chosen on test data) or held-out "
                  "training images (`data.val_size`). *test acc (selected)*: test accuracy of the checkpoint chosen "
                  "on validation (`test_after_fit=true`). *channels ever moved*: FLGC input channels and filters "
-                 "whose group changed at some epoch end. *group-size imbalance*: largest / mean group size, averaged "
+                 "whose group changed at some epoch end; *moves to init runner-up*: the share of moves (seen at epoch "
+                 "ends) whose new group was the channel's second choice at initialisation (the only place the "
+                 "reference estimator lets a channel go). *group-size imbalance*: largest / mean group size, averaged "
                  "over FLGC layers (1.00 = equal). *unfinished*: still running or killed; *failed: …*: the "
                  "error that stopped the run; *failed/unknown*: stopped before training began without recording "
                  "why.\n", "![accuracy vs MACs](report.png)\n"]

@@ -17,10 +17,14 @@ from flgc_lightning.callbacks.run_summary import conv_type
 from flgc_lightning.cli import ERROR_FILE
 from flgc_lightning.errors import UserError
 
-CONV_TYPES = ("dense", "grouped", "FLGC", "FLGC-frozen", "FLGC-balanced")
+CONV_TYPES = ("dense", "grouped", "FLGC", "FLGC-frozen", "FLGC-balanced")  # the order of tables; others follow
 # Overrides that say what a run is apart from its conv type; the seed is the replicate axis.
 SEED_KEYS = ("seed",)
-ARM_KEYS = ("arm", "groups", "model.groups", "model.use_flgc", "model.assignment")
+ARM_KEYS = ("arm", "study_arm", "groups", "model.groups", "model.use_flgc", "model.assignment", "model.assign_grad",
+            "model.dense_weight_grad", "model.groups_from", "model.groups_shuffle", "assign_optim.lr_mult",
+            "assign_optim.weight_decay", "assign_optim.warmup_epochs", "assign_optim.freeze_epoch",
+            "assign_optim.tau_start", "assign_optim.tau_end", "assign_optim.tau_epochs")
+CONV_TYPE_KEYS = ("model.assign_grad", "model.dense_weight_grad", "model.groups_from", "model.groups_shuffle")
 IGNORED_KEYS = ("ckpt_path", "hydra.")
 STATUS_SHOWN = {"running": "unfinished", "finished": "finished", "failed": "failed", "interrupted": "interrupted"}
 
@@ -45,6 +49,10 @@ class RunRow:
     validation: str = "test split"  # or "N held-out training images"
     channels_ever_moved: Optional[int] = None
     group_size_imbalance: Optional[float] = None
+    val_loss: Optional[float] = None  # validation cross-entropy at the selected (best) epoch
+    moved_inputs: Optional[int] = None  # channels ever moved, inputs and filters apart
+    moved_filters: Optional[int] = None
+    runner_up_share: Optional[float] = None  # share of all moves that went to the channel's init runner-up
     config_key: str = ""  # the run's overrides without its seed: runs with equal keys are replicates
     shared_key: str = ""  # the same without the conv type and G: what paired comparisons must share
 
@@ -86,10 +94,28 @@ def find_run_dirs(root: Path) -> list[Path]:
     return sorted(runs, key=key)
 
 
-def _from_summary(name: str, summary: dict) -> RunRow:
+def _kind(config: dict, overrides: dict) -> str:
+    """The conv type from a summary's config, estimator and retraining settings included; summaries written
+    before those were recorded take them from the run's overrides."""
+    def get(key: str, default=None):
+        value = config.get(key.split(".")[-1])
+        return overrides.get(key, default) if value is None else value
+    truthy = lambda v: str(v).lower() == "true" if isinstance(v, str) else bool(v)  # noqa: E731
+    return conv_type(int(config.get("groups", 1)), truthy(config.get("use_flgc")), config.get("assignment", "learned"),
+                     get("model.assign_grad", "reference"), truthy(get("model.dense_weight_grad", False)),
+                     None if get("model.groups_from") in (None, "null") else get("model.groups_from"),
+                     truthy(get("model.groups_shuffle", False)))
+
+
+def _from_summary(name: str, summary: dict, overrides: Optional[list[str]] = None) -> RunRow:
     config = summary.get("config") or {}
-    kind = config.get("conv_type") or conv_type(int(config.get("groups", 1)), bool(config.get("use_flgc")),
-                                                config.get("assignment", "learned"))
+    given = dict(o.lstrip("+").split("=", 1) for o in overrides or [] if "=" in o)
+    kind = (_kind(config, given) if "use_flgc" in config else None) or config.get("conv_type") or "unknown"
+    diagnostics = summary.get("assignment_diagnostics") or {}
+    moves = [diagnostics.get(k) for k in ("moves_inputs", "moves_filters")]
+    shares = [diagnostics.get(k) for k in ("runner_up_share_inputs", "runner_up_share_filters")]
+    to_runner_up = sum(m * s for m, s in zip(moves, shares) if m and s is not None)
+    history = {h.get("epoch"): h for h in summary.get("history", [])}
     macs = summary.get("macs")
     deployed = summary.get("macs_deployed")
     if deployed is None and not kind.startswith("FLGC"):
@@ -114,6 +140,10 @@ def _from_summary(name: str, summary: dict) -> RunRow:
         validation="test split" if not config.get("val_size") else f"{config['val_size']} held-out training images",
         channels_ever_moved=summary.get("channels_ever_moved"),
         group_size_imbalance=summary.get("group_size_imbalance"),
+        val_loss=history.get(summary.get("best_epoch"), {}).get("val_loss"),
+        moved_inputs=diagnostics.get("channels_ever_moved_inputs"),
+        moved_filters=diagnostics.get("channels_ever_moved_filters"),
+        runner_up_share=(to_runner_up / sum(m for m in moves if m)) if any(moves) else None,
     )
 
 
@@ -144,7 +174,7 @@ def read_run(run_dir: Path, root: Path) -> RunRow:
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         try:
-            row = _from_summary(name, json.loads(summary_path.read_text()))
+            row = _from_summary(name, json.loads(summary_path.read_text()), run_overrides(run_dir))
         except (ValueError, TypeError) as err:
             row = RunRow(name, "unknown", None, None, None, None, None, None, None, None, None,
                          "failed/unknown", f"unreadable summary.json: {err}")
@@ -170,4 +200,5 @@ def collect(root: Path) -> list[RunRow]:
         raise UserError(f"no runs under '{root}' (no summary.json or .hydra/config.yaml found)")
     order = {k: i for i, k in enumerate(CONV_TYPES)}
     natural = lambda name: tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in Path(name).parts)  # noqa: E731
-    return sorted(rows, key=lambda r: (order.get(r.conv_type, 9), r.groups or 0, natural(r.run)))
+    return sorted(rows, key=lambda r: (order.get(r.conv_type, len(CONV_TYPES)), r.conv_type, r.groups or 0,
+                                       natural(r.run)))

@@ -8,9 +8,20 @@ from typing import Optional, Sequence
 
 from flgc_lightning.report.runs import RunRow
 
-# Paired comparisons the study asks for, at equal G: (treatment, control).
+# Paired comparisons the studies ask for, at equal G: (treatment, control).
 COMPARISONS = (("FLGC", "grouped"), ("FLGC", "FLGC-frozen"), ("FLGC-balanced", "grouped"),
-               ("FLGC-balanced", "FLGC"))
+               ("FLGC-balanced", "FLGC"), ("FLGC-retrain", "FLGC-retrain-shuffled"), ("FLGC-retrain", "FLGC-frozen"))
+
+
+def comparisons_for(conv_types) -> list[tuple[str, str]]:
+    """:data:`COMPARISONS`, plus for every other learned variant (an estimator: ``FLGC-ste+dw``) the same
+    against the frozen control, the reference estimator and standard grouped conv."""
+    pairs = list(COMPARISONS)
+    base = {"dense", "grouped", "FLGC", "FLGC-frozen", "FLGC-balanced", "FLGC-retrain", "FLGC-retrain-shuffled"}
+    for kind in sorted(set(conv_types) - base):
+        if kind.startswith("FLGC"):
+            pairs += [(kind, "FLGC-frozen"), (kind, "FLGC"), (kind, "grouped")]
+    return pairs
 
 
 def t_quantile(df: int, level: float = 0.95) -> float:
@@ -89,15 +100,23 @@ class Comparison:
         return Summary.of(self.differences)
 
     @property
+    def higher_is_better(self) -> bool:
+        return self.field not in LOWER_IS_BETTER
+
+    @property
     def verdict(self) -> str:
         s = self.summary
         if s.n < 2:
             return "too few paired seeds"
+        above, below = ("better", "worse") if self.higher_is_better else ("worse", "better")
         if s.low > 0:
-            return "treatment better (interval above 0)"
+            return f"treatment {above} (interval above 0)"
         if s.high < 0:
-            return "treatment worse (interval below 0)"
+            return f"treatment {below} (interval below 0)"
         return "no difference shown (interval contains 0)"
+
+
+LOWER_IS_BETTER = ("val_loss",)
 
 
 def _same_apart_from_arm(a: ConfigGroup, b: ConfigGroup) -> bool:
@@ -105,11 +124,10 @@ def _same_apart_from_arm(a: ConfigGroup, b: ConfigGroup) -> bool:
     return a.groups == b.groups and a.runs[0].shared_key == b.runs[0].shared_key
 
 
-def paired_comparisons(groups: Sequence[ConfigGroup], field: str,
-                       pairs=COMPARISONS) -> list[Comparison]:
+def paired_comparisons(groups: Sequence[ConfigGroup], field: str, pairs=None) -> list[Comparison]:
     """Treatment − control at equal G, paired by seed (only seeds both finished)."""
     comparisons = []
-    for treatment_type, control_type in pairs:
+    for treatment_type, control_type in pairs or comparisons_for(g.conv_type for g in groups):
         for treatment in (g for g in groups if g.conv_type == treatment_type):
             for control in (g for g in groups if g.conv_type == control_type and _same_apart_from_arm(treatment, g)):
                 a = {r.seed: getattr(r, field) for r in treatment.runs if r.status == "finished"}

@@ -135,6 +135,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()  # fail fast (missing data) before building anything heavy
     module = build_module(cfg, datamodule)
+    if checkpoint is None and getattr(module.net, "groups_from", None):  # a resume has the groups in its weights
+        from flgc_lightning.assignments.transfer import transfer_groups
+
+        transfer_groups(module.net, module.net.groups_from, module.net.groups_shuffle, int(cfg.seed))
+        log.info("FLGC groups from %s%s, frozen", module.net.groups_from,
+                 ", shuffled (sizes kept)" if module.net.groups_shuffle else "")
     if checkpoint is not None:
         check_resume_compatible(module.hparams.model, checkpoint, cfg.ckpt_path)
         changes = resume_setting_changes(module.run_config, checkpoint["flgc_config"])
