@@ -17,7 +17,8 @@ from flgc_lightning.errors import ConfigError, Stopped, UserError
 from flgc_lightning.training.checkpoints import load_checkpoint
 from flgc_lightning.training.module import ImageClassifier, plain
 from flgc_lightning.training.schema import instantiate_checked
-from flgc_lightning.training.validation import check_resume_compatible, resume_setting_changes, validate_config
+from flgc_lightning.training.validation import (check_resume_averaging, check_resume_compatible, resume_setting_changes,
+                                                validate_config)
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg, datamodule)
     if checkpoint is not None:
         check_resume_compatible(module.hparams.model, checkpoint, cfg.ckpt_path)
+        check_resume_averaging(cfg, checkpoint, cfg.ckpt_path)
         changes = resume_setting_changes(module.run_config, checkpoint["flgc_config"])
         if changes:
             log.warning("resuming with settings that differ from the checkpoint's (the continuation will not "
