@@ -28,6 +28,26 @@ def test_ema_config_and_decay_check():
         instantiate_checked(compose("train", ["callbacks=ema", "callbacks.ema.decay=1.0"]).callbacks.ema, "callbacks.ema")
 
 
+def test_a_checkpoint_written_after_training_ended_keeps_the_raw_weights(tmp_path):
+    """Lightning writes ``last.ckpt`` once more at train end when the best-checkpoint callback saved nothing in this
+    process (here: ``debug=fast``; also a resumed run without a new best), after the average was copied into the
+    model. The raw weights must still be the ``current_model_state`` there. The average starts after 5 steps, so
+    after this run's single step it is still the initial network and differs from the trained one."""
+    from flgc_lightning.training.run import train
+
+    threads = torch.get_num_threads()
+    try:
+        train(compose("train", ["experiment=quickstart", "debug=fast", "num_threads=null", "model.width_mult=0.25",
+                                "callbacks=ema", "callbacks.ema.update_starting_at_step=5", "logger=csv",
+                                "trainer.enable_progress_bar=false", f"run_dir={tmp_path}"]))
+    finally:
+        torch.set_num_threads(threads)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 1 and int(ckpt["averaging_state"]["n_averaged"]) == 0
+    raw, averaged = ckpt["current_model_state"], ckpt["state_dict"]
+    assert any(not torch.equal(raw[k], averaged[k]) for k in raw if k.endswith("weight"))
+
+
 def _net_outputs(checkpoint: dict, weights: str, root, count: int = 32):
     """Logits of the network built from the checkpoint's ``weights`` entry on the first ``count`` test images."""
     import pickle

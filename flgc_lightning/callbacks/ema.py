@@ -48,6 +48,24 @@ class EMA(EMAWeightAveraging):
         super().__init__(device=device, use_buffers=True, decay=float(decay),
                          update_every_n_steps=update_every_n_steps, update_starting_at_step=update_starting_at_step)
         self.decay = float(decay)
+        self._trained_state: Optional[dict[str, Any]] = None  # the raw weights, once training has ended
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Lightning copies the average into the module here (so what follows uses it). Keep the raw weights: a
+        ``last.ckpt`` written after this (Lightning's ``ModelCheckpoint.on_train_end``, e.g. a resumed run without a
+        new best) must still hold them in ``current_model_state``, or extending the run would train the average."""
+        self._trained_state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._trained_state is not None and "current_model_state" in checkpoint:
+            checkpoint["current_model_state"] = self._trained_state
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._trained_state = None
+        super().setup(trainer, pl_module, stage)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Restore the raw weights and the average only when training resumes. Lightning 2.6 calls this hook for

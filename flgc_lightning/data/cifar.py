@@ -44,9 +44,10 @@ class CifarDataModule(ImageClassificationDataModule):
         val_seed: int = 0,
         limit_train: Optional[int] = None,
         limit_test: Optional[int] = None,
+        augment: bool = True,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, seed, resident, val_size, val_seed,
-                         limit_train, limit_test)
+                         limit_train, limit_test, augment)
         layouts = {"cifar10": CIFAR10, "cifar100": CIFAR100}
         if dataset not in layouts:
             raise ConfigError(f"dataset must be one of {sorted(layouts)}, got {dataset!r}")

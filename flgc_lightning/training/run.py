@@ -156,6 +156,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("test_after_fit"):
             trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    elif cfg.get("test_after_fit") and trainer.fast_dev_run:  # debug=fast writes no checkpoint: test the weights as they are
+        trainer.test(module, datamodule=datamodule)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     return metrics
 
 
