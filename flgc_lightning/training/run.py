@@ -14,6 +14,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from flgc_lightning.callbacks import Preemption, StepCheckpoint
 from flgc_lightning.errors import ConfigError, Stopped, UserError
+from flgc_lightning.trackers import attach_run_config
 from flgc_lightning.training.checkpoints import load_checkpoint
 from flgc_lightning.training.module import ImageClassifier, plain
 from flgc_lightning.training.schema import instantiate_checked
@@ -136,6 +137,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                         "match an uninterrupted run):\n  - %s", "\n  - ".join(changes))
         del checkpoint  # Lightning reads the file again; don't hold two copies
     module.configure_optimizers()  # built again by Lightning; here its errors (e.g. lr < 0) come before any output
+    attach_run_config(trainer.loggers, module.run_config)  # MLflow / W&B log the whole config as parameters
     channels_last = cfg.get("channels_last", "auto")
     module.channels_last = trainer.strategy.root_device.type == "cuda" if channels_last == "auto" else bool(channels_last)
     log.info("run directory: %s", cfg.run_dir)
