@@ -53,6 +53,7 @@ class TrainKeys(_Schema):
     channels_last: Union[bool, Literal["auto"]] = "auto"
     compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = False
     arm: Optional[str] = None  # experiment=subset_study
+    optimized_metric: Optional[str] = None  # hparams_search=optuna: what train.py returns to the sweeper
 
 
 class TestKeys(_Schema):
