@@ -131,6 +131,22 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         return True
 
     @property
+    def class_names(self) -> Optional[list[str]]:
+        """Names of the classes in label order, where the data has them."""
+        return None
+
+    def preprocessing(self) -> dict:
+        """What inference needs to feed an image to the network as evaluation does: size, channels, normalisation
+        and class names. Recorded in every checkpoint (``flgc_preprocessing``) and beside deployed files, so
+        ``predict.py`` needs neither the training data nor its config."""
+        if self.transform is None:
+            self.setup()
+        channels, height, width = self.input_size
+        return {"channels": int(channels), "height": int(height), "width": int(width),
+                "mean": [float(m) for m in self.transform.mean], "std": [float(s) for s in self.transform.std],
+                "classes": self.class_names}
+
+    @property
     def crop_padding(self) -> int:
         """Reference: pad 4 on 32 px, i.e. size / 8."""
         return max(1, self.input_size[1] // 8)

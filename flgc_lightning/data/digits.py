@@ -75,6 +75,10 @@ class DigitsDataModule(ImageClassificationDataModule):
     def hflip(self) -> bool:
         return self._hflip
 
+    @property
+    def class_names(self) -> list[str]:
+        return [str(digit) for digit in range(10)]
+
     def load_splits(self) -> tuple[ResidentImages, ResidentImages]:
         from sklearn.model_selection import train_test_split
 

@@ -122,6 +122,10 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         return len(self.classes)
 
     @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
+
+    @property
     def input_size(self) -> tuple[int, int, int]:
         if self._image_size is None or self._channels is None:
             self._inspect_first_image()
