@@ -36,7 +36,11 @@ def checkpoint_preprocessing(checkpoint: dict) -> dict:
         return dict(checkpoint["flgc_preprocessing"])
     from flgc_lightning.training.schema import instantiate_checked
 
-    datamodule = instantiate_checked(checkpoint["flgc_config"]["data"], "data")
+    data = (checkpoint.get("flgc_config") or {}).get("data")
+    if not data:
+        raise UserError("the checkpoint records neither its preprocessing nor its data config, so the image size, "
+                        "channels and normalisation it expects are unknown")
+    datamodule = instantiate_checked(data, "data")
     datamodule.prepare_data()  # a missing dataset says where it is expected
     return datamodule.preprocessing()
 
