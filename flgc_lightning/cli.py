@@ -31,7 +31,8 @@ def _created_by_us(path: Path) -> bool:
 
 def remove_own_outputs() -> None:
     """After a user error, remove what Hydra wrote for this invocation, and nothing else:
-    the fresh run directory if it holds only Hydra's files, or a resume's ``.hydra/resume-<time>``."""
+    the fresh run directory if it holds only Hydra's files (and the MLflow store ``logger=mlflow`` creates when the
+    Trainer is built), or a resume's ``.hydra/resume-<time>``."""
     hydra = _hydra_config()
     if hydra is None or not hydra.output_subdir:
         return
@@ -41,7 +42,7 @@ def remove_own_outputs() -> None:
         if own_subdir.is_dir() and _created_by_us(own_subdir):
             shutil.rmtree(own_subdir)
         return
-    hydra_files = {".hydra", f"{hydra.job.name}.log"}
+    hydra_files = {".hydra", f"{hydra.job.name}.log", "mlflow.db"}
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= hydra_files and _created_by_us(run_dir):
         shutil.rmtree(run_dir)
 

@@ -67,6 +67,8 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             split; the best checkpoint is then chosen on them. ``null``: validate on the test split,
             as the reference does.
         limit_train / limit_test: use only the first N training / test images (quick checks).
+        augment: random crops and flips of training batches (false: none, e.g. ``debug=overfit``, which asks
+            whether the network can fit a few fixed images).
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         val_seed: int = 0,
         limit_train: Optional[int] = None,
         limit_test: Optional[int] = None,
+        augment: bool = True,
     ) -> None:
         super().__init__()
         check_positive("batch_size", batch_size, allow_none=False)
@@ -96,6 +99,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.seed, self.resident = seed, resident
         self.val_size, self.val_seed = val_size, val_seed
         self.limit_train, self.limit_test = limit_train, limit_test
+        self.augment = augment
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self.test_set: Optional[Dataset] = None
@@ -127,6 +131,22 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         return True
 
     @property
+    def class_names(self) -> Optional[list[str]]:
+        """Names of the classes in label order, where the data has them."""
+        return None
+
+    def preprocessing(self) -> dict:
+        """What inference needs to feed an image to the network as evaluation does: size, channels, normalisation
+        and class names. Recorded in every checkpoint (``flgc_preprocessing``) and beside deployed files, so
+        ``predict.py`` needs neither the training data nor its config."""
+        if self.transform is None:
+            self.setup()
+        channels, height, width = self.input_size
+        return {"channels": int(channels), "height": int(height), "width": int(width),
+                "mean": [float(m) for m in self.transform.mean], "std": [float(s) for s in self.transform.std],
+                "classes": self.class_names}
+
+    @property
     def crop_padding(self) -> int:
         """Reference: pad 4 on 32 px, i.e. size / 8."""
         return max(1, self.input_size[1] // 8)
@@ -149,7 +169,11 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         if self.val_set is None:
             self.val_set = self.test_set
         mean, std = self.normalization(self.train_set)
-        self.transform = BatchTransform(mean, std, self.crop_padding)
+        self.transform = BatchTransform(mean, std, self._augmentation()[0])
+
+    def _augmentation(self) -> tuple[int, bool]:
+        """Crop padding and whether to flip: the data's own, or none without augmentation (padding 0 = no crop)."""
+        return (self.crop_padding, self.hflip) if self.augment else (0, False)
 
     def limited(self, length: int, limit: Optional[int]) -> np.ndarray:
         """Indices kept by ``limit_train`` / ``limit_test``: the first N."""
@@ -176,7 +200,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> TrainBatches:
         source, options = self._placed(self.train_set)
-        self._sampler = PlanSampler(len(source), self.seed, self.crop_padding, self.hflip)
+        self._sampler = PlanSampler(len(source), self.seed, *self._augmentation())
         if self._resume is not None:  # continue mid-epoch exactly where the checkpoint left off
             self._sampler.skip_in_epoch(self._resume["epoch"], self._resume["batches_done"] * self.batch_size)
         return TrainBatches(source, self.batch_size, self._sampler, options)

@@ -8,11 +8,13 @@ import torch
 
 from flgc_lightning.data.base import ImageClassificationDataModule
 from flgc_lightning.data.batches import ResidentImages
-from flgc_lightning.data.cifar_files import CIFAR10, CIFAR100, CifarLayout, ensure_downloaded, find_folder, load_split
+from flgc_lightning.data.cifar_files import (CIFAR10, CIFAR100, CifarLayout, ensure_downloaded, find_folder,
+                                             load_batch_file, load_split)
 from flgc_lightning.errors import ConfigError
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
+CLASS_NAMES_FILE = {"cifar10": ("batches.meta", "label_names"), "cifar100": ("meta", "fine_label_names")}
 
 
 class CifarDataModule(ImageClassificationDataModule):
@@ -44,9 +46,10 @@ class CifarDataModule(ImageClassificationDataModule):
         val_seed: int = 0,
         limit_train: Optional[int] = None,
         limit_test: Optional[int] = None,
+        augment: bool = True,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, seed, resident, val_size, val_seed,
-                         limit_train, limit_test)
+                         limit_train, limit_test, augment)
         layouts = {"cifar10": CIFAR10, "cifar100": CIFAR100}
         if dataset not in layouts:
             raise ConfigError(f"dataset must be one of {sorted(layouts)}, got {dataset!r}")
@@ -61,6 +64,19 @@ class CifarDataModule(ImageClassificationDataModule):
     @property
     def input_size(self) -> tuple[int, int, int]:
         return (3, 32, 32)
+
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        """From the dataset's own meta file (``batches.meta`` / ``meta``), if it is there."""
+        folder = find_folder(self.root, self.layout)
+        if folder is None:
+            return None
+        filename, key = CLASS_NAMES_FILE[self.layout.name]
+        try:
+            names = [str(n) for n in load_batch_file(folder / filename)[key]]
+        except Exception:  # a subset without its meta file: indices only
+            return None
+        return names if len(names) == self.num_classes else None
 
     def prepare_data(self) -> None:
         ensure_downloaded(self.root, self.layout, self.download)

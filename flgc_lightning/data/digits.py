@@ -57,9 +57,10 @@ class DigitsDataModule(ImageClassificationDataModule):
         val_seed: int = 0,
         limit_train: Optional[int] = None,
         limit_test: Optional[int] = None,
+        augment: bool = True,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, seed, resident, val_size, val_seed,
-                         limit_train, limit_test)
+                         limit_train, limit_test, augment)
         self.image_size, self.test_fraction, self.split_seed, self._hflip = image_size, test_fraction, split_seed, hflip
 
     @property
@@ -73,6 +74,10 @@ class DigitsDataModule(ImageClassificationDataModule):
     @property
     def hflip(self) -> bool:
         return self._hflip
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(digit) for digit in range(10)]
 
     def load_splits(self) -> tuple[ResidentImages, ResidentImages]:
         from sklearn.model_selection import train_test_split

@@ -93,9 +93,10 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         val_seed: int = 0,
         limit_train: Optional[int] = None,
         limit_test: Optional[int] = None,
+        augment: bool = True,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, seed, resident, val_size, val_seed,
-                         limit_train, limit_test)
+                         limit_train, limit_test, augment)
         if channels not in (None, 1, 3):
             raise ConfigError(f"channels must be 1, 3 or null (detect), got {channels!r}")
         if (mean is None) != (std is None):
@@ -119,6 +120,10 @@ class ImageFolderDataModule(ImageClassificationDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.classes)
 
     @property
     def input_size(self) -> tuple[int, int, int]:

@@ -22,6 +22,8 @@ from flgc_lightning.deploy.cost import deployed_macs, deployed_parameters, execu
 from flgc_lightning.deploy.grouped import UnequalGroupConv2d
 from flgc_lightning.deploy.export import ONNX_KERNELS, export_onnx, export_program, onnxruntime_logits
 from flgc_lightning.errors import UserError
+from flgc_lightning.data.cifar_files import DataNotFoundError
+from flgc_lightning.predict import PREPROCESSING_FILE, write_preprocessing
 from flgc_lightning.utils.complexity import complexity_summary, format_millions
 
 
@@ -53,6 +55,11 @@ def run(args: argparse.Namespace) -> None:
         pt2_diff = (torch.export.load(str(out / "deployed.pt2")).module()(images) - reference).abs().max().item()
     print(f"wrote {out / 'deployed.pt2'} (torch.export program); max |logit difference| reloaded vs trained: "
           f"{pt2_diff:.3g}")
+    try:
+        print(f"wrote {write_preprocessing(args.checkpoint, out)} (image size, channels, normalisation, class names: "
+              "for predict.py)")
+    except (UserError, DataNotFoundError) as err:  # the deployed network is fine without it
+        print(f"note: no {PREPROCESSING_FILE} written: {err}. predict.py then needs --preprocessing FILE")
     if args.onnx:
         kernel = args.export_kernel or default_export_kernel()
         path = export_onnx(onnx_network(trained, kernel, input_size), out / "deployed.onnx", images[:2], kernel=kernel)

@@ -11,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from flgc_lightning.callbacks.ema import has_averaged_weights
 from flgc_lightning.deploy import deployed_complexity
 from flgc_lightning.errors import CheckpointError
 from flgc_lightning.training.checkpoints import load_checkpoint
@@ -57,6 +58,7 @@ def evaluate(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, A
         "epochs_trained": epochs_trained(checkpoint),
         "test_acc": float(metrics["test/acc"]),
         "test_loss": float(metrics["test/loss"]),
+        **({"weights": "averaged (EMA)"} if has_averaged_weights(checkpoint) else {}),
         **complexity_summary(module.net, tuple(module.hparams.input_size)),
         **deployed_complexity(module.net, tuple(module.hparams.input_size)),
     }
@@ -80,6 +82,7 @@ def format_result(result: dict[str, Any]) -> str:
     lines = [
         f"checkpoint : {result['checkpoint']} ({plural(result['epochs_trained'], 'epoch')} trained)",
         f"test acc   : {100 * result['test_acc']:.2f} %   (loss {result['test_loss']:.4f})",
+        *([f"weights    : {result['weights']}"] if "weights" in result else []),
         f"params     : {result['params']:,}",
         f"MACs       : {format_millions(result['macs'])} (as the network runs)",
     ]

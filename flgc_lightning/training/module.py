@@ -291,3 +291,6 @@ class ImageClassifier(pl.LightningModule):
         self.check_finite()  # never write weights that a non-finite loss has touched
         if self.run_config is not None:
             checkpoint["flgc_config"] = self.run_config
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if getattr(datamodule, "transform", None) is not None and hasattr(datamodule, "preprocessing"):
+            checkpoint["flgc_preprocessing"] = datamodule.preprocessing()  # for predict.py (plain types)

@@ -14,11 +14,13 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from flgc_lightning.callbacks import Preemption, StepCheckpoint
 from flgc_lightning.errors import ConfigError, Stopped, UserError
+from flgc_lightning.trackers import attach_run_config
 from flgc_lightning.training.checkpoints import load_checkpoint
 from flgc_lightning.training.file_config import TRUSTED
 from flgc_lightning.training.module import ImageClassifier, plain
 from flgc_lightning.training.schema import instantiate_checked
-from flgc_lightning.training.validation import check_resume_compatible, resume_setting_changes, validate_config
+from flgc_lightning.training.validation import (check_resume_averaging, check_resume_compatible, resume_setting_changes,
+                                                validate_config)
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +145,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
                  ", shuffled (sizes kept)" if module.net.groups_shuffle else "")
     if checkpoint is not None:
         check_resume_compatible(module.hparams.model, checkpoint, cfg.ckpt_path)
+        check_resume_averaging(cfg, checkpoint, cfg.ckpt_path)
         changes = resume_setting_changes(module.run_config, checkpoint["flgc_config"])
         if changes:
             log.warning("resuming with settings that differ from the checkpoint's (the continuation will not "
                         "match an uninterrupted run):\n  - %s", "\n  - ".join(changes))
         del checkpoint  # Lightning reads the file again; don't hold two copies
     module.configure_optimizers()  # built again by Lightning; here its errors (e.g. lr < 0) come before any output
+    attach_run_config(trainer.loggers, module.run_config)  # MLflow / W&B log the whole config as parameters
     channels_last = cfg.get("channels_last", "auto")
     module.channels_last = trainer.strategy.root_device.type == "cuda" if channels_last == "auto" else bool(channels_last)
     log.info("run directory: %s", cfg.run_dir)
@@ -170,6 +174,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             load_checkpoint(checkpoint.best_model_path)  # a resumed run's best path came from a file: one of ours?
             trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    elif cfg.get("test_after_fit") and trainer.fast_dev_run:  # debug=fast writes no checkpoint: test the weights as they are
+        trainer.test(module, datamodule=datamodule)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     return metrics
 
 

@@ -59,6 +59,7 @@ class TrainKeys(_Schema):
     compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = False
     cuda_graphs: bool = False
     arm: Optional[str] = None  # experiment=subset_study
+    optimized_metric: Optional[str] = None  # hparams_search=optuna: what train.py returns to the sweeper
 
 
 class TestKeys(_Schema):

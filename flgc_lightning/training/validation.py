@@ -56,6 +56,33 @@ def check_resume_compatible(model_cfg: dict, checkpoint: dict, path: str) -> Non
         )
 
 
+def averages_weights(cfg: DictConfig) -> bool:
+    """Whether the run's callbacks include a weight-averaging one (``callbacks=ema``)."""
+    from hydra.utils import get_class
+    from pytorch_lightning.callbacks import WeightAveraging
+
+    for entry in (cfg.get("callbacks") or {}).values():
+        if isinstance(entry, DictConfig) and "_target_" in entry:
+            try:
+                if issubclass(get_class(entry._target_), WeightAveraging):
+                    return True
+            except (ImportError, TypeError, ValueError):
+                continue
+    return False
+
+
+def check_resume_averaging(cfg: DictConfig, checkpoint: dict, path: str) -> None:
+    """A checkpoint written with weight averaging holds the *averaged* weights in ``state_dict``; resuming it without
+    the callback would silently continue training from the average instead of the raw weights."""
+    from flgc_lightning.callbacks.ema import has_averaged_weights
+
+    if has_averaged_weights(checkpoint) and not averages_weights(cfg):
+        raise CheckpointError(
+            f"cannot resume from '{path}': it was trained with weight averaging (callbacks=ema), and this run has no "
+            "weight-averaging callback, so it would continue from the averaged weights instead of the trained ones. "
+            "Add callbacks=ema (with the run's callbacks.ema.* settings) to resume it.")
+
+
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
     if isinstance(value, dict):
         return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}.{key}").items()}
