@@ -207,7 +207,8 @@ def test_bad_command_lines_exit_nonzero_with_a_short_message(overrides, expected
          "callbacks.step_checkpoint.every_n_train_steps must be an integer or null, got 'often'"),
         (["+callbacks.extra=3"], "callbacks.extra: expected a config with _target_ or null, got 3"),
         (["num_threads=0"], "num_threads: input should be greater than or equal to 1, got 0"),
-        (["compile=yes"], "compile: input should be a valid boolean, got 'yes'"),
+        (["compile=yes"], "compile must be a boolean or one of 'default', 'reduce-overhead', 'max-autotune', "
+                          "'max-autotune-no-cudagraphs', got 'yes'"),
         (["data=imagefolder", "data.root=x", "data.channels=two"], "data.channels must be an integer or null, got 'two'"),
     ],
 )

@@ -186,10 +186,16 @@ def _check_keys(schema: type[_Schema], values: dict) -> list[str]:
     try:
         schema.model_validate(values)
     except ValidationError as err:
+        unions = set()
         for e in err.errors():
             where = ".".join(str(p) for p in e["loc"])
+            field = schema.model_fields.get(str(e["loc"][0]))
             if e["type"] == "extra_forbidden":
                 problems.append(f"{where}: not a config key{_suggest(str(e['loc'][-1]), schema.model_fields)}")
+            elif len(e["loc"]) == 2 and field is not None and typing.get_origin(field.annotation) is Union:
+                if e["loc"][0] not in unions:  # one line for a union, not one per member pydantic tried
+                    unions.add(e["loc"][0])
+                    problems.append(f"{e['loc'][0]} must be {describe(field.annotation)}, got {e['input']!r}")
             else:
                 problems.append(f"{where}: {e['msg'][0].lower()}{e['msg'][1:]}, got {e['input']!r}")
     return problems
