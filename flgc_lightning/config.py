@@ -38,30 +38,46 @@ def _job_log(output_dir: str, job_name: str) -> str:
     return os.devnull if re.search(r"_ddp_process_[1-9]\d*$", str(job_name)) else f"{output_dir}/{job_name}.log"
 
 
-ARM_KINDS = {  # conv type of a study arm -> (use_flgc, assignment)
-    "grouped": (False, "learned"), "FLGC": (True, "learned"), "FLGC-frozen": (True, "frozen"),
-    "FLGC-balanced": (True, "balanced"),
+# What each conv type of a study arm sets (defaults: FLGC, learned, reference estimator, logits at the
+# optimizer's learning rate). The learning estimator's logit learning rate is the one its planted-structure
+# test and the GPU study used (docs/results).
+ARM_DEFAULTS = {"use_flgc": True, "assignment": "learned", "assign_grad": "reference", "dense_weight_grad": False,
+                "lr_mult": 1.0, "retrain": False, "groups_shuffle": False}
+ARM_KINDS = {
+    "grouped": {"use_flgc": False}, "FLGC": {}, "FLGC-frozen": {"assignment": "frozen"},
+    "FLGC-balanced": {"assignment": "balanced"},
+    "FLGC-ste+dw": {"assign_grad": "ste", "dense_weight_grad": True, "lr_mult": 10.0},
+    "FLGC-gumbel+dw": {"assign_grad": "gumbel", "dense_weight_grad": True, "lr_mult": 10.0},
+    "FLGC-retrain": {"retrain": True}, "FLGC-retrain-shuffled": {"retrain": True, "groups_shuffle": True},
 }
 
 
 def parse_arm(arm: str) -> dict:
-    """A study arm, ``dense`` or ``<conv type>-<G>`` (``grouped-8``, ``FLGC-frozen-4``), as model settings."""
+    """A study arm, ``dense`` or ``<conv type>-<G>`` (``grouped-8``, ``FLGC-frozen-4``, ``FLGC-ste+dw-8``), as
+    model settings (``retrain``: the groups come from another arm's run, see :func:`_retrain_source`)."""
     if arm == "dense":
-        return {"groups": 1, "use_flgc": False, "assignment": "learned"}
+        return {**ARM_DEFAULTS, "groups": 1, "use_flgc": False}
     kind, _, groups = str(arm).rpartition("-")
     if kind not in ARM_KINDS or not groups.isdigit() or int(groups) < 2:
         raise ValueError(f"arm must be 'dense' or '<{'|'.join(ARM_KINDS)}>-<groups >= 2>', got {arm!r}")
-    use_flgc, assignment = ARM_KINDS[kind]
-    return {"groups": int(groups), "use_flgc": use_flgc, "assignment": assignment}
+    return {**ARM_DEFAULTS, **ARM_KINDS[kind], "groups": int(groups)}
 
 
 def _arm(field: str, arm: str):
     return parse_arm(arm)[field]
 
 
+def _retrain_source(arm: str, source_arm: str, sweep_dir: str, seed) -> Optional[str]:
+    """``model.groups_from`` of a retraining arm: the last checkpoint of ``source_arm``'s run with the same seed
+    in the same sweep folder (job folders are named ``<arm>-s<seed>``); null for other arms."""
+    if not parse_arm(arm)["retrain"]:
+        return None
+    return str(Path(sweep_dir) / f"{source_arm}-s{seed}" / "checkpoints" / "last.ckpt")
+
+
 def register_resolvers() -> None:
     for name, fn in (("flgc_run_dir", _run_dir), ("flgc_hydra_subdir", _hydra_subdir), ("flgc_arm", _arm),
-                     ("flgc_job_log", _job_log)):
+                     ("flgc_job_log", _job_log), ("flgc_retrain_source", _retrain_source)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

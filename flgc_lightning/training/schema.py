@@ -58,7 +58,8 @@ class TrainKeys(_Schema):
     channels_last: Union[bool, Literal["auto"]] = "auto"
     compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = False
     cuda_graphs: bool = False
-    arm: Optional[str] = None  # experiment=subset_study
+    arm: Optional[str] = None  # experiment=subset_study, subset_study_v2
+    retrain_from_arm: Optional[str] = None  # experiment=subset_study_v2
     optimized_metric: Optional[str] = None  # hparams_search=optuna: what train.py returns to the sweeper
 
 
