@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 from torch import Tensor, nn
 
-from flgc_lightning.layers import make_pointwise_conv
+from flgc_lightning.layers import ASSIGN_GRADS, AssignGrad, make_pointwise_conv
 
 # (expand ratio t, channels c, repeats n, first stride s)
 CIFAR_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
@@ -70,13 +70,14 @@ class InvertedResidual(nn.Module):
     def __init__(
         self, inp: int, oup: int, stride: int, expand_ratio: int, groups: int, use_flgc: bool,
         group_expand: bool = False, group_shortcut: bool = False, assignment: str = "learned",
-        assign_init_std: float = 1.0,
+        assign_init_std: float = 1.0, assign_grad: AssignGrad = "reference", dense_weight_grad: bool = False,
     ) -> None:
         super().__init__()
         hidden = int(round(inp * expand_ratio))
 
         def pointwise(cin: int, cout: int, grouped: bool) -> nn.Module:
-            return make_pointwise_conv(cin, cout, groups if grouped else 1, use_flgc, assignment, assign_init_std)
+            return make_pointwise_conv(cin, cout, groups if grouped else 1, use_flgc, assignment, assign_init_std,
+                                       assign_grad, dense_weight_grad)
 
         layers: list[nn.Module] = []
         if expand_ratio != 1:
@@ -114,6 +115,9 @@ class MobileNetV2(nn.Module):
         assignment: FLGC only: ``learned`` (the reference), ``frozen`` (random groups that never
             change: the control for learning) or ``balanced`` (learned, equal group sizes).
         assign_init_std: std of the N(0, std^2) assignment-logit init (reference 1.0).
+        assign_grad: FLGC only: gradient through the group binarisation, ``reference`` (selected entry
+            only), ``ste`` (whole softmax) or ``gumbel`` (Gumbel-softmax straight-through).
+        dense_weight_grad: FLGC only: weights outside a filter's group get their (unmasked) gradient too.
     """
 
     def __init__(
@@ -127,9 +131,15 @@ class MobileNetV2(nn.Module):
         in_channels: int = 3,
         assignment: str = "learned",
         assign_init_std: float = 1.0,
+        assign_grad: AssignGrad = "reference",
+        dense_weight_grad: bool = False,
         settings: Sequence[Sequence[int]] = CIFAR_SETTINGS,
     ) -> None:
         super().__init__()
+        if assign_grad not in ASSIGN_GRADS:
+            raise ValueError(f"assign_grad must be one of {', '.join(ASSIGN_GRADS)}, got {assign_grad!r}")
+        if not isinstance(dense_weight_grad, bool):
+            raise ValueError(f"dense_weight_grad must be a boolean, got {dense_weight_grad!r}")
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
             raise ValueError(f"groups must be a positive integer, got {groups!r}")
         if not width_mult > 0:
@@ -143,7 +153,7 @@ class MobileNetV2(nn.Module):
         features: list[nn.Module] = [conv_bn(nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False), stem, relu6=True)]
         for inp, oup, stride, t in block_specs(width_mult, settings):
             features.append(InvertedResidual(inp, oup, stride, t, groups, use_flgc, group_expand, group_shortcut,
-                                             assignment, assign_init_std))
+                                             assignment, assign_init_std, assign_grad, dense_weight_grad))
         features.append(conv_bn(nn.Conv2d(oup, self.last_channels, 1, bias=False), self.last_channels, relu6=True))
         self.features = nn.Sequential(*features)
         self.classifier = nn.Linear(self.last_channels, num_classes)

@@ -7,6 +7,7 @@ holds weights updated by a non-finite loss).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import pytorch_lightning as pl
@@ -18,8 +19,13 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from flgc_lightning.errors import ConfigError, NonFiniteLossError
-from flgc_lightning.training.schema import instantiate_checked
+from flgc_lightning.layers.flgc import Flgc2d
+from flgc_lightning.training.assign_schedule import AssignSchedule, refresh_assignment_noise
+from flgc_lightning.training.schema import construct_checked, instantiate_checked
 from flgc_lightning.utils.complexity import complexity_summary, format_millions
+
+# Every assign_optim key and its default; old checkpoints' hyperparameters lack the schedule keys.
+ASSIGN_OPTIM_DEFAULTS = {"lr_mult": 1.0, "weight_decay": None, **dataclasses.asdict(AssignSchedule())}
 
 
 def plain(cfg: Any) -> Any:
@@ -43,6 +49,9 @@ class ImageClassifier(pl.LightningModule):
         assign_optim: how the optimizer treats FLGC assignment logits: ``lr_mult`` (their
             learning rate is ``optimizer.lr * lr_mult``) and ``weight_decay`` (``None``: the
             optimizer's). The reference treats them like every other parameter (1.0, ``None``).
+            Also when they learn and the Gumbel temperature (:class:`AssignSchedule`'s keys): frozen
+            epochs drop the logits' gradients before the optimizer step, so SGD neither moves nor
+            decays them (``requires_grad`` stays, which DDP's reducer and compiled graphs need).
     """
 
     def __init__(
@@ -54,12 +63,14 @@ class ImageClassifier(pl.LightningModule):
         assign_optim: Optional[dict] = None,
     ) -> None:
         super().__init__()
-        assign_optim = {"lr_mult": 1.0, "weight_decay": None, **(plain(assign_optim) or {})}
+        assign_optim = {**ASSIGN_OPTIM_DEFAULTS, **(plain(assign_optim) or {})}
         if not assign_optim["lr_mult"] >= 0:
             raise ConfigError(f"invalid configuration:\n  - assign_optim.lr_mult must be >= 0, got {assign_optim['lr_mult']!r}")
         if assign_optim["weight_decay"] is not None and not assign_optim["weight_decay"] >= 0:
             raise ConfigError("invalid configuration:\n  - assign_optim.weight_decay must be >= 0 or null, got "
                               f"{assign_optim['weight_decay']!r}")
+        self.assign_schedule = construct_checked(lambda: AssignSchedule.from_options(assign_optim), "assign_optim",
+                                                 "flgc_lightning.training.assign_schedule.AssignSchedule")
         self.save_hyperparameters({
             "model": plain(model), "optimizer": plain(optimizer), "scheduler": plain(scheduler),
             "input_size": list(input_size), "assign_optim": assign_optim,
@@ -76,7 +87,9 @@ class ImageClassifier(pl.LightningModule):
         # Runtime options (not hyperparameters: test.py and deploy rebuild the network without them).
         self.channels_last = False
         self.compile_network = False
+        self.run_seed = 0  # the run's seed (train.py sets it): with the global step, it draws the Gumbel noise
         self._first_nonfinite: Optional[torch.Tensor] = None  # device scalar: first step with a bad loss, or -1
+        self._flgc: Optional[list[tuple[int, Flgc2d]]] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -132,6 +145,24 @@ class ImageClassifier(pl.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self.check_finite()
+
+    # -- assignment schedule: host ints only (epoch, step, seed), so no sync and an exact resume ------
+    def _flgc_layers(self) -> list[tuple[int, Flgc2d]]:
+        """``(index in module order, layer)`` of every FLGC layer (found once: the network never changes)."""
+        if self._flgc is None:
+            self._flgc = list(enumerate(m for m in self.net.modules() if isinstance(m, Flgc2d)))
+        return self._flgc
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        gumbel = [(i, m) for i, m in self._flgc_layers() if m.assign_grad == "gumbel"]
+        if gumbel:
+            refresh_assignment_noise(gumbel, self.assign_schedule, self.run_seed, self.global_step,
+                                     self.current_epoch, self.trainer.max_epochs)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if not self.assign_schedule.learning(self.current_epoch):
+            for _, layer in self._flgc_layers():
+                layer.in_assign.grad = layer.out_assign.grad = None
 
     def parameter_groups(self) -> list[dict] | Any:
         """All parameters in one group, as the reference does, unless ``assign_optim`` treats the

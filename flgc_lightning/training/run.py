@@ -51,6 +51,7 @@ def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> ImageCl
     )
     module.run_config = plain(cfg)
     module.compile_network = bool(cfg.get("compile", False))
+    module.run_seed = int(cfg.seed)
     return module
 
 
@@ -127,8 +128,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()  # fail fast (missing data) before building anything heavy
     module = build_module(cfg, datamodule)
     if checkpoint is not None:
-        check_resume_compatible(module.hparams.model, checkpoint, cfg.ckpt_path)
-        changes = resume_setting_changes(module.run_config, checkpoint["flgc_config"])
+        rules = check_resume_compatible(module.hparams.model, checkpoint, cfg.ckpt_path)
+        changes = rules + resume_setting_changes(module.run_config, checkpoint["flgc_config"])
         if changes:
             log.warning("resuming with settings that differ from the checkpoint's (the continuation will not "
                         "match an uninterrupted run):\n  - %s", "\n  - ".join(changes))
