@@ -327,10 +327,13 @@ def test_schedule_values_and_checks():
     assert [round(s.tau(e, 100), 12) for e in (0, 2, 4, 9)] == [2.0, 0.2, 0.02, 0.02]
     assert AssignSchedule(tau_start=1.0, tau_end=0.1).tau(5, 10) == pytest.approx(10 ** -0.5)
     assert AssignSchedule().tau(3, None) == 1.0 and AssignSchedule().tau(3, -1) == 1.0
+    assert [AssignSchedule(regroup_epochs=[1, 3]).regroups(e) for e in range(5)] == [False, True, False, True, False]
     for bad, message in ((dict(warmup_epochs=-1), "warmup_epochs must be >= 0"),
                          (dict(warmup_epochs=3, freeze_epoch=3), "freeze_epoch must be > warmup_epochs (3)"),
                          (dict(tau_start=0.0), "tau_start must be > 0"), (dict(tau_end=-1.0), "tau_end must be > 0"),
-                         (dict(tau_epochs=0), "tau_epochs must be >= 1")):
+                         (dict(tau_epochs=0), "tau_epochs must be >= 1"),
+                         (dict(regroup_epochs=[2, -1]), "regroup_epochs must be epochs >= 0"),
+                         (dict(freeze_epoch=4, regroup_epochs=[2, 5]), "regroup_epochs must be <= freeze_epoch (4)")):
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             AssignSchedule(**bad)
     with pytest.raises(ConfigError, match="assign_optim.freeze_epoch must be > warmup_epochs"):
@@ -390,11 +393,12 @@ def test_warmup_and_freeze_hold_the_logits_and_the_noise():
 
 
 def test_gumbel_training_resumes_bit_exact_without_saving_noise(tmp_path):
-    """Two epochs straight, or one epoch, a checkpoint, and a fresh module resumed from it: same weights.
-    And the noise mattered: the same run without it ends elsewhere."""
+    """Two epochs straight, or one epoch, a checkpoint, and a fresh module resumed from it (which regroups at
+    the start of epoch 1 as the straight run does): same weights. And the noise mattered: another seed's
+    noise ends elsewhere."""
     def run(assign_grad, epochs, ckpt=None, seed=11):
         pl.seed_everything(0)
-        module = classifier(assign_grad, assign_optim={"lr_mult": 20.0})
+        module = classifier(assign_grad, assign_optim={"lr_mult": 20.0, "regroup_epochs": [1]}, dense_weight_grad=True)
         module.run_seed = seed
         trainer = fit(module, epochs, ckpt_path=ckpt)
         return module, trainer
@@ -481,3 +485,69 @@ def test_compiled_estimators_match_eager(assign_grad):
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         scale = a.grad.abs().max()
         assert (a.grad - b.grad).abs().max() <= 1e-5 * scale, name
+
+
+# ---- regrouping by co-clustering |W| ---------------------------------------------------------------
+def test_cocluster_finds_planted_blocks_of_unequal_sizes():
+    from sklearn.metrics import adjusted_rand_score
+
+    from flgc_lightning.assignments.planted import make_teacher
+    from flgc_lightning.layers.regroup import cocluster
+
+    for seed in range(4):
+        teacher = make_teacher(48, 40, 6, seed=seed)
+        filters, inputs = cocluster(teacher.weight.abs().numpy(), 6)
+        assert adjusted_rand_score(teacher.filter_groups, filters) == 1.0
+        assert adjusted_rand_score(teacher.input_groups, inputs) == 1.0
+
+
+def test_regroup_writes_the_proposal_into_the_logits_and_moves_only_what_changes():
+    from flgc_lightning.layers.regroup import apply_groups, propose_groups, regroup
+
+    torch.manual_seed(0)
+    layer = Flgc2d(24, 20, 3, groups=4, bias=False)
+    with torch.no_grad():  # |W| block-structured along the layer's own groups: nothing to move
+        layer.weight.mul_(layer.connection_mask()[:, :, None, None] + 0.01)
+    start = (layer.in_assign.detach().clone(), layer.out_assign.detach().clone())
+    assert regroup(layer) == 0
+    assert torch.equal(layer.in_assign, start[0]) and torch.equal(layer.out_assign, start[1])
+    filters, inputs = np.arange(20) % 4, (np.arange(24) * 7) % 4  # some other grouping
+    moved = apply_groups(layer, filters, inputs)
+    assert layer.filter_groups().tolist() == filters.tolist() and layer.input_groups().tolist() == inputs.tolist()
+    assert moved == int((filters != start[1].argmax(1).numpy()).sum() + (inputs != start[0].argmax(1).numpy()).sum())
+    for now, before in zip((layer.in_assign, layer.out_assign), start):  # each row's values, permuted
+        assert torch.equal(now.detach().sort(dim=1).values, before.sort(dim=1).values)
+    ties = Flgc2d(4, 4, 1, groups=3)
+    with torch.no_grad():
+        ties.in_assign.copy_(torch.tensor([[1.0, 1.0, 0.0]] * 4))
+    apply_groups(ties, np.zeros(4, dtype=np.int64), np.array([1, 1, 2, 0]))
+    assert ties.input_groups().tolist() == [1, 1, 2, 0]  # a tie with an earlier group is broken upwards
+    balanced = BalancedFlgc2d(16, 8, 1, groups=4)
+    apply_groups(balanced, *propose_groups(balanced))
+    assert [s.tolist() for s in balanced.group_sizes()] == [[4] * 4, [2] * 4]
+
+
+class Regrouped(pl.Callback):
+    """The proposal at the start of epoch 1, and the groups the network runs with in that epoch's first step."""
+
+    def on_train_epoch_start(self, trainer, module):
+        from flgc_lightning.layers.regroup import propose_groups
+
+        if trainer.current_epoch == 1:
+            self.layers = [m for m in module.net.modules() if isinstance(m, Flgc2d)]
+            self.before = [(m.filter_groups().clone(), m.input_groups().clone()) for m in self.layers]
+            self.proposal = [propose_groups(m, seed=module.run_seed) for m in self.layers]
+
+    def on_before_backward(self, trainer, module, loss):
+        if trainer.current_epoch == 1 and not hasattr(self, "used"):
+            self.used = [(m.filter_groups().clone(), m.input_groups().clone()) for m in self.layers]
+
+
+def test_the_module_regroups_at_the_start_of_the_scheduled_epochs():
+    pl.seed_everything(0)
+    module = classifier("ste", assign_optim={"regroup_epochs": [1]}, dense_weight_grad=True)
+    check = Regrouped()
+    fit(module, 2, [check])
+    for (filters, inputs), (f, i) in zip(check.used, check.proposal):
+        assert filters.tolist() == f.tolist() and inputs.tolist() == i.tolist()
+    assert sum(int((a[0] != b[0]).sum() + (a[1] != b[1]).sum()) for a, b in zip(check.used, check.before)) > 0

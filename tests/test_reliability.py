@@ -217,6 +217,9 @@ def test_bad_command_lines_exit_nonzero_with_a_short_message(overrides, expected
         (["assign_optim.tau_end=0"], "assign_optim.tau_end must be > 0, got 0"),
         (["assign_optim.tau_epochs=0"], "assign_optim.tau_epochs must be >= 1 or null, got 0"),
         (["assign_optim.freeze_epoch=later"], "assign_optim.freeze_epoch: input should be a valid integer, got 'later'"),
+        (["assign_optim.regroup_epochs=[3,-1]"], "assign_optim.regroup_epochs must be epochs >= 0, got [3, -1]"),
+        (["assign_optim.freeze_epoch=2", "assign_optim.regroup_epochs=[3]"],
+         "assign_optim.regroup_epochs must be <= freeze_epoch (2)"),
     ],
 )
 def test_every_key_is_checked_against_its_schema(overrides, expected):

@@ -24,6 +24,8 @@ class AssignSchedule:
         freeze_epoch: from this epoch on assignments are frozen (``None``: never).
         tau_start / tau_end: Gumbel-softmax temperature, annealed exponentially from start to end ...
         tau_epochs: ... over this many epochs (``None``: the trainer's ``max_epochs``), constant after.
+        regroup_epochs: at the start of these epochs every learning FLGC layer is regrouped by co-clustering
+            its weight magnitudes (:mod:`flgc_lightning.layers.regroup`; useful with ``dense_weight_grad``).
     """
 
     warmup_epochs: int = 0
@@ -31,8 +33,10 @@ class AssignSchedule:
     tau_start: float = 1.0
     tau_end: float = 0.1
     tau_epochs: Optional[int] = None
+    regroup_epochs: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "regroup_epochs", tuple(self.regroup_epochs))  # a config list, hashable
         if not self.warmup_epochs >= 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
         if self.freeze_epoch is not None and not self.freeze_epoch > self.warmup_epochs:
@@ -43,6 +47,11 @@ class AssignSchedule:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.tau_epochs is not None and not self.tau_epochs >= 1:
             raise ValueError(f"tau_epochs must be >= 1 or null, got {self.tau_epochs!r}")
+        if any(not e >= 0 for e in self.regroup_epochs):
+            raise ValueError(f"regroup_epochs must be epochs >= 0, got {list(self.regroup_epochs)!r}")
+        if self.freeze_epoch is not None and any(e > self.freeze_epoch for e in self.regroup_epochs):
+            raise ValueError(f"regroup_epochs must be <= freeze_epoch ({self.freeze_epoch}): groups are frozen "
+                             f"after it, got {list(self.regroup_epochs)!r}")
 
     @classmethod
     def from_options(cls, options: dict) -> "AssignSchedule":
@@ -52,6 +61,10 @@ class AssignSchedule:
     def learning(self, epoch: int) -> bool:
         """Whether assignments learn (and Gumbel noise is drawn) in ``epoch``."""
         return epoch >= self.warmup_epochs and (self.freeze_epoch is None or epoch < self.freeze_epoch)
+
+    def regroups(self, epoch: int) -> bool:
+        """Whether the layers are regrouped at the start of ``epoch``."""
+        return epoch in self.regroup_epochs
 
     def tau(self, epoch: int, max_epochs: Optional[int]) -> float:
         """``tau_start * (tau_end / tau_start) ** min(epoch / span, 1)``; without a span (no ``tau_epochs``

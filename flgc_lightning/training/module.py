@@ -20,12 +20,14 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from flgc_lightning.errors import ConfigError, NonFiniteLossError
 from flgc_lightning.layers.flgc import Flgc2d
+from flgc_lightning.layers.regroup import apply_groups, propose_groups
 from flgc_lightning.training.assign_schedule import AssignSchedule, refresh_assignment_noise
 from flgc_lightning.training.schema import construct_checked, instantiate_checked
 from flgc_lightning.utils.complexity import complexity_summary, format_millions
 
 # Every assign_optim key and its default; old checkpoints' hyperparameters lack the schedule keys.
-ASSIGN_OPTIM_DEFAULTS = {"lr_mult": 1.0, "weight_decay": None, **dataclasses.asdict(AssignSchedule())}
+ASSIGN_OPTIM_DEFAULTS = {"lr_mult": 1.0, "weight_decay": None, **dataclasses.asdict(AssignSchedule()),
+                         "regroup_epochs": []}
 
 
 def plain(cfg: Any) -> Any:
@@ -154,10 +156,23 @@ class ImageClassifier(pl.LightningModule):
         return self._flgc
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # batch_idx is 0 once per epoch: a resume inside an epoch continues its count and does not regroup again
+        if batch_idx == 0 and self.assign_schedule.regroups(self.current_epoch):
+            self.regroup()
         gumbel = [(i, m) for i, m in self._flgc_layers() if m.assign_grad == "gumbel"]
         if gumbel:
             refresh_assignment_noise(gumbel, self.assign_schedule, self.run_seed, self.global_step,
                                      self.current_epoch, self.trainer.max_epochs)
+
+    def regroup(self) -> None:
+        """Co-cluster every learning FLGC layer's ``|W|`` into new groups (one host sync per layer). Under DDP
+        rank 0's proposal is used everywhere, so the ranks cannot disagree on the groups."""
+        layers = [m for _, m in self._flgc_layers() if m.learn_assignments]
+        proposals = [propose_groups(m, seed=self.run_seed % 2**32) for m in layers]
+        proposals = self.trainer.strategy.broadcast(proposals, src=0)
+        moved = sum(apply_groups(m, *p) for m, p in zip(layers, proposals))
+        rank_zero_info(f"epoch {self.current_epoch}: regrouped {len(layers)} FLGC layers by co-clustering |W|, "
+                       f"{moved} channels changed group")
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if not self.assign_schedule.learning(self.current_epoch):

@@ -45,6 +45,7 @@ class AssignOptim(_Schema):
     tau_start: float = 1.0
     tau_end: float = 0.1
     tau_epochs: Optional[int] = None
+    regroup_epochs: list[int] = []
 
 
 class TrainKeys(_Schema):

@@ -29,6 +29,10 @@ def validate_config(cfg: DictConfig, keys: type[_Schema] = TrainKeys) -> None:
             AssignSchedule.from_options(OmegaConf.to_container(cfg.assign_optim, resolve=True))
         except ValueError as err:
             problems.append(f"assign_optim.{err}")
+        else:
+            if cfg.assign_optim.get("regroup_epochs") and not OmegaConf.select(cfg, "model.dense_weight_grad"):
+                log.warning("assign_optim.regroup_epochs without model.dense_weight_grad=true: weights outside the "
+                            "groups never train, so co-clustering |W| mostly returns the current groups")
     model = cfg.get("model")
     if not problems and model is not None and model.get("_target_") == MOBILENET_TARGET:
         groups = int(model.groups)
