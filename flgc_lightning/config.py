@@ -39,15 +39,21 @@ def _job_log(output_dir: str, job_name: str) -> str:
 
 
 # What each conv type of a study arm sets (defaults: FLGC, learned, reference estimator, logits at the
-# optimizer's learning rate). The learning estimator's logit learning rate is the one its planted-structure
-# test and the GPU study used (docs/results).
+# optimizer's learning rate, no schedule). The learning settings are the planted-structure test's best
+# (README, "Positive control: planted groups") scaled to the 16 epochs of experiment=subset_study_v2: regroup
+# at epochs 3, 6 and 10 (a fifth, two fifths and three fifths of the run), groups frozen from epoch 10, the
+# logits at 10x the learning rate, Gumbel temperature 5 -> 1.
 ARM_DEFAULTS = {"use_flgc": True, "assignment": "learned", "assign_grad": "reference", "dense_weight_grad": False,
-                "lr_mult": 1.0, "retrain": False, "groups_shuffle": False}
+                "lr_mult": 1.0, "retrain": False, "groups_shuffle": False, "regroup_epochs": [],
+                "freeze_epoch": None, "tau_start": 1.0, "tau_end": 0.1}
+_LEARNING = {"dense_weight_grad": True, "lr_mult": 10.0, "regroup_epochs": [3, 6, 10], "freeze_epoch": 10}
 ARM_KINDS = {
     "grouped": {"use_flgc": False}, "FLGC": {}, "FLGC-frozen": {"assignment": "frozen"},
     "FLGC-balanced": {"assignment": "balanced"},
     "FLGC-ste+dw": {"assign_grad": "ste", "dense_weight_grad": True, "lr_mult": 10.0},
     "FLGC-gumbel+dw": {"assign_grad": "gumbel", "dense_weight_grad": True, "lr_mult": 10.0},
+    "FLGC-ste+dw+rg": {"assign_grad": "ste", **_LEARNING},
+    "FLGC-gumbel+dw+rg": {"assign_grad": "gumbel", **_LEARNING, "tau_start": 5.0, "tau_end": 1.0},
     "FLGC-retrain": {"retrain": True}, "FLGC-retrain-shuffled": {"retrain": True, "groups_shuffle": True},
 }
 
@@ -64,15 +70,16 @@ def parse_arm(arm: str) -> dict:
 
 
 def _arm(field: str, arm: str):
-    return parse_arm(arm)[field]
+    value = parse_arm(arm)[field]
+    return OmegaConf.create(value) if isinstance(value, list) else value  # a node OmegaConf can hold
 
 
-def _retrain_source(arm: str, source_arm: str, sweep_dir: str, seed) -> Optional[str]:
+def _retrain_source(arm: str, source_arm: str, run_dir: str, seed) -> Optional[str]:
     """``model.groups_from`` of a retraining arm: the last checkpoint of ``source_arm``'s run with the same seed
-    in the same sweep folder (job folders are named ``<arm>-s<seed>``); null for other arms."""
+    in the same sweep folder as this run (job folders are named ``<arm>-s<seed>``); null for other arms."""
     if not parse_arm(arm)["retrain"]:
         return None
-    return str(Path(sweep_dir) / f"{source_arm}-s{seed}" / "checkpoints" / "last.ckpt")
+    return str(Path(run_dir).parent / f"{source_arm}-s{seed}" / "checkpoints" / "last.ckpt")
 
 
 def register_resolvers() -> None:

@@ -210,6 +210,17 @@ def test_bad_command_lines_exit_nonzero_with_a_short_message(overrides, expected
         (["compile=yes"], "compile must be a boolean or one of 'default', 'reduce-overhead', 'max-autotune', "
                           "'max-autotune-no-cudagraphs', got 'yes'"),
         (["data=imagefolder", "data.root=x", "data.channels=two"], "data.channels must be an integer or null, got 'two'"),
+        (["model.assign_grad=straight"], "model.assign_grad must be one of 'reference', 'ste', 'gumbel', got 'straight'"),
+        (["model.dense_weight_grad=maybe"], "model.dense_weight_grad must be a boolean, got 'maybe'"),
+        (["assign_optim.warmup_epochs=-1"], "assign_optim.warmup_epochs must be >= 0, got -1"),
+        (["assign_optim.warmup_epochs=5", "assign_optim.freeze_epoch=5"],
+         "assign_optim.freeze_epoch must be > warmup_epochs (5) or null, got 5"),
+        (["assign_optim.tau_end=0"], "assign_optim.tau_end must be > 0, got 0"),
+        (["assign_optim.tau_epochs=0"], "assign_optim.tau_epochs must be >= 1 or null, got 0"),
+        (["assign_optim.freeze_epoch=later"], "assign_optim.freeze_epoch: input should be a valid integer, got 'later'"),
+        (["assign_optim.regroup_epochs=[3,-1]"], "assign_optim.regroup_epochs must be epochs >= 0, got [3, -1]"),
+        (["assign_optim.freeze_epoch=2", "assign_optim.regroup_epochs=[3]"],
+         "assign_optim.regroup_epochs must be <= freeze_epoch (2)"),
     ],
 )
 def test_every_key_is_checked_against_its_schema(overrides, expected):

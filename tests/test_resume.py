@@ -131,3 +131,18 @@ def test_killed_during_validation_with_data_limit_and_an_interval_that_does_not_
     killed = result["killed"]
     assert killed[-1]["event"] == "validation_start" and steps_done(killed) == 14
     assert result["saved_step"] == 12  # the last step checkpoint of epoch 1; its validation never finished
+
+
+def test_gumbel_estimator_with_regroups_and_a_freeze_resumes_bit_identical(tmp_path, cifar_subset):
+    """Gumbel noise lives in unsaved buffers drawn from (seed, step, layer): the resumed process redraws the same
+    noise. Killed mid-epoch 0, which learns with noise; epoch 1 is frozen (assign_optim.freeze_epoch=1). Both
+    epochs start with a regroup: the resume inside epoch 0 must not regroup again, epoch 1's must happen."""
+    result = kill_and_resume(
+        tmp_path, ("data.limit_train=96", "callbacks.step_checkpoint.every_n_train_steps=2",
+                   "model.assign_grad=gumbel", "model.dense_weight_grad=true", "assign_optim.lr_mult=20",
+                   "assign_optim.freeze_epoch=1", "assign_optim.regroup_epochs=[0,1]"),
+        lambda records, last: last_step(last) == 2, f"data.root={cifar_subset}")
+    assert result["saved_step"] == 2
+    full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert full["hyper_parameters"]["model"]["assign_grad"] == "gumbel"
+    assert full["hyper_parameters"]["assign_optim"]["freeze_epoch"] == 1

@@ -46,10 +46,13 @@ def fit(pl_module, callbacks=(), steps=6, **trainer):
     return trainer
 
 
-@pytest.mark.parametrize("assignment", ["learned", "balanced"])
-def test_no_host_sync_inside_training_steps(assignment):
+@pytest.mark.parametrize("model", [dict(assignment="learned"), dict(assignment="balanced"),
+                                   dict(assignment="balanced", assign_grad="gumbel", dense_weight_grad=True)],
+                         ids=["learned", "balanced", "balanced-gumbel-dense"])
+def test_no_host_sync_inside_training_steps(model):
+    """Gumbel noise and temperature are refreshed inside the counted window (the module's batch-start hook)."""
     counter = CountStepSyncs()
-    fit(module(assignment=assignment), [counter], steps=6)
+    fit(module(**model), [counter], steps=6)
     assert len(counter.per_step) == 4
     assert counter.per_step == [[]] * 4, counter.per_step[0][:10]
 

@@ -25,10 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def conv_type(groups: int, use_flgc: bool, assignment: str = "learned", assign_grad: str = "reference",
-              dense_weight_grad: bool = False, groups_from: str | None = None, groups_shuffle: bool = False) -> str:
+              dense_weight_grad: bool = False, groups_from: str | None = None, groups_shuffle: bool = False,
+              regroup: bool = False) -> str:
     """``dense`` (1 group), ``grouped`` (standard group conv), ``FLGC`` (learned groups, the reference
     estimator), ``FLGC-frozen`` (random groups that never change), ``FLGC-balanced`` (learned, equal sizes),
-    learned groups with another estimator (``FLGC-ste``, ``FLGC-gumbel+dw``: ``+dw`` = dense weight gradient),
+    learned groups with another estimator (``FLGC-ste``, ``FLGC-gumbel+dw+rg``: ``+dw`` = dense weight gradient,
+    ``+rg`` = regrouping by co-clustering ``|W|``),
     ``FLGC-retrain`` (a trained run's groups retrained from scratch) or ``FLGC-retrain-shuffled`` (its sizes)."""
     if groups == 1:
         return "dense"
@@ -41,7 +43,7 @@ def conv_type(groups: int, use_flgc: bool, assignment: str = "learned", assign_g
     kind = "FLGC" if assignment in (None, "learned") else f"FLGC-{assignment}"
     if assign_grad not in (None, "reference"):
         kind += f"-{assign_grad}"
-    return kind + ("+dw" if dense_weight_grad else "")
+    return kind + ("+dw" if dense_weight_grad else "") + ("+rg" if regroup else "")
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -104,7 +106,8 @@ class RunSummary(Callback):
         return {
             "conv_type": conv_type(groups, use_flgc, model.get("assignment", "learned"),
                                    model.get("assign_grad", "reference"), bool(model.get("dense_weight_grad")),
-                                   model.get("groups_from"), bool(model.get("groups_shuffle"))),
+                                   model.get("groups_from"), bool(model.get("groups_shuffle")),
+                                   bool((hparams.get("assign_optim") or {}).get("regroup_epochs"))),
             "groups": groups,
             "use_flgc": use_flgc,
             "assignment": model.get("assignment", "learned"),

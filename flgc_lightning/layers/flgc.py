@@ -4,13 +4,21 @@ The layer keeps a dense weight plus two assignment-logit matrices and, on every
 forward pass, masks the weight so that a filter only sees the input channels of
 its own (learned) group. Groups are unequal and may be empty on either side. Two controls share the layer:
 frozen assignments (``learn_assignments=False``: the N(0, 1) draw stays, same unequal-group cost,
-no learning) and :class:`BalancedFlgc2d` (learned membership, equal group sizes).
+no learning) and :class:`BalancedFlgc2d` (learned membership, equal group sizes). How the gradient
+crosses the binarisation (the reference's rule or ones that can learn more) lives in
+:mod:`flgc_lightning.layers.estimators`.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from flgc_lightning.layers.estimators import (
+    ASSIGN_GRADS, AssignGrad, full_straight_through, gumbel_noise, gumbel_straight_through, mask_weight,
+    straight_through,
+)
 
 
 def group_ids(logits: Tensor) -> Tensor:
@@ -68,55 +76,14 @@ def balanced_group_ids(logits: Tensor, rounds: int | None = None) -> Tensor:
 
 
 def straight_through_one_hot(logits: Tensor) -> Tensor:
-    """Row-wise one-hot of ``argmax(softmax(logits))`` with a straight-through gradient.
+    """Row-wise one-hot of ``argmax(softmax(logits))`` with the reference's straight-through gradient.
 
     Forward value is exactly the 0/1 one-hot (one group per row even on ties:
     ``torch.argmax`` returns the first maximal index). Backward passes
     ``grad_P = grad_B * B`` into the softmax, i.e. only the selected entry gets a
-    gradient. Written without a custom autograd function or in-place edits:
-    ``B + (P*B - (P*B).detach())`` equals ``B`` bit for bit (x - x == 0) while its
-    derivative w.r.t. ``P`` is ``B``.
+    gradient (:func:`~flgc_lightning.layers.estimators.straight_through`).
     """
     return straight_through(logits, torch.softmax(logits, dim=1).argmax(dim=1))
-
-
-def straight_through(logits: Tensor, ids: Tensor) -> Tensor:
-    """One-hot of ``ids`` in value; gradient ``grad_B * B`` into the row-wise softmax of ``logits``."""
-    probs = torch.softmax(logits, dim=1)
-    # scatter, not F.one_hot: one_hot checks the ids' range on the host, a device sync per call on GPUs
-    hard = torch.zeros_like(probs).scatter_(1, ids[:, None], 1.0)
-    selected = probs * hard
-    return hard + (selected - selected.detach())
-
-
-ASSIGN_GRADS = ("reference", "ste", "gumbel")
-
-
-def straight_through_full(logits: Tensor, ids: Tensor, probs: Tensor | None = None) -> Tensor:
-    """One-hot of ``ids`` in value; the whole gradient ``grad_B`` into ``probs`` (default: the row softmax).
-
-    Unlike :func:`straight_through`, every entry of a row gets a gradient, so the unselected groups'
-    logits move by how much the loss wants each of them, not in proportion to their probability.
-    """
-    probs = torch.softmax(logits, dim=1) if probs is None else probs
-    hard = torch.zeros_like(probs).scatter_(1, ids[:, None], 1.0)
-    return hard + (probs - probs.detach())
-
-
-class _DenseWeightGrad(torch.autograd.Function):
-    """``weight * mask`` whose weight gradient is not masked: weights between a filter and the inputs of other
-    groups keep training, so what a channel would contribute in another group is measured with trained weights."""
-
-    @staticmethod
-    def forward(ctx, weight: Tensor, mask: Tensor) -> Tensor:
-        ctx.save_for_backward(weight)
-        ctx.mask_shape = mask.shape
-        return weight * mask
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (weight,) = ctx.saved_tensors
-        return grad, (grad * weight).sum_to_size(ctx.mask_shape)
 
 
 class Flgc2d(nn.Conv2d):
@@ -128,6 +95,13 @@ class Flgc2d(nn.Conv2d):
     ``num_groups``. Subclassing ``nn.Conv2d`` keeps initialisers and
     ``isinstance`` checks working; FLOP counters need the hook in
     :mod:`flgc_lightning.utils.complexity` because they match types exactly.
+
+    ``assign_grad`` picks the gradient through the binarisation (:mod:`~flgc_lightning.layers.estimators`):
+    ``reference`` (the paper's repository), ``ste`` or ``gumbel``. A ``gumbel`` layer keeps its noise and
+    temperature in non-persistent buffers that :meth:`refresh_gumbel_noise` / :meth:`set_gumbel_tau` fill
+    outside ``forward`` (no host sync, no recompile; zero noise = none); in eval mode it uses no noise.
+    ``dense_weight_grad``: the weight gets the unmasked gradient, so connections outside a filter's group
+    keep training (forward values unchanged). Reported groups are always the noise-free ones.
     """
 
     def __init__(
@@ -145,26 +119,27 @@ class Flgc2d(nn.Conv2d):
         dtype=None,
         init_std: float = 1.0,
         learn_assignments: bool = True,
-        assign_grad: str = "reference",
+        assign_grad: AssignGrad = "reference",
         dense_weight_grad: bool = False,
     ) -> None:
         if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
             raise ValueError(f"Flgc2d: groups must be a positive integer, got {groups!r}")
+        if assign_grad not in ASSIGN_GRADS:
+            raise ValueError(f"assign_grad must be one of {', '.join(ASSIGN_GRADS)}, got {assign_grad!r}")
+        if not isinstance(dense_weight_grad, bool):
+            raise ValueError(f"dense_weight_grad must be a boolean, got {dense_weight_grad!r}")
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation,
             groups=1, bias=bias, padding_mode=padding_mode, device=device, dtype=dtype,
         )
         if not init_std > 0:
             raise ValueError(f"assign_init_std must be > 0, got {init_std!r}")
-        if assign_grad not in ASSIGN_GRADS:
-            raise ValueError(f"assign_grad must be one of {', '.join(ASSIGN_GRADS)}, got {assign_grad!r}")
         self.num_groups, self.init_std = groups, init_std
-        self.assign_grad, self.dense_weight_grad = assign_grad, bool(dense_weight_grad)
+        self.assign_grad, self.dense_weight_grad = assign_grad, dense_weight_grad
         factory = {"device": device, "dtype": dtype}
         self.in_assign = nn.Parameter(torch.empty(in_channels, groups, **factory), requires_grad=learn_assignments)
         self.out_assign = nn.Parameter(torch.empty(out_channels, groups, **factory), requires_grad=learn_assignments)
-        if assign_grad == "gumbel":  # refreshed in place, outside forward (refresh_gumbel_noise); not checkpointed:
-            # the noise of a step derives from the run's seed and the step alone
+        if assign_grad == "gumbel":  # not in checkpoints: drawn from (seed, step), so a resume redraws them
             self.register_buffer("gumbel_in", torch.zeros(in_channels, groups, **factory), persistent=False)
             self.register_buffer("gumbel_out", torch.zeros(out_channels, groups, **factory), persistent=False)
             self.register_buffer("gumbel_tau", torch.ones((), **factory), persistent=False)
@@ -180,55 +155,59 @@ class Flgc2d(nn.Conv2d):
             self.in_assign.normal_(0.0, self.init_std)
             self.out_assign.normal_(0.0, self.init_std)
 
-    def refresh_gumbel_noise(self, generator: torch.Generator | None, tau: float = 1.0) -> None:
-        """New Gumbel(0, 1) noise drawn from ``generator`` (``None``: no noise) and temperature ``tau``,
-        written into the layer's buffers in place, so compiled graphs and CUDA graphs see them."""
-        if self.assign_grad != "gumbel":
-            return
-        with torch.no_grad():
-            for noise in (self.gumbel_in, self.gumbel_out):
-                if generator is None:
-                    noise.zero_()
-                else:  # -log(E), E ~ Exp(1), is Gumbel(0, 1)
-                    noise.exponential_(generator=generator).log_().neg_()
-            self.gumbel_tau.fill_(tau)
-
-    def _rule(self, logits: Tensor) -> Tensor:
-        """Group ids from (possibly noisy) logits: the argmax; balanced layers override it."""
+    @staticmethod
+    def group_rule(logits: Tensor) -> Tensor:
+        """Group id of every row of ``logits``: the argmax (:func:`group_ids`)."""
         return group_ids(logits)
 
-    def _membership(self, logits: Tensor, noise: Tensor | None) -> Tensor:
-        """One-hot group membership (C x G) with the gradient of the layer's estimator."""
+    def _one_hot(self, logits: Tensor, noise: Optional[Tensor]) -> Tensor:
+        """``B`` of one side, with this layer's estimator's gradient."""
         if self.assign_grad == "reference":
-            return straight_through(logits, self._rule(logits))
-        if self.assign_grad == "gumbel" and self.training and noise is not None:
-            noisy = logits + noise
-            return straight_through_full(noisy, self._rule(noisy), torch.softmax(noisy / self.gumbel_tau, dim=1))
-        return straight_through_full(logits, self._rule(logits))
+            return straight_through(logits, self.group_rule(logits))
+        if self.assign_grad == "ste":
+            return full_straight_through(logits, self.group_rule(logits))
+        perturbed = logits + noise if self.training else logits
+        return gumbel_straight_through(perturbed, self.group_rule(perturbed), self.gumbel_tau)
 
     def connection_mask(self) -> Tensor:
         """``M = B_out @ B_in^T`` (C_out x C_in), 1 where filter and input share a group."""
         gumbel = self.assign_grad == "gumbel"
-        b_in = self._membership(self.in_assign, self.gumbel_in if gumbel else None)
-        b_out = self._membership(self.out_assign, self.gumbel_out if gumbel else None)
+        b_in = self._one_hot(self.in_assign, self.gumbel_in if gumbel else None)
+        b_out = self._one_hot(self.out_assign, self.gumbel_out if gumbel else None)
         return b_out @ b_in.t()
 
     def masked_weight(self) -> Tensor:
-        mask = self.connection_mask()[:, :, None, None].to(self.weight.dtype)
-        if self.dense_weight_grad:
-            return _DenseWeightGrad.apply(self.weight, mask)
-        return self.weight * mask
+        return mask_weight(self.weight, self.connection_mask()[:, :, None, None].to(self.weight.dtype),
+                           self.dense_weight_grad)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(x, self.masked_weight(), self.bias)
 
+    @torch.no_grad()
+    def refresh_gumbel_noise(self, generator: Optional[torch.Generator]) -> None:
+        """New Gumbel noise for both sides from ``generator`` (on this layer's device), or zero noise
+        (none) for ``None``. A no-op unless ``assign_grad == "gumbel"``. Call it outside ``forward``."""
+        if self.assign_grad != "gumbel":
+            return
+        for buffer in (self.gumbel_in, self.gumbel_out):
+            if generator is None:
+                buffer.zero_()
+            else:
+                buffer.copy_(gumbel_noise(buffer.shape, generator, buffer.dtype, buffer.device))
+
+    @torch.no_grad()
+    def set_gumbel_tau(self, tau: float) -> None:
+        """The Gumbel-softmax temperature of the backward pass (a no-op unless ``assign_grad == "gumbel"``)."""
+        if self.assign_grad == "gumbel":
+            self.gumbel_tau.fill_(tau)
+
     def input_groups(self) -> Tensor:
-        """Current group id (0..G-1) of every input channel, shape ``(C_in,)`` (noise-free, every estimator)."""
-        return self._rule(self.in_assign)
+        """Current group id (0..G-1) of every input channel, shape ``(C_in,)``; never includes noise."""
+        return self.group_rule(self.in_assign)
 
     def filter_groups(self) -> Tensor:
-        """Current group id (0..G-1) of every filter (output channel), shape ``(C_out,)``."""
-        return self._rule(self.out_assign)
+        """Current group id (0..G-1) of every filter (output channel), shape ``(C_out,)``; never includes noise."""
+        return self.group_rule(self.out_assign)
 
     def group_sizes(self) -> tuple[Tensor, Tensor]:
         """Channels per group (inputs, filters), each of shape ``(G,)`` on the CPU; groups may be empty."""
@@ -245,9 +224,9 @@ class Flgc2d(nn.Conv2d):
 class BalancedFlgc2d(Flgc2d):
     """FLGC with equal group sizes (the constraint CondenseNet keeps and FLGC drops).
 
-    Membership is still learned from the assignment logits, through the same straight-through
-    gradient, but each side is split into ``G`` groups of exactly ``C / G`` channels by
-    :func:`balanced_group_ids`, so ``G`` must divide both channel counts. Deployed, the layer is a
+    Membership is still learned from the assignment logits, through the same estimators, but each
+    side is split into ``G`` groups of exactly ``C / G`` channels by :func:`balanced_group_ids` (for
+    ``gumbel``, of the perturbed logits), so ``G`` must divide both channel counts. Deployed, the layer is a
     standard grouped conv with its channel permutations folded into the neighbouring layers.
     """
 
@@ -257,7 +236,9 @@ class BalancedFlgc2d(Flgc2d):
                              f"by groups={groups}")
         super().__init__(in_channels, out_channels, kernel_size, *args, groups=groups, **kwargs)
 
-    def _rule(self, logits: Tensor) -> Tensor:
+    @staticmethod
+    def group_rule(logits: Tensor) -> Tensor:
+        """Group id of every row of ``logits``, equal group sizes (:func:`balanced_group_ids`)."""
         return balanced_group_ids(logits)
 
     def extra_repr(self) -> str:

@@ -5,11 +5,11 @@ and ``group_shortcut`` extend grouping to the expand and shortcut 1x1 convs.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
 from torch import Tensor, nn
 
-from flgc_lightning.layers import make_pointwise_conv
+from flgc_lightning.layers import ASSIGN_GRADS, AssignGrad, make_pointwise_conv
 
 # (expand ratio t, channels c, repeats n, first stride s)
 CIFAR_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
@@ -70,7 +70,7 @@ class InvertedResidual(nn.Module):
     def __init__(
         self, inp: int, oup: int, stride: int, expand_ratio: int, groups: int, use_flgc: bool,
         group_expand: bool = False, group_shortcut: bool = False, assignment: str = "learned",
-        assign_init_std: float = 1.0, assign_grad: str = "reference", dense_weight_grad: bool = False,
+        assign_init_std: float = 1.0, assign_grad: AssignGrad = "reference", dense_weight_grad: bool = False,
     ) -> None:
         super().__init__()
         hidden = int(round(inp * expand_ratio))
@@ -115,10 +115,9 @@ class MobileNetV2(nn.Module):
         assignment: FLGC only: ``learned`` (the reference), ``frozen`` (random groups that never
             change: the control for learning) or ``balanced`` (learned, equal group sizes).
         assign_init_std: std of the N(0, std^2) assignment-logit init (reference 1.0).
-        assign_grad: FLGC only: how assignment logits get gradients: ``reference`` (straight-through at the
-            selected entry only, as the reference code), ``ste`` (straight-through into the whole softmax) or
-            ``gumbel`` (Gumbel-softmax straight-through; temperature and noise set by the training loop).
-        dense_weight_grad: FLGC only: weights outside a filter's group keep training (forward unchanged).
+        assign_grad: FLGC only: gradient through the group binarisation, ``reference`` (selected entry
+            only), ``ste`` (whole softmax) or ``gumbel`` (Gumbel-softmax straight-through).
+        dense_weight_grad: FLGC only: weights outside a filter's group get their (unmasked) gradient too.
         groups_from / groups_shuffle: FLGC only: a trained run's checkpoint whose learned groups this network
             retrains from scratch, frozen (optionally shuffled, group sizes kept): the controls that separate
             "which channels" from "how big the groups are". ``train.py`` copies the groups in at the start
@@ -137,13 +136,17 @@ class MobileNetV2(nn.Module):
         in_channels: int = 3,
         assignment: str = "learned",
         assign_init_std: float = 1.0,
-        assign_grad: Literal["reference", "ste", "gumbel"] = "reference",
+        assign_grad: AssignGrad = "reference",
         dense_weight_grad: bool = False,
         settings: Sequence[Sequence[int]] = CIFAR_SETTINGS,
         groups_from: Optional[str] = None,
         groups_shuffle: bool = False,
     ) -> None:
         super().__init__()
+        if assign_grad not in ASSIGN_GRADS:
+            raise ValueError(f"assign_grad must be one of {', '.join(ASSIGN_GRADS)}, got {assign_grad!r}")
+        if not isinstance(dense_weight_grad, bool):
+            raise ValueError(f"dense_weight_grad must be a boolean, got {dense_weight_grad!r}")
         if groups_shuffle and not groups_from:
             raise ValueError("groups_shuffle=true needs groups_from (the checkpoint whose groups are shuffled)")
         if groups_from and (not use_flgc or groups == 1 or assignment == "balanced"):

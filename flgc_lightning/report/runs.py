@@ -23,7 +23,8 @@ SEED_KEYS = ("seed",)
 ARM_KEYS = ("arm", "study_arm", "groups", "model.groups", "model.use_flgc", "model.assignment", "model.assign_grad",
             "model.dense_weight_grad", "model.groups_from", "model.groups_shuffle", "assign_optim.lr_mult",
             "assign_optim.weight_decay", "assign_optim.warmup_epochs", "assign_optim.freeze_epoch",
-            "assign_optim.tau_start", "assign_optim.tau_end", "assign_optim.tau_epochs")
+            "assign_optim.tau_start", "assign_optim.tau_end", "assign_optim.tau_epochs",
+            "assign_optim.regroup_epochs")
 CONV_TYPE_KEYS = ("model.assign_grad", "model.dense_weight_grad", "model.groups_from", "model.groups_shuffle")
 IGNORED_KEYS = ("ckpt_path", "hydra.")
 STATUS_SHOWN = {"running": "unfinished", "finished": "finished", "failed": "failed", "interrupted": "interrupted"}
@@ -104,7 +105,8 @@ def _kind(config: dict, overrides: dict) -> str:
     return conv_type(int(config.get("groups", 1)), truthy(config.get("use_flgc")), config.get("assignment", "learned"),
                      get("model.assign_grad", "reference"), truthy(get("model.dense_weight_grad", False)),
                      None if get("model.groups_from") in (None, "null") else get("model.groups_from"),
-                     truthy(get("model.groups_shuffle", False)))
+                     truthy(get("model.groups_shuffle", False)),
+                     bool((config.get("assign_optim") or {}).get("regroup_epochs")))
 
 
 def _from_summary(name: str, summary: dict, overrides: Optional[list[str]] = None) -> RunRow:

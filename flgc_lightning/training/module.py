@@ -7,9 +7,9 @@ holds weights updated by a non-finite loss).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -19,42 +19,17 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from flgc_lightning.errors import ConfigError, NonFiniteLossError
-from flgc_lightning.training.file_config import TRUSTED, check_checkpoint, check_hparams
 from flgc_lightning.layers.flgc import Flgc2d
+from flgc_lightning.layers.regroup import apply_groups, propose_groups
+from flgc_lightning.training.assign_schedule import AssignSchedule, refresh_assignment_noise
 from flgc_lightning.training.cuda_graphs import GraphedTraining
-from flgc_lightning.training.schema import instantiate_checked
+from flgc_lightning.training.file_config import TRUSTED, check_checkpoint, check_hparams
+from flgc_lightning.training.schema import construct_checked, instantiate_checked
 from flgc_lightning.utils.complexity import complexity_summary, format_millions
 
-
-# How the training loop treats FLGC assignment logits (top-level ``assign_optim`` in conf/train.yaml).
-ASSIGN_OPTIM_DEFAULTS = {"lr_mult": 1.0, "weight_decay": None, "warmup_epochs": 0, "freeze_epoch": None,
-                         "tau_start": 1.0, "tau_end": 0.1, "tau_epochs": None}
-
-
-def assign_optim_problems(a: dict) -> list[str]:
-    """Range problems of an ``assign_optim`` dict (types are the schema's)."""
-    problems = []
-    if not a["lr_mult"] >= 0:
-        problems.append(f"assign_optim.lr_mult must be >= 0, got {a['lr_mult']!r}")
-    if a["weight_decay"] is not None and not a["weight_decay"] >= 0:
-        problems.append(f"assign_optim.weight_decay must be >= 0 or null, got {a['weight_decay']!r}")
-    if not a["warmup_epochs"] >= 0:
-        problems.append(f"assign_optim.warmup_epochs must be >= 0, got {a['warmup_epochs']!r}")
-    if a["freeze_epoch"] is not None and not a["freeze_epoch"] > a["warmup_epochs"]:
-        problems.append(f"assign_optim.freeze_epoch must be > warmup_epochs ({a['warmup_epochs']}) or null, "
-                        f"got {a['freeze_epoch']!r}")
-    for key in ("tau_start", "tau_end"):
-        if not a[key] > 0:
-            problems.append(f"assign_optim.{key} must be > 0, got {a[key]!r}")
-    if a["tau_epochs"] is not None and not a["tau_epochs"] > 0:
-        problems.append(f"assign_optim.tau_epochs must be > 0 or null, got {a['tau_epochs']!r}")
-    return problems
-
-
-def noise_seed(run_seed: int, step: int) -> int:
-    """The seed of one training step's Gumbel noise: a function of the run's seed and the step alone, so a
-    resumed run draws the noise an uninterrupted one would."""
-    return int(np.random.SeedSequence([int(run_seed) & 0xFFFFFFFF, int(step)]).generate_state(1, np.uint64)[0])
+# Every assign_optim key and its default; old checkpoints' hyperparameters lack the schedule keys.
+ASSIGN_OPTIM_DEFAULTS = {"lr_mult": 1.0, "weight_decay": None, **dataclasses.asdict(AssignSchedule()),
+                         "regroup_epochs": []}
 
 
 def plain(cfg: Any) -> Any:
@@ -79,6 +54,9 @@ class ImageClassifier(pl.LightningModule):
         assign_optim: how the optimizer treats FLGC assignment logits: ``lr_mult`` (their
             learning rate is ``optimizer.lr * lr_mult``) and ``weight_decay`` (``None``: the
             optimizer's). The reference treats them like every other parameter (1.0, ``None``).
+            Also when they learn and the Gumbel temperature (:class:`AssignSchedule`'s keys): frozen
+            epochs drop the logits' gradients before the optimizer step, so SGD neither moves nor
+            decays them (``requires_grad`` stays, which DDP's reducer and compiled graphs need).
         config_origin: where ``model``/``optimizer``/``scheduler`` come from, for messages (default: a file's
             hyperparameters, as ``load_from_checkpoint`` passes them). Configs are built only from classes a file
             may name (:mod:`flgc_lightning.training.file_config`) unless it is ``TRUSTED``: configs the user
@@ -101,9 +79,13 @@ class ImageClassifier(pl.LightningModule):
                            "input_size": list(input_size), "assign_optim": plain(assign_optim)}, str(config_origin))
         self._checkpoint_source = "checkpoint" if config_origin is TRUSTED else str(config_origin)
         assign_optim = {**ASSIGN_OPTIM_DEFAULTS, **(plain(assign_optim) or {})}
-        problems = assign_optim_problems(assign_optim)
-        if problems:
-            raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+        if not assign_optim["lr_mult"] >= 0:
+            raise ConfigError(f"invalid configuration:\n  - assign_optim.lr_mult must be >= 0, got {assign_optim['lr_mult']!r}")
+        if assign_optim["weight_decay"] is not None and not assign_optim["weight_decay"] >= 0:
+            raise ConfigError("invalid configuration:\n  - assign_optim.weight_decay must be >= 0 or null, got "
+                              f"{assign_optim['weight_decay']!r}")
+        self.assign_schedule = construct_checked(lambda: AssignSchedule.from_options(assign_optim), "assign_optim",
+                                                 "flgc_lightning.training.assign_schedule.AssignSchedule")
         self.save_hyperparameters({
             "model": plain(model), "optimizer": plain(optimizer), "scheduler": plain(scheduler),
             "input_size": list(input_size), "assign_optim": assign_optim,
@@ -122,9 +104,9 @@ class ImageClassifier(pl.LightningModule):
         self.compile_network: bool | str = False  # True or a torch.compile mode ("reduce-overhead": CUDA graphs)
         self.cuda_graphs = False  # training forward/backward replayed from CUDA graphs (training/cuda_graphs.py)
         self.run_seed = 0  # the run's seed (train.py sets it): Gumbel noise derives from it and the step
-        self._noise_generator: Optional[torch.Generator] = None
         self._graphed: Optional[GraphedTraining] = None
         self._first_nonfinite: Optional[torch.Tensor] = None  # device scalar: first step with a bad loss, or -1
+        self._flgc: Optional[list[tuple[int, Flgc2d]]] = None
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):
@@ -191,50 +173,36 @@ class ImageClassifier(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.check_finite()
 
-    # -- assignment schedule: warm-up, freeze, Gumbel noise and temperature ----------------------
-    def _flgc_layers(self) -> list[Flgc2d]:
-        return [m for m in self.net.modules() if isinstance(m, Flgc2d)]
-
-    def assignments_learn(self, epoch: Optional[int] = None) -> bool:
-        """Whether assignment logits are updated in ``epoch`` (default: the current one)."""
-        a = self.hparams.assign_optim
-        epoch = self.current_epoch if epoch is None else epoch
-        return epoch >= a["warmup_epochs"] and (a["freeze_epoch"] is None or epoch < a["freeze_epoch"])
-
-    def gumbel_tau(self, batch_idx: int = 0) -> float:
-        """Temperature, annealed exponentially from ``tau_start`` to ``tau_end`` over ``tau_epochs`` epochs
-        (default: the run's) from the end of the warm-up, step by step; constant after."""
-        a = self.hparams.assign_optim
-        trainer = self._trainer
-        span = a["tau_epochs"] or (trainer.max_epochs if trainer is not None and trainer.max_epochs > 0 else 1)
-        batches = trainer.num_training_batches if trainer is not None else float("inf")
-        fraction = batch_idx / batches if 0 < batches < float("inf") else 0.0
-        progress = min(1.0, max(0.0, (self.current_epoch - a["warmup_epochs"] + fraction) / span))
-        return float(a["tau_start"] * (a["tau_end"] / a["tau_start"]) ** progress)
+    # -- assignment schedule: host ints only (epoch, step, seed), so no sync and an exact resume ------
+    def _flgc_layers(self) -> list[tuple[int, Flgc2d]]:
+        """``(index in module order, layer)`` of every FLGC layer (found once: the network never changes)."""
+        if self._flgc is None:
+            self._flgc = list(enumerate(m for m in self.net.modules() if isinstance(m, Flgc2d)))
+        return self._flgc
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        layers = [m for m in self._flgc_layers() if m.assign_grad == "gumbel" and m.learn_assignments]
-        if not layers:
-            return
-        if not self.assignments_learn():  # warm-up and frozen epochs train the groups as they are
-            for layer in layers:
-                layer.refresh_gumbel_noise(None)
-            return
-        if self._noise_generator is None or self._noise_generator.device != self.device:
-            self._noise_generator = torch.Generator(device=self.device)
-        self._noise_generator.manual_seed(noise_seed(self.run_seed, self.global_step))
-        tau = self.gumbel_tau(batch_idx)
-        for layer in layers:
-            layer.refresh_gumbel_noise(self._noise_generator, tau)
+        # batch_idx is 0 once per epoch: a resume inside an epoch continues its count and does not regroup again
+        if batch_idx == 0 and self.assign_schedule.regroups(self.current_epoch):
+            self.regroup()
+        gumbel = [(i, m) for i, m in self._flgc_layers() if m.assign_grad == "gumbel"]
+        if gumbel:
+            refresh_assignment_noise(gumbel, self.assign_schedule, self.run_seed, self.global_step,
+                                     self.current_epoch, self.trainer.max_epochs)
+
+    def regroup(self) -> None:
+        """Co-cluster every learning FLGC layer's ``|W|`` into new groups (one host sync per layer). Under DDP
+        rank 0's proposal is used everywhere, so the ranks cannot disagree on the groups."""
+        layers = [m for _, m in self._flgc_layers() if m.learn_assignments]
+        proposals = [propose_groups(m, seed=self.run_seed % 2**32) for m in layers]
+        proposals = self.trainer.strategy.broadcast(proposals, src=0)
+        moved = sum(apply_groups(m, *p) for m, p in zip(layers, proposals))
+        rank_zero_info(f"epoch {self.current_epoch}: regrouped {len(layers)} FLGC layers by co-clustering |W|, "
+                       f"{moved} channels changed group")
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Outside the epochs in which assignments learn, their gradients are dropped, so the optimizer
-        neither moves nor decays them (a gradient of None is skipped; DDP has reduced it already)."""
-        if self.assignments_learn():
-            return
-        for layer in self._flgc_layers():
-            layer.in_assign.grad = None
-            layer.out_assign.grad = None
+        if not self.assign_schedule.learning(self.current_epoch):
+            for _, layer in self._flgc_layers():
+                layer.in_assign.grad = layer.out_assign.grad = None
 
     def parameter_groups(self) -> list[dict] | Any:
         """All parameters in one group, as the reference does, unless ``assign_optim`` treats the

@@ -144,9 +144,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("FLGC groups from %s%s, frozen", module.net.groups_from,
                  ", shuffled (sizes kept)" if module.net.groups_shuffle else "")
     if checkpoint is not None:
-        check_resume_compatible(module.hparams.model, checkpoint, cfg.ckpt_path)
+        rules = check_resume_compatible(module.hparams.model, checkpoint, cfg.ckpt_path)
         check_resume_averaging(cfg, checkpoint, cfg.ckpt_path)
-        changes = resume_setting_changes(module.run_config, checkpoint["flgc_config"])
+        changes = rules + resume_setting_changes(module.run_config, checkpoint["flgc_config"])
         if changes:
             log.warning("resuming with settings that differ from the checkpoint's (the continuation will not "
                         "match an uninterrupted run):\n  - %s", "\n  - ".join(changes))

@@ -36,13 +36,16 @@ class _Schema(BaseModel):
 
 
 class AssignOptim(_Schema):
+    """Types only; ranges are checked by ``ImageClassifier`` and ``AssignSchedule``, which own the values."""
+
     lr_mult: float
     weight_decay: Optional[float] = None
     warmup_epochs: int = 0
     freeze_epoch: Optional[int] = None
     tau_start: float = 1.0
     tau_end: float = 0.1
-    tau_epochs: Optional[float] = None
+    tau_epochs: Optional[int] = None
+    regroup_epochs: list[int] = []
 
 
 class TrainKeys(_Schema):
