@@ -40,13 +40,13 @@ def _job_log(output_dir: str, job_name: str) -> str:
 
 # What each conv type of a study arm sets (defaults: FLGC, learned, reference estimator, logits at the
 # optimizer's learning rate, no schedule). The learning settings are the planted-structure test's best
-# (README, "Positive control: planted groups") scaled to the 16 epochs of experiment=subset_study_v2: regroup
-# at epochs 3, 6 and 10 (a fifth, two fifths and three fifths of the run), groups frozen from epoch 10, the
-# logits at 10x the learning rate, Gumbel temperature 5 -> 1.
+# (README, "Positive control: planted groups") scaled to the 6 epochs of experiment=subset_study_v2: regroup
+# at epochs 2 and 4, groups frozen from epoch 4 (the last third trains the final architecture), the logits at
+# 10x the learning rate, Gumbel temperature 5 -> 1.
 ARM_DEFAULTS = {"use_flgc": True, "assignment": "learned", "assign_grad": "reference", "dense_weight_grad": False,
                 "lr_mult": 1.0, "retrain": False, "groups_shuffle": False, "regroup_epochs": [],
                 "freeze_epoch": None, "tau_start": 1.0, "tau_end": 0.1}
-_LEARNING = {"dense_weight_grad": True, "lr_mult": 10.0, "regroup_epochs": [3, 6, 10], "freeze_epoch": 10}
+_LEARNING = {"dense_weight_grad": True, "lr_mult": 10.0, "regroup_epochs": [2, 4], "freeze_epoch": 4}
 ARM_KINDS = {
     "grouped": {"use_flgc": False}, "FLGC": {}, "FLGC-frozen": {"assignment": "frozen"},
     "FLGC-balanced": {"assignment": "balanced"},
