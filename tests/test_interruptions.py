@@ -184,6 +184,26 @@ def test_atomic_write_on_a_full_disk_removes_its_temporary_and_names_the_file(tm
     assert torch.equal(torch.load(target, weights_only=True)["w"], torch.ones(10))
 
 
+@pytest.mark.parametrize("limit", [1, 4096 * 3 + 7, 300_000, 400_123, 799_999])
+def test_atomic_write_past_a_file_size_limit_names_the_error_wherever_the_limit_falls(tmp_path, limit):
+    """A file-size limit (EFBIG, like a quota) cut at any byte: one CheckpointWriteError, never torch's
+    zip-writer RuntimeError, no temporary left, the previous checkpoint intact."""
+    from flgc_lightning.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
+
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"w": torch.ones(10)}, target)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        with pytest.raises(CheckpointWriteError, match=r"could not write checkpoint '.*last.ckpt': File too large \[EFBIG\]"):
+            io.save_checkpoint({"w": torch.zeros(200_000)}, target)  # 800 kB
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert torch.equal(torch.load(target, weights_only=True)["w"], torch.ones(10))
+
+
 def test_two_process_ddp_same_weights_disjoint_shards_rank0_writes_and_exact_resume(tmp_path):
     """CPU DDP (gloo, 2 processes) on the digits data: every step both ranks hold the same weights, they train
     on disjoint shards, only rank 0 writes into the run directory, and a run killed mid-epoch and resumed

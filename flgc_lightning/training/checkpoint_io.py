@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -29,10 +30,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        # Serialise in memory first: torch's zip writer turns a short write (a file-size limit, a full disk)
+        # into a RuntimeError whose text depends on where the limit falls; a plain file write raises OSError.
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as fh:
-                torch.save(checkpoint, fh)
+                fh.write(buffer.getbuffer())
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -42,11 +47,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise CheckpointWriteError(
                 f"could not write checkpoint '{path}': {reason}{code}. The previous checkpoint there (if any) is "
                 "intact; free space or fix the folder's permissions, then resume from it with ckpt_path=...") from None
-        except RuntimeError as err:  # torch.save wraps some write errors (e.g. its zip writer's)
-            if "write" not in str(err).lower() and "file" not in str(err).lower():
-                raise
-            raise CheckpointWriteError(f"could not write checkpoint '{path}': {str(err).splitlines()[0][:200]}. The "
-                                       "previous checkpoint there (if any) is intact.") from None
         finally:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
