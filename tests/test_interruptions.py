@@ -17,13 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, SHORT, probe, run_cli  # SHORT: 3 steps per epoch, 2 epochs, validation in 4 batches
 from probes import read_records
-from test_resume import BASE, assert_same_run, last_step, probe, wait_until
+from test_resume import assert_same_run, last_step, wait_until
 
 pytestmark = pytest.mark.slow
-
-SHORT = (*BASE, "data.limit_train=96")  # 3 steps per epoch, 2 epochs; step checkpoints every 100 (none mid-epoch)
 
 
 def start(args, run_dir: Path, env=None) -> subprocess.Popen:
@@ -36,9 +34,9 @@ def steps(records) -> list[int]:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_stop_signal_writes_a_checkpoint_at_the_next_step_and_resume_is_exact(tmp_path, cifar_subset, signum):
+def test_stop_signal_writes_a_checkpoint_at_the_next_step_and_resume_is_exact(tmp_path, cifar_subset, signum,
+                                                                             reference_run):
     data = f"data.root={cifar_subset}"
-    run_cli("train.py", data, *SHORT, *probe(tmp_path / "full.jsonl"), f"hydra.run.dir={tmp_path / 'full'}")
     cut, records = tmp_path / "cut", tmp_path / "cut.jsonl"
     proc = start((data, *SHORT, *probe(records)), cut)
     wait_until(lambda: records.exists() and 1 in steps(read_records(records)), proc)
@@ -58,14 +56,14 @@ def test_stop_signal_writes_a_checkpoint_at_the_next_step_and_resume_is_exact(tm
     # the two processes together trained each step once: the resume continued at stopped_at + 1 (a restart
     # from scratch would train steps 1.. again, and end bit-identical all the same)
     assert steps(read_records(records)) == list(range(1, 7))
-    assert_same_run(tmp_path / "full", cut)
+    assert_same_run(reference_run[0], cut)
 
 
-def test_stop_signal_during_validation_lets_it_finish_first(tmp_path, cifar_subset):
+def test_stop_signal_during_validation_lets_it_finish_first(tmp_path, cifar_subset, reference_run):
+    """Validation has 4 batches (SHORT), each followed by a pause; the signal arrives during the first."""
     data = f"data.root={cifar_subset}"
-    run_cli("train.py", data, *SHORT, *probe(tmp_path / "full.jsonl"), f"hydra.run.dir={tmp_path / 'full'}")
     cut, records = tmp_path / "cut", tmp_path / "cut.jsonl"
-    proc = start((data, *SHORT, *probe(records, pause=1.0)), cut)
+    proc = start((data, *SHORT, *probe(records, pause=0.5)), cut)
     wait_until(lambda: records.exists() and any(r["event"] == "validation_start" for r in read_records(records)), proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
@@ -75,12 +73,16 @@ def test_stop_signal_during_validation_lets_it_finish_first(tmp_path, cifar_subs
     assert last_step(cut / "checkpoints" / "last.ckpt") == 3  # the end-of-epoch-0 checkpoint
     run_cli("train.py", data, *SHORT, *probe(records), f"ckpt_path={cut / 'checkpoints' / 'last.ckpt'}")
     assert steps(read_records(records)) == list(range(1, 7))  # continued at step 4, not over
-    assert_same_run(tmp_path / "full", cut)
+    assert_same_run(reference_run[0], cut)
 
 
-def test_slurm_requeue_signal_checkpoints_requeues_and_the_same_command_continues(tmp_path, cifar_subset):
+def test_slurm_requeue_signal_checkpoints_requeues_and_the_same_command_continues(tmp_path, cifar_subset,
+                                                                                 reference_run):
     """SIGUSR1 (Lightning's auto-requeue signal): checkpoint at the step boundary, `scontrol requeue <job>`; the
-    requeued job runs the very same command in the same run directory and continues from its last.ckpt."""
+    requeued job runs the very same command in the same run directory and continues from its last.ckpt. The signal
+    is sent once step 2 is recorded, so it lands in the epoch's last step (3 of 3): Lightning then starts the
+    epoch's validation and would abort it at its first batch (4 here), before the epoch-end checkpoint; the stop
+    must wait for validation and the checkpoint (Preemption.on_validation_start takes it back)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "scontrol.calls"
@@ -89,7 +91,6 @@ def test_slurm_requeue_signal_checkpoints_requeues_and_the_same_command_continue
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "PYTHONUNBUFFERED": "1"}
     data = f"data.root={cifar_subset}"
-    run_cli("train.py", data, *SHORT, *probe(tmp_path / "full.jsonl"), f"hydra.run.dir={tmp_path / 'full'}")
     job, records = tmp_path / "job", tmp_path / "job.jsonl"
     args = (data, *SHORT, *probe(records))
     proc = start(args, job, env)
@@ -105,7 +106,7 @@ def test_slurm_requeue_signal_checkpoints_requeues_and_the_same_command_continue
     assert again.returncode == 0, again.stderr[-2000:]
     assert "the run directory already holds this run: continuing from" in again.stderr + again.stdout
     assert steps(read_records(records)) == list(range(1, 7))  # each step trained once across both processes
-    assert_same_run(tmp_path / "full", job)
+    assert_same_run(reference_run[0], job)
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -137,11 +138,10 @@ def test_a_killed_sweep_run_again_skips_finished_jobs_resumes_the_cut_one_and_ru
     second = list(by_pid.values())[1:]  # the processes of the second invocation (one process runs all jobs)
     second_steps = [r["step"] for run in second for r in run if r["event"] == "step"]
     assert second_steps == [5, 6, 1, 2, 3, 4, 5, 6]  # job 1 from its step 4 checkpoint, then job 2 whole
-    for job, groups in (("1", 2), ("2", 4)):
-        single = tmp_path / f"single{groups}"
-        run_cli("train.py", data, *SHORT, "callbacks.step_checkpoint.every_n_train_steps=1", f"groups={groups}",
-                f"hydra.run.dir={single}")
-        assert_same_run(single, sweep / job)
+    # the resumed job ends as an uninterrupted run would (job 2 ran whole in the second invocation: its steps above)
+    single = tmp_path / "single2"
+    run_cli("train.py", data, *SHORT, "groups=2", f"hydra.run.dir={single}")
+    assert_same_run(single, sweep / "1")
     report = run_cli("-m", "flgc_lightning.report", str(sweep))
     assert report.stdout.count("| finished |") == 3 and "| unfinished |" not in report.stdout
 

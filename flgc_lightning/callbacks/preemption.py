@@ -55,6 +55,7 @@ class Preemption(Callback):
         self._lightning_sigterm: Any = None
         self._previous: dict[int, Any] = {}
         self._deferred = False
+        self._taken_back = False
 
     @property
     def requeue(self) -> bool:
@@ -100,8 +101,22 @@ class Preemption(Callback):
         elif self._trainer is not None:
             self._trainer._signal_connector.received_sigterm = True
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A stop handed to Lightning during an epoch's last training step: Lightning lets the epoch's validation
+        # start, then aborts it at the first batch that is not the last one, before the epoch-end checkpoint is
+        # written, so the run would lose the epoch (and under DDP one rank would leave validation alone). Take
+        # the stop back until validation has finished; the epoch then ends with its checkpoint and stops.
+        if self.received is not None and not trainer.sanity_checking and trainer.received_sigterm:
+            trainer._signal_connector.received_sigterm = False
+            self._taken_back = True
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._deferred and not trainer.sanity_checking:
+        if trainer.sanity_checking:
+            return
+        if self._taken_back:  # Lightning's handler already ran (and signalled worker processes): set its flag again
+            self._taken_back = False
+            trainer._signal_connector.received_sigterm = True
+        if self._deferred:
             self._deferred = False
             self._stop()
 
