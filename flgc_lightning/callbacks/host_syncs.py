@@ -8,8 +8,9 @@ step and logging are inside it. Validation, checkpointing and epoch ends are out
 On CUDA the count comes from CUDA itself (``torch.cuda.set_sync_debug_mode("warn")`` warns at every
 synchronising call, ``.item()``, ``.cpu()``, ``.tolist()``, blocking copies and data-dependent shapes
 included). On the CPU nothing waits, so it counts the ops that would synchronise on a GPU (reading a
-value, data-dependent output sizes) as they are dispatched; host-side reads such as ``.tolist()`` are not
-ops there and are seen on CUDA only.
+value, data-dependent output sizes) as they are dispatched, and tensors made from host data inside the step
+(``lift_fresh``: on a GPU a blocking host-to-device copy, e.g. a Python number passed where a tensor is
+expected); host-side reads such as ``.tolist()`` are not ops there and are seen on CUDA only.
 
     python train.py +callbacks.host_syncs._target_=flgc_lightning.callbacks.HostSyncCounter \
         +callbacks.host_syncs.path='${run_dir}/host_syncs.json'
@@ -27,9 +28,11 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# Ops that make the host wait for a CUDA device: reading a value or an output whose size depends on the data.
+# Ops that make the host wait for a CUDA device: reading a value or an output whose size depends on the data;
+# lift_fresh is a tensor made from host data (torch.tensor / as_tensor of Python values), which on a GPU is a
+# blocking copy from pageable host memory.
 SYNCING_OPS = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "bincount", "is_nonzero", "equal",
-               "repeat_interleave", "item")
+               "repeat_interleave", "item", "lift_fresh")
 
 
 class SyncingOpCounter(TorchDispatchMode):
