@@ -44,3 +44,27 @@ TINY = (
     "data.limit_train=64", "data.limit_test=32", "data.batch_size=32",
     "trainer.accelerator=cpu", "logger=csv", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
 )
+
+
+# Small deterministic CPU runs for the kill / stop / resume tests: width 0.25, batches of 32, 2 epochs.
+BASE = (*TINY, "model.width_mult=0.25", "trainer.deterministic=true", "trainer.max_epochs=2")
+# 3 steps per epoch; validation in 4 batches of 8, so a stop signal during validation meets a batch that is not the
+# last one (Lightning itself stops after any batch but the last: one batch would hide a missing deferral).
+SHORT = (*BASE, "data.limit_train=96", "data.eval_batch_size=8")
+
+
+def probe(path: Path, pause: float = 0.0) -> tuple[str, ...]:
+    """Overrides adding tests/probes.py's StepRecorder (one JSON line per step and validation start/end)."""
+    return ("+callbacks.probe._target_=tests.probes.StepRecorder", f"+callbacks.probe.path={path}",
+            f"+callbacks.probe.pause_in_validation={pause}")
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, cifar_subset) -> tuple[Path, Path]:
+    """The uninterrupted SHORT run (run directory, its step records) that the stopped, killed and requeued runs
+    must end identical to, trained once for all of them. Their checkpoint intervals differ from its own (the
+    default): where checkpoints are written does not change what a run computes, so this is checked too."""
+    folder = tmp_path_factory.mktemp("reference")
+    run_cli("train.py", f"data.root={cifar_subset}", *SHORT, *probe(folder / "full.jsonl"),
+            f"hydra.run.dir={folder / 'full'}")
+    return folder / "full", folder / "full.jsonl"

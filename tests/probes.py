@@ -95,3 +95,16 @@ class RankProbe(Callback):
 
 def read_records(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class EpochWeights(Callback):
+    """The network's weights as each epoch's validation saw them: ``folder/epoch<N>.pt`` (the sanity check skipped)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        torch.save(pl_module.net.state_dict(), self.folder / f"epoch{trainer.current_epoch}.pt")

@@ -155,6 +155,35 @@ def test_normalize_matches_to_tensor_and_normalize():
     assert torch.equal(normalize(images, torch.tensor(CIFAR_MEAN), torch.tensor(CIFAR_STD)), expected)
 
 
+def by_hand_with_numpy(images: np.ndarray, order: np.ndarray, crops: np.ndarray, pad: int = 4) -> np.ndarray:
+    """The reference augmentation written out with numpy, one image at a time: take the planned image, zero-pad,
+    crop at the planned offsets, mirror if planned, then x / 255, - mean, / std in float32."""
+    mean = np.array(CIFAR_MEAN, dtype=np.float32)[:, None, None]
+    std = np.array(CIFAR_STD, dtype=np.float32)[:, None, None]
+    size = images.shape[-1]
+    out = []
+    for index, (dy, dx, flip) in zip(order, crops):
+        padded = np.pad(images[index], ((0, 0), (pad, pad), (pad, pad)))
+        window = padded[:, dy:dy + size, dx:dx + size]
+        if flip:
+            window = window[:, :, ::-1]
+        out.append((window.astype(np.float32) / np.float32(255) - mean) / std)
+    return np.stack(out)
+
+
+def test_the_cpu_batch_path_equals_the_augmentation_written_by_hand():
+    """The path a CPU run takes (plan, gather from resident images, crop, flip, normalise), against numpy; the CUDA
+    device is checked against the CPU below where there is one."""
+    source = resident(40, seed=7)
+    plan = EpochPlan.draw(seed=9, epoch=1, length=40, pad=4, hflip=True)
+    assert plan.crops[:, 2].any() and not plan.crops[:, 2].all()  # both flipped and plain images in the batch
+    transform = BatchTransform(CIFAR_MEAN, CIFAR_STD, pad=4)
+    batch, labels = transform(ImageBatch(*source.take(plan.order[:16]), plan.crops[:16]))
+    expected = by_hand_with_numpy(source.images.numpy(), plan.order[:16].numpy(), plan.crops[:16].numpy())
+    assert np.array_equal(batch.numpy(), expected)
+    assert labels.tolist() == plan.order[:16].tolist()  # resident(): label i is image i
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_same_batch_on_cpu_and_cuda():
     source = resident(40)

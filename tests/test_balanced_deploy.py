@@ -46,3 +46,32 @@ def test_balanced_network_deploys_exactly_as_grouped_convs(groups, kwargs):
     # cost: exactly that of the standard grouped network of the same G, deployed the same way
     grouped = deploy_model(MobileNetV2(groups=groups, **kwargs).eval(), kernel="padded")
     assert deployed_macs(deployed) == deployed_macs(grouped)
+
+
+# The paper variant (FLGC expand and shortcut convs too) with -m exhaustive: the same forms, twice the layers.
+@pytest.mark.parametrize("groups, kwargs", [(4, {}), pytest.param(4, dict(group_expand=True, group_shortcut=True),
+                                                                  marks=pytest.mark.exhaustive)],
+                         ids=["reference", "paper"])
+def test_balanced_network_in_every_deployed_form(groups, kwargs, tmp_path):
+    """The forms a user ships, not only the padded eager one: the fused kernel, the .pt2 program reloaded, the ONNX
+    file with custom ops (fused) and the stock-op ONNX file (blockdiag), each against the trained network."""
+    from flgc_lightning.deploy import export_onnx, export_program, onnxruntime_logits
+
+    net = trained_like(groups, **kwargs)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = net(images)
+    assert expected.abs().max() > 0.05  # BN-scaled logits: well above the 1e-4 the forms must agree to
+    fused = deploy_model(net, kernel="fused")
+    assert {m.kernel for m in fused.modules() if isinstance(m, UnequalGroupConv2d)} == {"fused"}
+    channels_last = images.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert (fused(channels_last) - expected).abs().max() <= 1e-4
+    export_program(fused, tmp_path / "net.pt2")
+    with torch.no_grad():
+        reloaded = torch.export.load(str(tmp_path / "net.pt2")).module()(channels_last)
+    assert (reloaded - expected).abs().max() <= 1e-4
+    export_onnx(fused, tmp_path / "fused.onnx")
+    assert (onnxruntime_logits(tmp_path / "fused.onnx", images) - expected).abs().max() <= 1e-4
+    export_onnx(deploy_model(net, kernel="blockdiag", align_hidden=16), tmp_path / "stock.onnx", kernel="blockdiag")
+    assert (onnxruntime_logits(tmp_path / "stock.onnx", images) - expected).abs().max() <= 1e-4

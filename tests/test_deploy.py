@@ -490,13 +490,13 @@ def test_deployed_parameters_count_only_weights_inside_groups():
     assert deployed_parameters(plain) == count_parameters(plain)
 
 
-def write_checkpoint(path: Path, groups: int, input_size=(3, 32, 32)) -> nn.Module:
+def write_checkpoint(path: Path, groups: int, input_size=(3, 32, 32), width: float = 1.0) -> nn.Module:
     """A checkpoint in train.py's format (keys checked by load_checkpoint)."""
     from flgc_lightning.training.module import ImageClassifier
 
     module = ImageClassifier(
         model={"_target_": "flgc_lightning.models.MobileNetV2", "num_classes": 10, "groups": groups, "use_flgc": True,
-               "in_channels": input_size[0]},
+               "in_channels": input_size[0], "width_mult": width},
         optimizer={"_target_": "torch.optim.SGD", "lr": 0.1},
         input_size=input_size,
     )
@@ -524,13 +524,16 @@ np.save(out + "/onnx.npy", session.run(None, {"images": x.numpy()})[0])
 @pytest.mark.parametrize("input_size", [(3, 32, 32), (1, 16, 16)], ids=["cifar", "quickstart-digits"])
 def test_cli_deploys_and_exports_a_checkpoint(tmp_path, input_size):
     """The CLI's files, loaded and run on their own (a plain onnxruntime session, torch.export.load in a fresh
-    process), agree with the trained network; so does the pickled module."""
-    trained = write_checkpoint(tmp_path / "flgc.ckpt", groups=8, input_size=input_size)
-    export_form = ["--export-kernel", "padded"] if input_size[0] == 1 else []  # CIFAR case: default, fused
+    process), agree with the trained network; so does the pickled module. Width 0.25 and a named kernel: the
+    full-width networks and kernel=auto's timing are checked in-process above; here the command line is."""
+    trained = write_checkpoint(tmp_path / "flgc.ckpt", groups=8, input_size=input_size, width=0.25)
+    # CIFAR case: the default export form (fused); digits: the padded stock-op form
+    kernel, export_form = ("padded", ["--export-kernel", "padded"]) if input_size[0] == 1 else ("fused", [])
     proc = subprocess.run([sys.executable, "-m", "flgc_lightning.deploy", str(tmp_path / "flgc.ckpt"), "--out",
-                           str(tmp_path / "out"), "--onnx", *export_form], cwd=REPO, capture_output=True, text=True)
+                           str(tmp_path / "out"), "--onnx", "--kernel", kernel, *export_form], cwd=REPO,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "deployed : params" in proc.stdout and "FLGC layer kernels (auto):" in proc.stdout
+    assert "deployed : params" in proc.stdout and f"FLGC layer kernels ({kernel}): {kernel} x17" in proc.stdout
     out = tmp_path / "out"
     import onnx
     ops = {n.op_type for n in onnx.load(str(out / "deployed.onnx")).graph.node}
@@ -553,19 +556,29 @@ def test_cli_deploys_and_exports_a_checkpoint(tmp_path, input_size):
 
 @pytest.mark.slow
 def test_cli_without_a_c_compiler(tmp_path):
-    """No compiler on PATH: auto warns and deploys with stock ops; --kernel fused is a clear error."""
-    write_checkpoint(tmp_path / "flgc.ckpt", groups=4)
+    """No compiler on PATH: auto warns and deploys with stock ops, the same numbers as the trained network (the
+    module and the ONNX file); --kernel fused is a clear error."""
+    import onnxruntime
+
+    trained = write_checkpoint(tmp_path / "flgc.ckpt", groups=4, width=0.25)
     env = {**os.environ, "PATH": str(tmp_path / "empty"), "FLGC_NATIVE_CACHE": str(tmp_path / "cache")}
     env.pop("CC", None)
     base = [sys.executable, "-m", "flgc_lightning.deploy", str(tmp_path / "flgc.ckpt")]
-    auto = subprocess.run([*base, "--out", str(tmp_path / "auto")], cwd=REPO, env=env, capture_output=True, text=True)
+    auto = subprocess.run([*base, "--out", str(tmp_path / "auto"), "--onnx"], cwd=REPO, env=env, capture_output=True,
+                          text=True)
     assert auto.returncode == 0, auto.stderr
     assert "fused unequal-group kernel unavailable (no C compiler found" in auto.stderr
-    assert "fused" not in auto.stdout.split("FLGC layer kernels (auto):")[1].splitlines()[0]
-    onnx = subprocess.run([*base, "--out", str(tmp_path / "onnx"), "--onnx"], cwd=REPO, env=env, capture_output=True,
-                          text=True)
-    assert onnx.returncode == 0, onnx.stderr
-    assert "the ONNX file uses stock ops (blockdiag)" in onnx.stdout and "FLGC layers blockdiag" in onnx.stdout
+    kernels = auto.stdout.split("FLGC layer kernels (auto):")[1].splitlines()[0]
+    assert "fused" not in kernels and kernels.strip()
+    assert "the ONNX file uses stock ops (blockdiag)" in auto.stdout and "FLGC layers blockdiag" in auto.stdout
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = trained.eval()(x)
+        module = torch.load(tmp_path / "auto" / "deployed.pt", weights_only=False)  # our own file: trusted
+        assert (module(x.contiguous(memory_format=torch.channels_last)) - expected).abs().max() <= 1e-4
+    session = onnxruntime.InferenceSession(str(tmp_path / "auto" / "deployed.onnx"), providers=["CPUExecutionProvider"])
+    assert abs(session.run(None, {"images": x.numpy()})[0] - expected.numpy()).max() <= 1e-4  # stock ops alone
+    assert expected.abs().max() > 0.5
     fused = subprocess.run([*base, "--out", str(tmp_path / "fused"), "--kernel", "fused"], cwd=REPO, env=env,
                            capture_output=True, text=True)
     assert fused.returncode == 1

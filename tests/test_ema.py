@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_cli
+from conftest import BASE, run_cli
 from flgc_lightning.config import compose
 from flgc_lightning.errors import ConfigError
 from flgc_lightning.training.schema import instantiate_checked
@@ -70,8 +70,9 @@ def _net_outputs(checkpoint: dict, weights: str, root, count: int = 32):
 
 def test_killed_ema_run_resumes_bit_identically_and_every_reader_uses_the_average(tmp_path, cifar_subset):
     result = kill_and_resume(
-        tmp_path, (*EMA, "data.limit_train=96", "callbacks.step_checkpoint.every_n_train_steps=2"),
-        lambda records, last: last_step(last) == 2, f"data.root={cifar_subset}")
+        tmp_path, (f"data.root={cifar_subset}", *BASE, *EMA, "data.limit_train=96",
+                   "callbacks.step_checkpoint.every_n_train_steps=2"),
+        lambda records, last: last_step(last) == 2)
     assert result["saved_step"] == 2  # killed mid epoch 0; kill_and_resume checked state_dict (= the average),
     # momenta, schedules and every epoch's validation metrics against the uninterrupted run
     full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)

@@ -61,26 +61,76 @@ def test_train_resume_test(tmp_path, cifar_subset):
     assert reported == pytest.approx(independent_accuracy(last, cifar_subset, 32), abs=1e-6)
 
 
-def independent_accuracy(checkpoint_path, root, count: int) -> float:
-    import pickle
-
-    import numpy as np
-
+def network_of(checkpoint_path):
+    """The network rebuilt from a checkpoint's saved model config and weights, in eval mode."""
     from flgc_lightning.models import MobileNetV2
 
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     model_cfg = {k: v for k, v in checkpoint["hyper_parameters"]["model"].items() if k != "_target_"}
     net = MobileNetV2(**model_cfg)
     net.load_state_dict({k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")})
-    with open(root / "cifar-10-batches-py" / "test_batch", "rb") as fh:
-        batch = pickle.load(fh, encoding="latin1")
-    pixels = np.asarray(batch["data"][:count], dtype=np.float32).reshape(count, 3, 32, 32) / 255.0
-    mean = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)[:, None, None]  # REFERENCE.md section 3
+    return net.eval()
+
+
+def accuracy_by_hand(net, pixels, labels) -> float:
+    """uint8 N x 3 x 32 x 32 images normalised by hand (REFERENCE.md section 3), eval-mode predictions."""
+    import numpy as np
+
+    mean = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)[:, None, None]
     std = np.array([0.2023, 0.1994, 0.2010], dtype=np.float32)[:, None, None]
-    images = torch.from_numpy((pixels - mean) / std)
+    images = torch.from_numpy((np.asarray(pixels, dtype=np.float32) / 255.0 - mean) / std)
     with torch.no_grad():
         predictions = net.eval()(images).argmax(1)
-    return float((predictions == torch.tensor(batch["labels"][:count])).float().mean())
+    return float((predictions == torch.as_tensor(labels)).float().mean())
+
+
+def cifar_test_images(root, count: int):
+    import pickle
+
+    import numpy as np
+
+    with open(root / "cifar-10-batches-py" / "test_batch", "rb") as fh:
+        batch = pickle.load(fh, encoding="latin1")
+    return np.asarray(batch["data"][:count]).reshape(count, 3, 32, 32), batch["labels"][:count]
+
+
+def independent_accuracy(checkpoint_path, root, count: int) -> float:
+    return accuracy_by_hand(network_of(checkpoint_path), *cifar_test_images(root, count))
+
+
+def test_test_after_fit_tests_the_checkpoint_best_on_held_out_data(tmp_path, cifar_subset):
+    """The study's headline number: with data.val_size and test_after_fit, summary.json's test_acc is the test
+    accuracy of the checkpoint best on the held-out validation images. Every epoch's weights (a probe) are
+    evaluated here by hand on the held-out images (the split from the data module: tests/test_data.py checks it)
+    and on the test images."""
+    from flgc_lightning.data import CifarDataModule
+    from flgc_lightning.models import MobileNetV2
+
+    run, weights = tmp_path / "run", tmp_path / "weights"
+    run_cli("train.py", f"data.root={cifar_subset}", *TINY, "data.limit_train=128", "data.limit_test=128",
+            "data.val_size=128", "test_after_fit=true", "model.width_mult=0.25", "trainer.max_epochs=4",
+            "trainer.deterministic=true", "seed=2", "+callbacks.weights._target_=tests.probes.EpochWeights",
+            f"+callbacks.weights.folder={weights}", f"hydra.run.dir={run}")
+    summary = json.loads((run / "summary.json").read_text())
+    data = CifarDataModule(root=str(cifar_subset), download=False, val_size=128, limit_train=128, limit_test=128)
+    data.setup()
+    net = MobileNetV2(groups=8, use_flgc=True, width_mult=0.25)
+    val, test = [], []
+    for epoch in range(4):
+        net.load_state_dict(torch.load(weights / f"epoch{epoch}.pt", weights_only=True))
+        val.append(accuracy_by_hand(net, data.val_set.images.numpy(), data.val_set.labels))
+        test.append(accuracy_by_hand(net, *cifar_test_images(cifar_subset, 128)))
+    # the run validated on the held-out images: its logged accuracies are these, not the test split's
+    assert [h["val_acc"] for h in summary["history"]] == pytest.approx(val, abs=1e-6)
+    best = val.index(max(val))  # the first best (a later tie does not replace it)
+    # a case that tells the rules apart (seed 2 was picked for it): the best epoch on validation is neither the
+    # last nor the best on test, and a later epoch ties it on validation
+    assert val.count(max(val)) > 1 and val[-1] == max(val), (val, test)
+    assert best != 3 and test.index(max(test)) != best, (val, test)
+    assert summary["test_checkpoint"] == str(run / "checkpoints" / f"best-epoch{best:03d}.ckpt")
+    assert summary["best_epoch"] == best and summary["test_acc"] == pytest.approx(test[best], abs=1e-6)
+    assert summary["test_acc"] == pytest.approx(independent_accuracy(summary["test_checkpoint"], cifar_subset, 128),
+                                                abs=1e-6)
 
 
 def test_tiny_multirun_sweep_runs_every_point_even_after_an_invalid_one(tmp_path, cifar_subset):

@@ -16,8 +16,9 @@ from flgc_lightning.data import DigitsDataModule
 from flgc_lightning.models import MobileNetV2
 from flgc_lightning.report import main as report_main
 from flgc_lightning.training.module import ImageClassifier
-from flgc_lightning.utils.complexity import count_macs, count_parameters
+from flgc_lightning.utils.complexity import count_parameters
 from tests.conftest import run_cli
+from tests.counts import macs_by_hand
 from tests.test_data_sources import write_png_tree
 
 # The accuracy docs/experiments.md promises for `python train.py experiment=quickstart`.
@@ -92,7 +93,7 @@ def test_run_summary_records_a_failed_run_and_report_shows_it(tmp_path, capsys, 
     assert summary["epochs_done"] == 1 and len(summary["history"]) == 1 and summary["max_epochs"] == 3
     assert summary["config"]["conv_type"] == "FLGC" and summary["config"]["groups"] == 2
     net = MobileNetV2(10, 2, True, 0.25, in_channels=1)
-    assert summary["params"] == count_parameters(net) and summary["macs"] == count_macs(net, (1, 8, 8))
+    assert summary["params"] == count_parameters(net) and summary["macs"] == macs_by_hand(net, (1, 8, 8))
     assert summary["best_val_acc"] == summary["history"][0]["val_acc"] and "macs_deployed" not in summary
     # A run still marked running (killed) and one that never got to fit are listed too.
     unfinished = tmp_path / "sweep" / "1"
@@ -123,7 +124,7 @@ def test_run_summary_continues_across_a_resume(tmp_path, one_thread):
     first.save_checkpoint(tmp_path / "last.ckpt")
     before = json.loads(path.read_text())
     assert before["status"] == "finished" and [h["epoch"] for h in before["history"]] == [0, 1]
-    assert before["macs_deployed"] == count_macs(first.lightning_module.net, (1, 8, 8), "learned")
+    assert before["macs_deployed"] == macs_by_hand(first.lightning_module.net, (1, 8, 8), "learned")
     second = pl.Trainer(max_epochs=3, callbacks=[RunSummary(str(path))], **common)
     second.fit(_tiny_module(), datamodule=data, ckpt_path=tmp_path / "last.ckpt")
     after = json.loads(path.read_text())
@@ -155,16 +156,19 @@ def test_tiny_sweep_report_table_csv_and_plot(cifar_subset, tmp_path):
     by_kind = {(r["conv_type"], r["groups"]): r for r in rows}
     dense = MobileNetV2(10, 1, False, 0.25)
     assert int(by_kind[("dense", "1")]["params"]) == count_parameters(dense)
-    assert int(by_kind[("dense", "1")]["macs_deployed"]) == count_macs(dense) == int(by_kind[("dense", "1")]["macs_nominal"])
+    assert int(by_kind[("dense", "1")]["macs_deployed"]) == macs_by_hand(dense) == int(by_kind[("dense", "1")]["macs_nominal"])
     grouped = MobileNetV2(10, 2, False, 0.25)
-    assert int(by_kind[("grouped", "2")]["macs_deployed"]) == count_macs(grouped) < count_macs(dense)
+    assert int(by_kind[("grouped", "2")]["macs_deployed"]) == macs_by_hand(grouped) < macs_by_hand(dense)
     # FLGC: deployed MACs are the learned groups of the trained network (its last checkpoint).
     flgc = by_kind[("FLGC", "3")]
     checkpoint = torch.load(sweep / flgc["run"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     module = ImageClassifier(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
-    assert int(flgc["macs_deployed"]) == count_macs(module.net, (3, 32, 32), "learned")
-    assert int(flgc["macs_nominal"]) == count_macs(module.net, (3, 32, 32), "nominal")
+    assert int(flgc["macs_deployed"]) == macs_by_hand(module.net, (3, 32, 32), "learned")
+    # nominal: the dense cost with each FLGC layer (1x1, no bias) at 1/G of its dense cost, G = 3
+    nominal = sum(int(m.in_channels * m.out_channels / 3 * p) - m.in_channels * m.out_channels * p
+                  for m, p in flgc_positions(module.net))
+    assert int(flgc["macs_nominal"]) == macs_by_hand(module.net) + nominal
     for r in rows:
         if r["status"] == "finished":
             assert 0 <= float(r["best_acc"]) <= 1 and r["epochs"] == "1" and float(r["wall_time_s"]) > 0
@@ -173,6 +177,20 @@ def test_tiny_sweep_report_table_csv_and_plot(cifar_subset, tmp_path):
     assert "| FLGC | 3 |" in report.stdout and "report.png" in report.stdout
     with Image.open(sweep / "report.png") as png:
         assert png.size == (900, 600) and len(png.convert("RGB").getcolors(1 << 16) or []) > 20
+
+
+def flgc_positions(net):
+    """(FLGC layer, output positions of one 32x32 image) pairs."""
+    from flgc_lightning.layers import Flgc2d
+
+    positions = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o: positions.__setitem__(mod, o[0, 0].numel()))
+             for m in net.modules() if isinstance(m, Flgc2d)]
+    with torch.no_grad():
+        net.eval()(torch.zeros(1, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    return list(positions.items())
 
 
 @pytest.mark.slow
@@ -215,3 +233,46 @@ def test_quickstart_reaches_the_documented_accuracy(tmp_path):
     assert isinstance(summary["channels_ever_moved"], int)
     assert max(per_epoch.values()) <= summary["channels_ever_moved"] <= channels
     assert (run / "checkpoints" / "last.ckpt").is_file() and list((run / "tensorboard").rglob("events.out.*"))
+
+
+def test_study_arms_of_one_seed_start_from_the_same_weights_and_groups(tmp_path, monkeypatch, cifar_subset):
+    """The study compares FLGC arms paired by seed (docs/results): learned, frozen and the learning estimator must
+    start from the same weights and the same groups, so that a difference is the arm's. Checked at the start of
+    fit through train.py's own path (the study's config, training.run.train), which is then stopped."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    from flgc_lightning.layers import Flgc2d
+    from flgc_lightning.training import run as run_module
+
+    class Started(Exception):
+        pass
+
+    starts = {}
+
+    def fit(self, module, datamodule=None, ckpt_path=None):
+        layers = [m for m in module.net.modules() if isinstance(m, Flgc2d)]
+        starts[arm] = ({k: v.clone() for k, v in module.state_dict().items()},
+                       [(m.input_groups().clone(), m.filter_groups().clone()) for m in layers], datamodule.seed,
+                       (layers[0].learn_assignments, layers[0].assign_grad))
+        raise Started
+
+    monkeypatch.setattr(pl.Trainer, "fit", fit)
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)  # restored afterwards: no Hydra run seems active
+    for arm in ("FLGC-8", "FLGC-frozen-8", "FLGC-ste+dw-8"):
+        cfg = compose("train", ["experiment=subset_study_v2", f"arm={arm}", "seed=3", f"data.root={cifar_subset}"],
+                      return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)  # the study's config reads hydra.sweep.dir (model.groups_from)
+        with open_dict(cfg):
+            cfg.run_dir = str(tmp_path / arm)
+            del cfg["hydra"]
+        with pytest.raises(Started):
+            run_module.train(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)))
+    # the arms do differ where they should: frozen logits, the estimator
+    assert [kind for *_, kind in starts.values()] == [(True, "reference"), (False, "reference"), (True, "ste")]
+    (weights, groups, seed, _), *others = starts.values()
+    assert len(groups) == 17 and seed == 3
+    for other_weights, other_groups, other_seed, _ in others:
+        assert other_weights.keys() == weights.keys() and other_seed == seed
+        assert [k for k in weights if not torch.equal(weights[k], other_weights[k])] == []
+        assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(groups, other_groups))

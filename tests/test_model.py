@@ -7,12 +7,15 @@ from torch import nn
 
 from flgc_lightning.layers import Flgc2d
 from flgc_lightning.models import InvertedResidual, MobileNetV2
-from flgc_lightning.utils.complexity import complexity_summary, count_macs, count_parameters, learned_connections
+from flgc_lightning.utils.complexity import (complexity_summary, count_macs, count_parameters, format_millions,
+                                             learned_connections)
+from counts import macs_by_hand
 
 
-# REFERENCE.md section 2 (ptflops 0.7.x, 3x32x32): params exactly, MACs as the reference prints them (M, 2 decimals).
-REFERENCE_DENSE = (2_295_834, "94.99")
-REFERENCE_GROUPED_8 = (1_453_034, "62.62")
+# REFERENCE.md section 2 (ptflops 0.7.x, 3x32x32): params exactly and MACs exactly (README's counts), which the
+# reference prints as 94.99 M and 62.62 M.
+REFERENCE_DENSE = (2_295_834, 94_992_906, "94.99 M")
+REFERENCE_GROUPED_8 = (1_453_034, 62_622_218, "62.62 M")
 
 
 @pytest.mark.parametrize(
@@ -25,9 +28,10 @@ REFERENCE_GROUPED_8 = (1_453_034, "62.62")
 )
 def test_reference_counts(kwargs, reference):
     model = MobileNetV2(**kwargs)
-    params, macs_printed = reference
+    params, macs, printed = reference
     assert count_parameters(model) == params
-    assert f"{count_macs(model) / 1e6:.2f}" == macs_printed
+    assert count_macs(model) == macs and format_millions(macs) == printed
+    assert macs_by_hand(model) == macs  # the hand formulas of tests/counts.py reproduce the reference exactly
 
 
 def test_flgc_training_form_counts():
@@ -52,7 +56,7 @@ def test_flgc_nominal_macs_equal_standard_grouped_and_learned_macs_follow_groups
     flgc_layers = [m for m in flgc.modules() if isinstance(m, Flgc2d)]
     by_hand = sum(learned_connections(m) * sizes[m] for m in flgc_layers)
     dense_proj = sum(m.in_channels * m.out_channels * sizes[m] for m in flgc_layers)
-    assert count_macs(flgc, flgc_cost="learned") == 94_992_906 - dense_proj + by_hand
+    assert count_macs(flgc, flgc_cost="learned") == 94_992_906 - dense_proj + by_hand == macs_by_hand(flgc, flgc_cost="learned")
     summary = complexity_summary(flgc)
     assert set(summary) == {"params", "macs", "macs_nominal", "macs_learned"}
 
@@ -156,3 +160,4 @@ def test_every_flgc_layer_type_is_counted():
     in_sizes, out_sizes = layer.group_sizes()
     assert count_macs(net, (16, 8, 8), "learned") == int((in_sizes * out_sizes).sum()) * 64
     assert count_macs(net, (16, 8, 8), "nominal") == 16 * 24 * 64 // 4
+

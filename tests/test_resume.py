@@ -18,18 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY, run_cli
+from conftest import BASE, REPO, SHORT, probe, run_cli
 from probes import read_records
 
 pytestmark = pytest.mark.slow
-
-# Small deterministic CPU runs: width 0.25, batches of 32.
-BASE = (*TINY, "model.width_mult=0.25", "trainer.deterministic=true", "trainer.max_epochs=2")
-
-
-def probe(path: Path, pause: float = 0.0) -> tuple[str, ...]:
-    return ("+callbacks.probe._target_=tests.probes.StepRecorder", f"+callbacks.probe.path={path}",
-            f"+callbacks.probe.pause_in_validation={pause}")
 
 
 def wait_until(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -72,10 +64,12 @@ def assert_same_run(full: Path, cut: Path) -> None:
         assert (cut / "assignments.jsonl").read_text() == (full / "assignments.jsonl").read_text()
 
 
-def kill_and_resume(tmp_path: Path, overrides: tuple, stop_when, data: str, pause: float = 0.0) -> dict:
-    """Uninterrupted run, the same run SIGKILLed when ``stop_when(records, last.ckpt)`` holds, and its resume."""
-    args = (data, *BASE, *overrides)
-    run_cli("train.py", *args, *probe(tmp_path / "full.jsonl", pause), f"hydra.run.dir={tmp_path / 'full'}")
+def kill_and_resume(tmp_path: Path, args: tuple, stop_when, pause: float = 0.0, reference=None) -> dict:
+    """Uninterrupted run (or ``reference``: its run directory and step records), the same run SIGKILLed when
+    ``stop_when(records, last.ckpt)`` holds, and its resume."""
+    full, full_records = reference or (tmp_path / "full", tmp_path / "full.jsonl")
+    if reference is None:
+        run_cli("train.py", *args, *probe(full_records, pause), f"hydra.run.dir={full}")
     cut, steps = tmp_path / "cut", tmp_path / "cut.jsonl"
     proc = subprocess.Popen([sys.executable, "train.py", *args, *probe(steps, pause), f"hydra.run.dir={cut}"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -87,11 +81,11 @@ def kill_and_resume(tmp_path: Path, overrides: tuple, stop_when, data: str, paus
     saved_step = last_step(last)
     run_cli("train.py", *args, *probe(steps, pause), f"ckpt_path={last}")
     resumed = [r for r in read_records(steps)[len(killed):] if r["event"] == "step"]
-    total = [r for r in read_records(tmp_path / "full.jsonl") if r["event"] == "step"]
+    total = [r for r in read_records(full_records) if r["event"] == "step"]
     # the resumed process continued from the checkpoint: its first step is the saved one + 1
     assert resumed and resumed[0]["step"] == saved_step + 1, (saved_step, resumed[:2])
     assert [r["step"] for r in resumed] == [r["step"] for r in total][saved_step:]
-    assert_same_run(tmp_path / "full", cut)
+    assert_same_run(full, cut)
     return {"killed": killed, "saved_step": saved_step}
 
 
@@ -99,11 +93,15 @@ def steps_done(records) -> int:
     return max((r["step"] for r in records if r["event"] == "step"), default=0)
 
 
-def test_killed_mid_epoch_with_default_data_settings(tmp_path, cifar_subset):
-    """Default data path (images resident, no workers); an interval of 2 steps in a 3-step epoch."""
+@pytest.mark.parametrize("data", [(), ("data.resident=false", "data.num_workers=2")],
+                         ids=["default-data-settings", "worker-processes"])
+def test_killed_mid_epoch(tmp_path, cifar_subset, reference_run, data):
+    """An interval of 2 steps in a 3-step epoch, killed once the mid-epoch checkpoint is on disk; the default data
+    path (images resident, no workers) and the loader path with worker processes. Both end identical to the
+    uninterrupted run on the default path: what a run trains on does not depend on workers."""
     result = kill_and_resume(
-        tmp_path, ("data.limit_train=96", "callbacks.step_checkpoint.every_n_train_steps=2"),
-        lambda records, last: last_step(last) == 2, f"data.root={cifar_subset}")
+        tmp_path, (f"data.root={cifar_subset}", *SHORT, *data, "callbacks.step_checkpoint.every_n_train_steps=2"),
+        lambda records, last: last_step(last) == 2, reference=reference_run)
     assert result["saved_step"] == 2  # mid epoch 0 (3 steps per epoch)
     # killed inside epoch 0's training part, before its validation began (the checkpoint it resumes from is
     # the mid-epoch one, not one written at an epoch end)
@@ -114,20 +112,20 @@ def test_killed_mid_epoch_with_default_data_settings(tmp_path, cifar_subset):
 def test_killed_right_after_an_end_of_epoch_checkpoint_with_worker_processes(tmp_path, cifar_subset):
     """The issue's case: loader workers, trainer.limit_train_batches, killed once epoch 0's final checkpoint is on disk."""
     result = kill_and_resume(
-        tmp_path, ("data.resident=false", "data.num_workers=2", "trainer.limit_train_batches=4",
-                   "data.limit_train=null"),
-        lambda records, last: any(r["event"] == "validation_end" for r in records) and last_step(last) == 4,
-        f"data.root={cifar_subset}")
+        tmp_path, (f"data.root={cifar_subset}", *BASE, "data.resident=false", "data.num_workers=2",
+                   "trainer.limit_train_batches=4", "data.limit_train=null"),
+        lambda records, last: any(r["event"] == "validation_end" for r in records) and last_step(last) == 4)
     assert result["saved_step"] == 4
 
 
 def test_killed_during_validation_with_data_limit_and_an_interval_that_does_not_divide_the_epoch(tmp_path, cifar_subset):
     """data.limit_train=200 gives 7 steps per epoch; checkpoints every 3 steps; killed while epoch 1 validates."""
     result = kill_and_resume(
-        tmp_path, ("data.limit_train=200", "callbacks.step_checkpoint.every_n_train_steps=3"),
+        tmp_path, (f"data.root={cifar_subset}", *BASE, "data.limit_train=200",
+                   "callbacks.step_checkpoint.every_n_train_steps=3"),
         lambda records, last: sum(r["event"] == "validation_start" for r in records) == 2
         and records[-1]["event"] == "validation_start",
-        f"data.root={cifar_subset}", pause=0.5)
+        pause=0.5)
     killed = result["killed"]
     assert killed[-1]["event"] == "validation_start" and steps_done(killed) == 14
     assert result["saved_step"] == 12  # the last step checkpoint of epoch 1; its validation never finished
@@ -138,10 +136,11 @@ def test_gumbel_estimator_with_regroups_and_a_freeze_resumes_bit_identical(tmp_p
     noise. Killed mid-epoch 0, which learns with noise; epoch 1 is frozen (assign_optim.freeze_epoch=1). Both
     epochs start with a regroup: the resume inside epoch 0 must not regroup again, epoch 1's must happen."""
     result = kill_and_resume(
-        tmp_path, ("data.limit_train=96", "callbacks.step_checkpoint.every_n_train_steps=2",
-                   "model.assign_grad=gumbel", "model.dense_weight_grad=true", "assign_optim.lr_mult=20",
-                   "assign_optim.freeze_epoch=1", "assign_optim.regroup_epochs=[0,1]"),
-        lambda records, last: last_step(last) == 2, f"data.root={cifar_subset}")
+        tmp_path, (f"data.root={cifar_subset}", *BASE, "data.limit_train=96",
+                   "callbacks.step_checkpoint.every_n_train_steps=2", "model.assign_grad=gumbel",
+                   "model.dense_weight_grad=true", "assign_optim.lr_mult=20", "assign_optim.freeze_epoch=1",
+                   "assign_optim.regroup_epochs=[0,1]"),
+        lambda records, last: last_step(last) == 2)
     assert result["saved_step"] == 2
     full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
     assert full["hyper_parameters"]["model"]["assign_grad"] == "gumbel"
