@@ -168,3 +168,20 @@ def test_estimator_arms_get_their_own_conv_type_and_loss_comparisons(tmp_path):
     assert by_name["FLGC-ste+dw-FLGC"][0] == pytest.approx((0.02 + 0.02 + 0.03) / 3)
     assert "| 8 | FLGC-ste+dw − FLGC-frozen | 0, 1, 2 | -0.500 | [-0.500, -0.500] | treatment better (interval below 0) |" in text
     assert "50 %" in text and "3.0 (3.0 / 0.0)" in text  # moves to the init runner-up; inputs / filters moved
+
+
+def test_retrained_groups_are_compared_with_standard_groups_and_with_the_run_that_learned_them(tmp_path):
+    """Study v2's question: does the learning arm lose to its own groups trained from scratch (the training path
+    costs), and do those groups lose to standard grouped conv (the groups cost)?"""
+    accs = {"FLGC-ste+dw+rg": [0.30, 0.31, 0.28], "FLGC-retrain": [0.33, 0.35, 0.33], "grouped": [0.34, 0.36, 0.33]}
+    job = 0
+    for kind, values in accs.items():
+        for seed, acc in enumerate(values):
+            write_run(tmp_path, job, f"{kind}-8", seed, acc, conv_type=kind)
+            job += 1
+    make_report(tmp_path)
+    with open(tmp_path / "report_summary.csv") as fh:
+        diffs = {r["conv_type"]: float(r["mean"]) for r in csv.DictReader(fh) if r["kind"] == "difference"}
+    assert diffs["FLGC-ste+dw+rg-FLGC-retrain"] == pytest.approx(-0.04)
+    assert diffs["FLGC-retrain-grouped"] == pytest.approx((-0.01 - 0.01 + 0.0) / 3)
+    assert diffs["FLGC-ste+dw+rg-grouped"] == pytest.approx((-0.04 - 0.05 - 0.05) / 3)

@@ -10,17 +10,20 @@ from flgc_lightning.report.runs import RunRow
 
 # Paired comparisons the studies ask for, at equal G: (treatment, control).
 COMPARISONS = (("FLGC", "grouped"), ("FLGC", "FLGC-frozen"), ("FLGC-balanced", "grouped"),
-               ("FLGC-balanced", "FLGC"), ("FLGC-retrain", "FLGC-retrain-shuffled"), ("FLGC-retrain", "FLGC-frozen"))
+               ("FLGC-balanced", "FLGC"), ("FLGC-retrain", "FLGC-retrain-shuffled"), ("FLGC-retrain", "FLGC-frozen"),
+               ("FLGC-retrain", "grouped"))
 
 
 def comparisons_for(conv_types) -> list[tuple[str, str]]:
     """:data:`COMPARISONS`, plus for every other learned variant (an estimator: ``FLGC-ste+dw``) the same
-    against the frozen control, the reference estimator and standard grouped conv."""
+    against the frozen control, the reference estimator and standard grouped conv, and against FLGC-retrain:
+    when the retrained groups are that variant's (``retrain_from_arm``), this row asks whether learning the
+    groups during training costs accuracy that the groups themselves, trained from scratch, do not."""
     pairs = list(COMPARISONS)
     base = {"dense", "grouped", "FLGC", "FLGC-frozen", "FLGC-balanced", "FLGC-retrain", "FLGC-retrain-shuffled"}
     for kind in sorted(set(conv_types) - base):
         if kind.startswith("FLGC"):
-            pairs += [(kind, "FLGC-frozen"), (kind, "FLGC"), (kind, "grouped")]
+            pairs += [(kind, "FLGC-frozen"), (kind, "FLGC"), (kind, "grouped"), (kind, "FLGC-retrain")]
     return pairs
 
 
