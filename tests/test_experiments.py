@@ -17,12 +17,12 @@ from flgc_lightning.models import MobileNetV2
 from flgc_lightning.report import main as report_main
 from flgc_lightning.training.module import ImageClassifier
 from flgc_lightning.utils.complexity import count_parameters
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 from tests.counts import macs_by_hand
 from tests.test_data_sources import write_png_tree
 
 # The accuracy docs/experiments.md promises for `python train.py experiment=quickstart`.
-QUICKSTART_ACC = 98.4
+QUICKSTART_SEED_SPREAD = (97.3, 98.7)  # README: test accuracy over seeds
 QUIET = ("++trainer.enable_progress_bar=false", "num_threads=1")
 
 
@@ -217,7 +217,11 @@ def test_quickstart_reaches_the_documented_accuracy(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["config"]["conv_type"] == "FLGC"
     assert float(printed.group(1)) == pytest.approx(summary["best_val_acc"], abs=1e-4)
-    assert abs(100 * summary["best_val_acc"] - QUICKSTART_ACC) <= 3
+    # Deterministic on one machine and torch build; other CPUs round differently, which acts like another seed:
+    # the documented seed spread (README), widened by two of the 450 test images.
+    low, high = QUICKSTART_SEED_SPREAD
+    assert f"({low}–{high} %" in (REPO / "README.md").read_text()
+    assert low - 2 / 4.5 <= 100 * summary["best_val_acc"] <= high + 2 / 4.5, summary["best_val_acc"]
     # The study's per-run numbers, against the assignment records the tracker wrote (an independent source):
     # imbalance = mean over layers and sides of largest / mean group size at the end; a channel that moved in
     # some epoch has ever moved, and none can move that the layers do not have.

@@ -243,3 +243,25 @@ def test_two_process_ddp_same_weights_disjoint_shards_rank0_writes_and_exact_res
     assert {r["rank"] for r in resumed} == {0, 1}
     assert min(r["step"] for r in resumed) == saved + 1 and max(r["step"] for r in resumed) == 8
     assert_same_run(full, cut)
+
+
+def test_two_process_ddp_with_a_learning_estimator_keeps_ranks_identical_through_a_regroup(tmp_path):
+    """Gumbel noise, dense weight gradients and a regroup under DDP. DDP averages gradients, so steps keep the
+    ranks identical whatever each rank's noise; what could split them is the regroup, which rewrites weights and
+    logits outside the optimizer: the weights and logits of both ranks must still match after every step, and
+    the regroup must really move channels (inputs and filters)."""
+    run = tmp_path / "run"
+    run_cli("train.py", "experiment=quickstart", "trainer=ddp_cpu", "trainer.devices=2", "trainer.max_epochs=2",
+            "data.limit_train=128", "data.limit_test=64", "data.batch_size=32", "model.width_mult=0.25",
+            "model.assign_grad=gumbel", "model.dense_weight_grad=true", "assign_optim.lr_mult=10",
+            "assign_optim.regroup_epochs=[1]", "test_after_fit=false", "logger=csv", "num_threads=1",
+            "++trainer.enable_progress_bar=false", "+callbacks.ranks._target_=tests.probes.RankProbe",
+            f"+callbacks.ranks.folder={tmp_path / 'ranks'}", f"+callbacks.ranks.run_dir={run}",
+            f"hydra.run.dir={run}", timeout=600)
+    ranks = {r["rank"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "ranks").glob("rank*.json"))}
+    assert sorted(ranks) == [0, 1] and len(ranks[0]["weights"]) == 4  # 128 / 2 ranks / 32 x 2 epochs
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    summary = json.loads((run / "summary.json").read_text())
+    moves = summary["assignment_diagnostics"]
+    assert summary["config"]["assign_grad"] == "gumbel" and summary["status"] == "finished"
+    assert moves["moves_inputs"] > 0 and moves["moves_filters"] > 0, moves
