@@ -1,6 +1,7 @@
 """Test-only Lightning callbacks, added to real command lines with ``+callbacks.NAME._target_=tests.probes.X``.
 
-They observe a run without changing what it computes (no RNG use, no state in checkpoints).
+They observe a run without changing what it computes (no RNG use, no state in checkpoints), except
+:class:`ScriptedPredictions`, which sets what each epoch's validation sees on purpose.
 """
 from __future__ import annotations
 
@@ -108,3 +109,50 @@ class EpochWeights(Callback):
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         torch.save(pl_module.net.state_dict(), self.folder / f"epoch{trainer.current_epoch}.pt")
+
+
+class HoldAtStep(Callback):
+    """Holds the run still once ``checkpoint`` (a ``last.ckpt`` path) holds step ``step``, so a test can kill it
+    there: at the start of the next training batch, after that step's checkpoint was written, it writes
+    ``marker`` and sleeps (at most ``limit`` seconds, then goes on). Only the run whose checkpoint folder is
+    ``checkpoint``'s holds (the other jobs of a sweep run through). Without it a test polling the checkpoint
+    can miss a one-step window on a busy machine and the run ends before it is stopped."""
+
+    def __init__(self, checkpoint: str, step: int, marker: str, limit: float = 600.0) -> None:
+        self.checkpoint, self.step, self.marker, self.limit = Path(checkpoint), step, Path(marker), limit
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        folders = {Path(cb.dirpath).resolve() for cb in trainer.checkpoint_callbacks if cb.dirpath}
+        if trainer.global_step != self.step or self.checkpoint.parent.resolve() not in folders:
+            return
+        if torch.load(self.checkpoint, weights_only=True)["global_step"] != self.step:
+            raise AssertionError(f"{self.checkpoint} does not hold step {self.step}")
+        self.marker.write_text(str(os.getpid()))
+        deadline = time.time() + self.limit
+        while time.time() < deadline:
+            time.sleep(0.05)
+
+
+def hold(checkpoint: Path, step: int, marker: Path) -> tuple[str, ...]:
+    """Overrides adding :class:`HoldAtStep`."""
+    return ("+callbacks.hold._target_=tests.probes.HoldAtStep", f"+callbacks.hold.checkpoint={checkpoint}",
+            f"+callbacks.hold.step={step}", f"+callbacks.hold.marker={marker}")
+
+
+class ScriptedPredictions(Callback):
+    """Before each epoch's validation the classifier is set to predict class ``classes[epoch]`` for every image
+    (weights zero, that class's bias one), so each epoch's accuracy is that class's share of the images, on any
+    CPU. The run goes on from there: the checkpoints hold these weights. Lets a test choose a validation pattern
+    that tells checkpoint-selection rules apart, where real training's pattern changes with the CPU's rounding."""
+
+    def __init__(self, classes: list[int]) -> None:
+        self.classes = list(classes)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        classifier = pl_module.net.classifier
+        with torch.no_grad():
+            classifier.weight.zero_()
+            classifier.bias.zero_()
+            classifier.bias[self.classes[trainer.current_epoch]] = 1.0

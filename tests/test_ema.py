@@ -13,7 +13,7 @@ from flgc_lightning.config import compose
 from flgc_lightning.errors import ConfigError
 from flgc_lightning.training.schema import instantiate_checked
 from test_end_to_end import independent_accuracy
-from test_resume import kill_and_resume, last_step
+from test_resume import kill_and_resume
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def test_killed_ema_run_resumes_bit_identically_and_every_reader_uses_the_averag
     result = kill_and_resume(
         tmp_path, (f"data.root={cifar_subset}", *BASE, *EMA, "data.limit_train=96",
                    "callbacks.step_checkpoint.every_n_train_steps=2"),
-        lambda records, last: last_step(last) == 2)
+        hold_step=2)
     assert result["saved_step"] == 2  # killed mid epoch 0; kill_and_resume checked state_dict (= the average),
     # momenta, schedules and every epoch's validation metrics against the uninterrupted run
     full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)

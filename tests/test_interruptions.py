@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import REPO, SHORT, probe, run_cli  # SHORT: 3 steps per epoch, 2 epochs, validation in 4 batches
-from probes import read_records
+from probes import hold, read_records
 from test_resume import assert_same_run, last_step, wait_until
 
 pytestmark = pytest.mark.slow
@@ -119,10 +119,11 @@ def test_a_killed_sweep_run_again_skips_finished_jobs_resumes_the_cut_one_and_ru
     sweep, records = tmp_path / "sweep", tmp_path / "sweep.jsonl"
     args = ["train.py", "-m", "groups=1,2,4", data, *SHORT, "callbacks.step_checkpoint.every_n_train_steps=1",
             *probe(records), f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    job1_last = sweep / "1" / "checkpoints" / "last.ckpt"
-    wait_until(lambda: last_step(job1_last) == 4, proc)  # job 1 (groups=2) is in its second epoch
+    job1_last, held = sweep / "1" / "checkpoints" / "last.ckpt", tmp_path / "held"
+    proc = subprocess.Popen([sys.executable, *args, *hold(job1_last, 4, held)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_until(held.exists, proc)  # job 1 (groups=2) is in its second epoch, its step 4 checkpoint on disk
+    assert last_step(job1_last) == 4
     os.killpg(proc.pid, signal.SIGKILL)  # a reboot / a lost SSH session
     proc.wait()
     finished_job0 = tree_digest(sweep / "0")
@@ -231,9 +232,11 @@ def test_two_process_ddp_same_weights_disjoint_shards_rank0_writes_and_exact_res
     assert not [p.name for p in full.rglob("*") if "process_1" in p.name]
 
     cut, records = tmp_path / "cut", tmp_path / "cut.jsonl"
-    proc = subprocess.Popen([sys.executable, "train.py", *args, *probes("cut", cut), f"hydra.run.dir={cut}"],
+    held = tmp_path / "held"
+    proc = subprocess.Popen([sys.executable, "train.py", *args, *probes("cut", cut), f"hydra.run.dir={cut}",
+                             *hold(cut / "checkpoints" / "last.ckpt", 2, held)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    wait_until(lambda: last_step(cut / "checkpoints" / "last.ckpt") == 2, proc, timeout=600)  # mid epoch 0
+    wait_until(held.exists, proc, timeout=600)  # mid epoch 0, its step 2 checkpoint on disk
     os.killpg(proc.pid, signal.SIGKILL)  # both processes
     proc.wait()
     saved = last_step(cut / "checkpoints" / "last.ckpt")

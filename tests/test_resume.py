@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import BASE, REPO, SHORT, probe, run_cli
-from probes import read_records
+from probes import hold, read_records
 
 pytestmark = pytest.mark.slow
 
@@ -64,17 +64,23 @@ def assert_same_run(full: Path, cut: Path) -> None:
         assert (cut / "assignments.jsonl").read_text() == (full / "assignments.jsonl").read_text()
 
 
-def kill_and_resume(tmp_path: Path, args: tuple, stop_when, pause: float = 0.0, reference=None) -> dict:
+def kill_and_resume(tmp_path: Path, args: tuple, stop_when=None, pause: float = 0.0, reference=None,
+                    hold_step: int | None = None) -> dict:
     """Uninterrupted run (or ``reference``: its run directory and step records), the same run SIGKILLed when
-    ``stop_when(records, last.ckpt)`` holds, and its resume."""
+    ``stop_when(records, last.ckpt)`` holds, or, with ``hold_step``, once it holds still after that step's
+    checkpoint (tests/probes.py's HoldAtStep: no window to miss), and its resume."""
     full, full_records = reference or (tmp_path / "full", tmp_path / "full.jsonl")
     if reference is None:
         run_cli("train.py", *args, *probe(full_records, pause), f"hydra.run.dir={full}")
     cut, steps = tmp_path / "cut", tmp_path / "cut.jsonl"
-    proc = subprocess.Popen([sys.executable, "train.py", *args, *probe(steps, pause), f"hydra.run.dir={cut}"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = cut / "checkpoints" / "last.ckpt"
-    wait_until(lambda: steps.exists() and stop_when(read_records(steps), last), proc)
+    last, held = cut / "checkpoints" / "last.ckpt", tmp_path / "held"
+    holding = hold(last, hold_step, held) if hold_step is not None else ()
+    proc = subprocess.Popen([sys.executable, "train.py", *args, *probe(steps, pause), f"hydra.run.dir={cut}",
+                             *holding], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if hold_step is not None:
+        wait_until(held.exists, proc)
+    else:
+        wait_until(lambda: steps.exists() and stop_when(read_records(steps), last), proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed = read_records(steps)
@@ -101,7 +107,7 @@ def test_killed_mid_epoch(tmp_path, cifar_subset, reference_run, data):
     uninterrupted run on the default path: what a run trains on does not depend on workers."""
     result = kill_and_resume(
         tmp_path, (f"data.root={cifar_subset}", *SHORT, *data, "callbacks.step_checkpoint.every_n_train_steps=2"),
-        lambda records, last: last_step(last) == 2, reference=reference_run)
+        hold_step=2, reference=reference_run)
     assert result["saved_step"] == 2  # mid epoch 0 (3 steps per epoch)
     # killed inside epoch 0's training part, before its validation began (the checkpoint it resumes from is
     # the mid-epoch one, not one written at an epoch end)
@@ -140,7 +146,7 @@ def test_gumbel_estimator_with_regroups_and_a_freeze_resumes_bit_identical(tmp_p
                    "callbacks.step_checkpoint.every_n_train_steps=2", "model.assign_grad=gumbel",
                    "model.dense_weight_grad=true", "assign_optim.lr_mult=20", "assign_optim.freeze_epoch=1",
                    "assign_optim.regroup_epochs=[0,1]"),
-        lambda records, last: last_step(last) == 2)
+        hold_step=2)
     assert result["saved_step"] == 2
     full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
     assert full["hyper_parameters"]["model"]["assign_grad"] == "gumbel"
