@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -419,6 +420,71 @@ def test_fused_kernel_builds_from_scratch_in_its_cache_folder(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           env={**env, "FLGC_NATIVE_CACHE": str(tmp_path / "not-a-folder" / "cache")})
     assert proc.returncode == 0, proc.stderr
+
+
+def test_every_instruction_set_this_cpu_runs_is_built_and_checked(monkeypatch):
+    """The library is built for an instruction set chosen at run time from the CPU's features, named in explicit
+    flags (no -march=native, so it moves between machines of one kind). Every narrower set this CPU also runs is
+    built and checked against float64 as well: on an AVX-512 machine that is the AVX2 code AVX2-only CPUs run
+    (8-lane tasks, wide tasks as two vectors) and the generic vector code."""
+    isas = native.instruction_sets_here()
+    assert isas[0] == native.instruction_set() and isas[-1] == "baseline"
+    if not native.available():
+        pytest.skip("no working C compiler here")
+    flags = native.load_library().flags
+    assert "-march=native" not in flags and set(native.INSTRUCTION_SETS[isas[0]]) <= set(flags), flags
+    if Path("/proc/cpuinfo").exists() and "avx512f" in Path("/proc/cpuinfo").read_text():
+        assert isas[0] in ("avx512", "avx2")  # avx2 only where the CPU lacks one of AVX-512 BW/DQ/VL
+    for isa in isas:
+        library = native.build(isa)
+        assert set(native.INSTRUCTION_SETS[isa]) <= set(library.flags) and library.openmp
+        assert library.preferred_lanes() == (16 if isa == "avx512" else 8)
+        monkeypatch.setattr(native, "_library", library)
+        for lanes in (8, 16):
+            monkeypatch.setattr(native, "preferred_lanes", lambda lanes=lanes: lanes)
+            test_fused_kernel_against_float64_reference(2, lanes)
+            test_fused_depthwise_kernel_against_float64_reference(2, 2, lanes)
+            for expand in ("dense", "flgc"):
+                test_fused_block_kernel_against_float64_reference(2, 1, expand, lanes)
+
+
+def test_build_kernel_command_builds_once_and_says_what(tmp_path):
+    env = {**os.environ, "FLGC_NATIVE_CACHE": str(tmp_path / "cache")}
+    env.pop("FLGC_NATIVE_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "flgc_lightning.deploy", "--build-kernel"], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0 and "cannot be built here" in proc.stderr:
+        pytest.skip(proc.stderr.strip())
+    assert proc.returncode == 0, proc.stderr
+    (library,) = (tmp_path / "cache").glob("unequal_group_conv-*.so")
+    assert f"fused kernel for this CPU ({native.instruction_set()}): {library}" in proc.stdout
+    assert "OpenMP on" in proc.stdout and "-march=native" not in proc.stdout
+    modified = library.stat().st_mtime_ns
+    again = subprocess.run([sys.executable, "-m", "flgc_lightning.deploy", "--build-kernel"], cwd=REPO, env=env,
+                           capture_output=True, text=True)
+    assert again.returncode == 0 and library.stat().st_mtime_ns == modified  # found, not rebuilt
+    missing = subprocess.run([sys.executable, "-m", "flgc_lightning.deploy", "--out", str(tmp_path)], cwd=REPO,
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "a checkpoint and --out are required" in missing.stderr
+
+
+def test_a_compiler_without_openmp_gives_a_one_thread_library_and_says_so(tmp_path, monkeypatch):
+    """Apple clang refuses -fopenmp: the kernel is still built, without it, and a warning says it runs on one
+    thread (a fake compiler that refuses -fopenmp and otherwise calls the real one)."""
+    real = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    if real is None:
+        pytest.skip("no C compiler here")
+    fake = tmp_path / "cc-without-openmp"
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && {{ echo "unsupported option -fopenmp" >&2; '
+                    f'exit 1; }}; done\nexec {real} "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("FLGC_NATIVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FLGC_NATIVE_FLAGS", raising=False)
+    with pytest.warns(UserWarning, match="cannot build with OpenMP .* runs on one thread"):
+        library = native.build(native.instruction_set())
+    assert not library.openmp and "-fopenmp" not in library.flags
+    assert "OpenMP off (one thread)" in native.describe(library)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

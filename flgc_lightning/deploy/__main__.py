@@ -1,4 +1,4 @@
-"""``python -m flgc_lightning.deploy CKPT --out DIR [--onnx]``.
+"""``python -m flgc_lightning.deploy CKPT --out DIR [--onnx]``, or ``--build-kernel`` alone.
 
 Deploys a train.py checkpoint, prints nominal vs deployed MACs/params and the largest logit
 difference to the trained network (eval mode) on random inputs, and writes ``deployed.pt`` (the module),
@@ -86,8 +86,11 @@ def onnx_network(trained, kernel: str, input_size):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flgc_lightning.deploy", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a checkpoint written by train.py")
-    parser.add_argument("--out", required=True, help="folder for deployed.pt and the exports")
+    parser.add_argument("checkpoint", nargs="?", help="a checkpoint written by train.py")
+    parser.add_argument("--out", help="folder for deployed.pt and the exports (required with a checkpoint)")
+    parser.add_argument("--build-kernel", action="store_true",
+                        help="only build (or find) the fused CPU kernel for this CPU and say what was built: once per "
+                             "machine, e.g. in a setup script, so no later deploy or ONNX Runtime session compiles")
     parser.add_argument("--onnx", action="store_true", help="also export ONNX and check it with ONNX Runtime")
     parser.add_argument("--kernel", choices=["auto", "fused", "padded", "blockdiag"], default="auto",
                         help="how FLGC layers run: auto (default) times the others per layer on this machine at "
@@ -100,7 +103,23 @@ def main(argv=None) -> None:
                              "a compiler) is a dense conv with zeros outside the groups, which ONNX Runtime on CPU "
                              "runs about 3x faster than padded (grouped conv on padded groups between channel "
                              "gathers)")
-    report_user_errors(lambda: run(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    if args.build_kernel:
+        report_user_errors(build_kernel)
+        return
+    if args.checkpoint is None or args.out is None:
+        parser.error("a checkpoint and --out are required (or --build-kernel alone)")
+    report_user_errors(lambda: run(args))
+
+
+def build_kernel() -> None:
+    try:
+        library = native.load_library()
+    except native.NativeKernelUnavailable as err:
+        raise UserError(f"the fused kernel cannot be built here: {err}. Deploy still works with stock PyTorch ops "
+                        "(--kernel blockdiag)") from None
+    print(f"fused kernel for this CPU ({native.instruction_set()}): {library._name}")
+    print(native.describe(library))
 
 
 if __name__ == "__main__":

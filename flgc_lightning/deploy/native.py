@@ -5,12 +5,16 @@ padding them costs extra MACs and a channel gather (benchmarks/README.md). The k
 input row (one pixel, channels_last) once, computes every group's small matrix product in
 registers and writes each filter straight to its output channel.
 
-It is plain C (no Python or torch headers), compiled on first use with the system C compiler
-(``$CC`` or ``cc``; ``-O3 -march=native -fopenmp``, falling back to fewer flags) into a cache
-folder keyed by source, compiler, flags and CPU, so a shared home folder on a mixed cluster never
-loads a library built for another CPU. ``$FLGC_NATIVE_CACHE`` overrides the folder, ``$FLGC_NATIVE_FLAGS``
-the flags (one set, no fallback: the tests build with AddressSanitizer this way). OpenMP comes
-from the ``libgomp`` torch already loaded, so both share one thread pool.
+It is plain C (no Python or torch headers), compiled once per machine with the system C compiler (``$CC`` or
+``cc``) into a cache folder, before any timing: deploying with ``kernel="fused"``/``"auto"``, opening an ONNX
+Runtime session, or explicitly with ``python -m flgc_lightning.deploy --build-kernel`` (builds, says what it built).
+No ``-march=native``: the instruction set is chosen at run time from this CPU's features (``avx512``, ``avx2``
+or ``baseline``, :func:`instruction_set`) and named in explicit flags, so a built library is keyed by source,
+compiler and flags only and moves between machines of one kind, and a shared cache on a mixed cluster holds one
+library per instruction set. OpenMP (``-fopenmp``) is asked for; a compiler without it (Apple clang) gives a
+one-thread library and a warning that says so. ``$FLGC_NATIVE_CACHE`` overrides the folder,
+``$FLGC_NATIVE_FLAGS`` the flags (one set, no fallback: the tests build with AddressSanitizer this way). OpenMP
+comes from the ``libgomp`` torch already loaded, so both share one thread pool.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 import weakref
 from pathlib import Path
 from typing import NamedTuple
@@ -32,22 +37,56 @@ SOURCE = Path(__file__).with_name("unequal_group_conv.c")
 LANES, WIDE_LANES = 8, 16  # filters per task: one 8-float vector, or 16 in a wide task (matches the C source)
 TASK_FIELDS, SEGMENT_FIELDS = 6, 3  # T_LEN, S_LEN in the C source
 CONSECUTIVE, WIDE = 1, 2  # task flags (T_FLAGS): outputs are consecutive channels; 16 lanes
-FLAG_SETS = (
-    ["-O3", "-march=native", "-fopenmp"],
-    ["-O3", "-fopenmp"],
-    ["-O3", "-march=native"],
-    ["-O3"],
-)
+# Instruction sets the C source has code paths for (``__AVX512F__``, ``__AVX__``/AVX2 with FMA, else generic vector
+# code), widest first, with the flags that name them. AVX-512 asks for the subsets every AVX-512 CPU since
+# Skylake-SP has (F, BW, DQ, VL).
+INSTRUCTION_SETS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],
+    "avx2": ["-mavx2", "-mfma"],
+    "baseline": [],
+}
+_CPU_FLAGS = {"avx512": {"avx512f", "avx512bw", "avx512dq", "avx512vl"}, "avx2": {"avx2", "fma"}}
 
 
 class NativeKernelUnavailable(RuntimeError):
     """The fused kernel cannot be built here (no C compiler, or it failed)."""
 
 
-def flag_sets() -> list[list[str]]:
-    """:data:`FLAG_SETS`, or the one set in ``$FLGC_NATIVE_FLAGS`` (e.g. a build with AddressSanitizer for tests)."""
+def instruction_set() -> str:
+    """The widest of :data:`INSTRUCTION_SETS` this CPU runs: from ``/proc/cpuinfo`` on Linux, else from the
+    capability torch chose for its own kernels; ``baseline`` on other architectures (ARM: NEON is in the baseline)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return "baseline"
+    try:
+        flags = set()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+        if flags:
+            return next((name for name, need in _CPU_FLAGS.items() if need <= flags), "baseline")
+    except OSError:
+        pass
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    return "avx512" if capability.startswith("avx512") else "avx2" if capability == "avx2" else "baseline"
+
+
+def instruction_sets_here() -> list[str]:
+    """Every instruction set this CPU runs, widest first (the tests build and check each)."""
+    names = list(INSTRUCTION_SETS)
+    return names[names.index(instruction_set()):]
+
+
+def flag_sets(isa: str | None = None) -> list[list[str]]:
+    """Flag sets to try in order: this CPU's instruction set (``isa`` if given) with OpenMP, then narrower ones
+    (an old compiler without some AVX-512 flag), then the same without OpenMP; or the one set in
+    ``$FLGC_NATIVE_FLAGS`` (e.g. a build with AddressSanitizer for tests)."""
     chosen = os.environ.get("FLGC_NATIVE_FLAGS", "").split()
-    return [chosen] if chosen else FLAG_SETS
+    if chosen and isa is None:
+        return [chosen]
+    names = list(INSTRUCTION_SETS)
+    levels = names[names.index(isa or instruction_set()):]
+    return [["-O3", *INSTRUCTION_SETS[name], *omp] for omp in (["-fopenmp"], []) for name in levels]
 
 
 def cache_dir() -> Path:
@@ -55,16 +94,6 @@ def cache_dir() -> Path:
         return Path(os.environ["FLGC_NATIVE_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "flgc_lightning" / "native"
-
-
-def _cpu_signature() -> str:
-    """CPU model and feature flags: a library built with -march=native only runs where these match."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
-        return "\n".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() + platform.machine()
 
 
 def _private(folder: Path) -> bool:
@@ -128,7 +157,7 @@ def load_library() -> ctypes.CDLL:
     return _library
 
 
-def _build_and_load() -> ctypes.CDLL:
+def _build_and_load(isa: str | None = None) -> ctypes.CDLL:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         raise NativeKernelUnavailable("no C compiler found (set $CC or install gcc/clang)")
@@ -142,8 +171,8 @@ def _build_and_load() -> ctypes.CDLL:
         raise NativeKernelUnavailable(f"kernel source missing from the installation: {err}") from None
     folder = _writable_cache_dir()
     errors = []
-    for flags in flag_sets():
-        key = hashlib.sha256("\0".join([source, compiler, version, *flags, _cpu_signature()]).encode())
+    for flags in flag_sets(isa):
+        key = hashlib.sha256("\0".join([source, compiler, version, *flags]).encode())
         target = folder / f"unequal_group_conv-{key.hexdigest()[:16]}.so"
         message = None if target.exists() else _compile(compiler, flags, target)
         if message is None:
@@ -172,8 +201,26 @@ def _build_and_load() -> ctypes.CDLL:
         lib.preferred_lanes.argtypes, lib.preferred_lanes.restype = [], ctypes.c_int
         lib.run_chain.argtypes, lib.run_chain.restype = [p, i64, p, i64, ctypes.c_int], ctypes.c_int
         lib.flags = flags
+        lib.openmp = "-fopenmp" in flags
+        if not lib.openmp and not os.environ.get("FLGC_NATIVE_FLAGS"):
+            warnings.warn(f"{compiler} cannot build with OpenMP (-fopenmp): the fused kernel runs on one thread. "
+                          "Install a compiler with OpenMP (gcc, or LLVM clang with libomp) and set $CC.",
+                          stacklevel=3)
         return lib
     raise NativeKernelUnavailable(f"compiling {SOURCE.name} with {compiler} failed: " + "; ".join(errors))
+
+
+def build(isa: str) -> ctypes.CDLL:
+    """The kernel built for instruction set ``isa`` (not the process's library: for tests and comparisons)."""
+    if isa not in INSTRUCTION_SETS:
+        raise ValueError(f"isa must be one of {', '.join(INSTRUCTION_SETS)}, got {isa!r}")
+    return _build_and_load(isa)
+
+
+def describe(lib: ctypes.CDLL) -> str:
+    """One line on a built library: flags, OpenMP, task width."""
+    return (f"built with {' '.join(lib.flags)}; OpenMP {'on' if lib.openmp else 'off (one thread)'}; "
+            f"{lib.preferred_lanes()}-lane tasks preferred")
 
 
 def available() -> bool:
@@ -535,3 +582,4 @@ def run_chain(steps: Tensor, buffers: Tensor, n: int, threads: int | None = None
                                       threads or torch.get_num_threads())
     if status != 0:
         raise MemoryError("the fused block kernel could not allocate its per-thread buffers")
+

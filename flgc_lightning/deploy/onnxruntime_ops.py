@@ -236,6 +236,7 @@ def session_options(threads: int = 2, spinning: bool = False):
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.register_custom_ops_library(get_library_path())
+    native.available()  # build (or find) the kernel now, not inside the session's first run
     return options
 
 

@@ -5,8 +5,9 @@
    Work unit: 8 rows x one task (up to 8 filters: of one group, or of several small groups, with zero
    weights in the other groups' lanes), accumulated in eight 8-float vectors, so each input value is
    loaded once per task and each weight vector once per 8 rows.
-   Built by flgc_lightning/deploy/native.py; GCC/Clang vector extensions, so it compiles to AVX,
-   AVX-512 or NEON with -march=native and still to plain SSE/scalar code without it. */
+   Built by flgc_lightning/deploy/native.py for the instruction set it picks at run time (-mavx512f ...,
+   -mavx2 -mfma, or none); GCC/Clang vector extensions, so it compiles to AVX-512, AVX2 or NEON code and still to
+   plain SSE/scalar code without them. */
 #include <stdint.h>
 
 /* aligned(4): loads need not be 32-byte aligned */
