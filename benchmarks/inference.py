@@ -207,19 +207,29 @@ def worker(engine: str, folder: Path, batches: list[int], repeats: int, threads:
     return result
 
 
-def run_engine(engine: str, folder: Path, args) -> dict[int, dict[str, float]]:
-    """``{batch: {model: seconds}}`` of one engine, from a child process."""
-    result: dict[int, dict[str, float]] = {}
-    for names in [list(MODELS)]:
-        cmd = [sys.executable, __file__, "--worker", engine, "--folder", str(folder), "--threads", str(args.threads),
-               "--repeats", str(args.repeats), "--timer", args.timer, "--batches", *map(str, args.batches),
-               "--models", *names]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise SystemExit(f"error: the {engine} worker failed:\n{done.stderr[-3000:]}")
-        for b, row in json.loads(done.stdout.strip().splitlines()[-1]).items():
-            result.setdefault(int(b), {}).update(row)
-    return result
+def run_worker(engine: str, folder: Path, args) -> dict[int, dict[str, float]]:
+    """``{batch: {model: seconds}}`` of one engine, from one child process."""
+    cmd = [sys.executable, __file__, "--worker", engine, "--folder", str(folder), "--threads", str(args.threads),
+           "--repeats", str(args.repeats), "--timer", args.timer, "--batches", *map(str, args.batches),
+           "--models", *MODELS]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"error: the {engine} worker failed:\n{done.stderr[-3000:]}")
+    return {int(b): row for b, row in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+
+
+def run_engines(folder: Path, args) -> dict[str, dict[int, dict[str, float]]]:
+    """``{engine: {batch: {model: seconds}}}``: every engine timed in ``args.processes`` child processes, the
+    engines' processes interleaved (eager, compiled, ONNX Runtime, eager, ...), and each time the median over the
+    processes of their medians. One process's times can sit apart from the next one's (ONNX Runtime's dense
+    session at batch 1: 0.58-1.00 ms between processes on an idle machine), so one process per engine let a
+    target pass in one run and fail in the next."""
+    runs: dict[str, list[dict[int, dict[str, float]]]] = {engine: [] for engine in ENGINES}
+    for _ in range(args.processes):
+        for engine in ENGINES:
+            runs[engine].append(run_worker(engine, folder, args))
+    return {engine: {b: {m: statistics.median(r[b][m] for r in per) for m in per[0][b]} for b in per[0]}
+            for engine, per in runs.items()}
 
 
 def check_exactness(models, trained, folder: Path) -> tuple[dict[str, float], float]:
@@ -265,7 +275,10 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", help="trained FLGC checkpoint (its variant and G are used) instead of "
                                              "N(0,1)-initialised assignments")
     parser.add_argument("--groups", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=20, help="interleaved timing rounds per row (median)")
+    parser.add_argument("--repeats", type=int, default=10,
+                        help="interleaved timing rounds per row in each process (median)")
+    parser.add_argument("--processes", type=int, default=3,
+                        help="child processes per engine, interleaved; a time is the median of their medians")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
@@ -299,12 +312,13 @@ def main(argv=None) -> int:
               f"groups {args.groups}, "
               f"assignments: {args.checkpoint or f'N(0,1) init, seed {args.seed}'}; fused kernel built with "
               f"{' '.join(native.load_library().flags) if native.available() else 'nothing (unavailable)'}; "
-              f"load average before timing {os.getloadavg()[0]:.2f}")
+              f"load average before timing {os.getloadavg()[0]:.2f}; {args.processes} processes per engine x "
+              f"{args.repeats} rounds, median of the process medians")
         print("MACs (learned groups): " + ", ".join(f"{n} {deployed_macs(m) / 1e6:.2f} M" for n, m in models.items()))
         print(f"FLGC kernel per layer (auto): {kernels} (f = fused, p = padded, b = block-diagonal)")
         print(f"max |logit difference| deployed vs trained (largest |logit| {scale:.2g}): "
               + ", ".join(f"{e} {d:.2g}" for e, d in diffs.items()) + "\n")
-        results = {engine: run_engine(engine, folder, args) for engine in ENGINES}
+        results = run_engines(folder, args)
     print_table(results, args.batches)
     print("\nAttribution (PyTorch engines): FLGC / the dense network through the same whole-block kernel, "
           "best of eager and compiled: " + ", ".join(
