@@ -1,6 +1,6 @@
 """Deploy trained networks: BN folded, FLGC layers as real (unequal) grouped convolutions, export."""
 from flgc_lightning.deploy.convert import DeployError, deploy_model
-from flgc_lightning.deploy.cost import deployed_complexity, deployed_macs, executed_macs, deployed_parameters, layer_group_report
+from flgc_lightning.deploy.cost import deployed_complexity, deployed_macs, executed_macs, deployed_parameters
 from flgc_lightning.deploy.export import export_onnx, export_program, onnxruntime_logits, onnxruntime_session
 from flgc_lightning.deploy import ops  # noqa: F401  (registers torch.ops.flgc.unequal_group_conv1x1)
 from flgc_lightning.deploy.grouped import UnequalGroupConv2d, refresh_tables
@@ -19,6 +19,6 @@ def __getattr__(name):
 
 __all__ = [
     "DeployError", "UnequalGroupConv2d", "compile_deployed", "refresh_tables", "deploy_checkpoint", "deploy_model", "deployed_complexity", "deployed_macs", "deployed_parameters", "executed_macs",
-    "export_onnx", "export_program", "layer_group_report", "load_trained_network",
+    "export_onnx", "export_program", "load_trained_network",
     "onnxruntime_logits", "onnxruntime_session",
 ]

@@ -6,7 +6,6 @@ import copy
 from torch import nn
 
 from flgc_lightning.deploy.grouped import UnequalGroupConv2d
-from flgc_lightning.layers import Flgc2d
 
 
 def _unequal_group_hook(connections: str):
@@ -56,19 +55,6 @@ def deployed_parameters(model: nn.Module) -> int:
     padded = {id(p) for m in unequal for p in m.parameters()}
     plain = sum(p.numel() for p in model.parameters() if id(p) not in padded)
     return plain + sum(m.learned_connections + (m.out_channels if m.conv.bias is not None else 0) for m in unequal)
-
-
-def layer_group_report(model: nn.Module) -> str:
-    """One line per FLGC layer: input/filter group sizes and padding of the deployed kernel."""
-    lines = []
-    for i, layer in enumerate(m for m in model.modules() if isinstance(m, Flgc2d)):
-        g = layer.num_groups
-        n_in, n_out = (sizes.tolist() for sizes in layer.group_sizes())
-        learned = sum(a * b for a, b in zip(n_in, n_out))
-        padded = g * max(n_in) * max(n_out)
-        lines.append(f"  FLGC layer {i:2d} {layer.in_channels:4d}->{layer.out_channels:<4d} in {n_in} out {n_out} "
-                     f"learned/uniform {learned / (layer.in_channels * layer.out_channels / g):.2f} padded/learned {padded / max(learned, 1):.2f}")
-    return "group sizes (inputs / filters per group):\n" + "\n".join(lines) if lines else "no FLGC layers"
 
 
 def deployed_complexity(model: nn.Module, input_size=(3, 32, 32)) -> dict[str, int]:

@@ -20,16 +20,3 @@ def fold_bn_into_weight(weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d)
     w = weight.double() * scale.reshape(-1, *([1] * (weight.dim() - 1)))
     b = shift if bias is None else bias.double() * scale + shift
     return w.to(weight.dtype), b.to(weight.dtype)
-
-
-@torch.no_grad()
-def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """A plain ``nn.Conv2d`` (same geometry and groups, with bias) equal to ``bn(conv(x))`` in eval mode."""
-    fused = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
-    ).to(conv.weight.device, conv.weight.dtype)
-    weight, bias = fold_bn_into_weight(conv.weight, conv.bias, bn)
-    fused.weight.copy_(weight)
-    fused.bias.copy_(bias)
-    return fused

@@ -13,16 +13,16 @@ feature maps and tiny groups, where oneDNN's grouped kernels gain nothing
 With ``kernel="fused"`` CPU inference runs :mod:`flgc_lightning.deploy.native`, a compiled kernel
 that computes exactly the learned connections with no padding and no gathers, through the custom op
 ``torch.ops.flgc.unequal_group_conv1x1`` (:mod:`flgc_lightning.deploy.ops`), so ``torch.compile`` and
-``torch.export`` keep it; the padded conv is kept too and runs where the op cannot (TorchScript tracing,
-GPU, autograd, no compiler in eager mode). The layer can also add a residual and apply ReLU6 in the same
+``torch.export`` keep it; the padded conv is kept too and runs where the op cannot (GPU, autograd, no
+compiler in eager mode). The layer can also add a residual and apply ReLU6 in the same
 pass over its output (``forward(x, residual)``, ``relu6=True``), which the fused kernel does in registers.
 
 The input gather lays every group out as ``max_in`` consecutive channels (padding slots read
 any valid channel and meet zero weights, so the result is exact); the output gather drops the
 padding filters and puts the real ones back in the order the consumer expects. Filters of a
 group without inputs output only their bias; inputs of a group without filters are never read.
-The padded and block-diagonal forms are channel gathers and ``nn.Conv2d`` only, so TorchScript
-and ONNX export them as is.
+The padded and block-diagonal forms are channel gathers and ``nn.Conv2d`` only, so ONNX
+exports them as is.
 """
 from __future__ import annotations
 
