@@ -118,7 +118,7 @@ def build_kernel() -> None:
     except native.NativeKernelUnavailable as err:
         raise UserError(f"the fused kernel cannot be built here: {err}. Deploy still works with stock PyTorch ops "
                         "(--kernel blockdiag)") from None
-    print(f"fused kernel for this CPU ({native.instruction_set()}): {library._name}")
+    print(f"fused kernel for this CPU ({native.instruction_set()}): {library.path}")
     print(native.describe(library))
 
 

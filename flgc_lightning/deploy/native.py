@@ -8,10 +8,10 @@ registers and writes each filter straight to its output channel.
 It is plain C (no Python or torch headers), compiled once per machine with the system C compiler (``$CC`` or
 ``cc``) into a cache folder, before any timing: deploying with ``kernel="fused"``/``"auto"``, opening an ONNX
 Runtime session, or explicitly with ``python -m flgc_lightning.deploy --build-kernel`` (builds, says what it built).
-No ``-march=native``: the instruction set is chosen at run time from this CPU's features (``avx512``, ``avx2``
-or ``baseline``, :func:`instruction_set`) and named in explicit flags, so a built library is keyed by source,
-compiler and flags only and moves between machines of one kind, and a shared cache on a mixed cluster holds one
-library per instruction set. OpenMP (``-fopenmp``) is asked for; a compiler without it (Apple clang) gives a
+No ``-march=native``: the instruction set is chosen at run time from this CPU's features as torch detects
+them (``avx512``, ``avx2`` or ``baseline``, :func:`instruction_set`) and named in explicit flags, so a built
+library is keyed by source, compiler and flags only and moves between machines of one kind, and a shared cache
+on a mixed cluster holds one library per instruction set. OpenMP (``-fopenmp``) is asked for; a compiler without it (Apple clang) gives a
 one-thread library and a warning that says so. ``$FLGC_NATIVE_CACHE`` overrides the folder,
 ``$FLGC_NATIVE_FLAGS`` the flags (one set, no fallback: the tests build with AddressSanitizer this way). OpenMP
 comes from the ``libgomp`` torch already loaded, so both share one thread pool.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -38,14 +37,12 @@ LANES, WIDE_LANES = 8, 16  # filters per task: one 8-float vector, or 16 in a wi
 TASK_FIELDS, SEGMENT_FIELDS = 6, 3  # T_LEN, S_LEN in the C source
 CONSECUTIVE, WIDE = 1, 2  # task flags (T_FLAGS): outputs are consecutive channels; 16 lanes
 # Instruction sets the C source has code paths for (``__AVX512F__``, ``__AVX__``/AVX2 with FMA, else generic vector
-# code), widest first, with the flags that name them. AVX-512 asks for the subsets every AVX-512 CPU since
-# Skylake-SP has (F, BW, DQ, VL).
+# code), widest first, with the flags that name them: the subsets torch's own AVX-512 / AVX2 kernels need.
 INSTRUCTION_SETS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma"],
     "avx2": ["-mavx2", "-mfma"],
     "baseline": [],
 }
-_CPU_FLAGS = {"avx512": {"avx512f", "avx512bw", "avx512dq", "avx512vl"}, "avx2": {"avx2", "fma"}}
 
 
 class NativeKernelUnavailable(RuntimeError):
@@ -53,22 +50,11 @@ class NativeKernelUnavailable(RuntimeError):
 
 
 def instruction_set() -> str:
-    """The widest of :data:`INSTRUCTION_SETS` this CPU runs: from ``/proc/cpuinfo`` on Linux, else from the
-    capability torch chose for its own kernels; ``baseline`` on other architectures (ARM: NEON is in the baseline)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return "baseline"
-    try:
-        flags = set()
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-        if flags:
-            return next((name for name, need in _CPU_FLAGS.items() if need <= flags), "baseline")
-    except OSError:
-        pass
-    capability = torch.backends.cpu.get_cpu_capability().lower()
-    return "avx512" if capability.startswith("avx512") else "avx2" if capability == "avx2" else "baseline"
+    """The widest of :data:`INSTRUCTION_SETS` this CPU runs, as torch detects it for its own kernels
+    (``torch.backends.cpu.get_cpu_capability()``: CPU features the operating system has enabled; ``AVX512`` means
+    F, BW, DQ and VL with FMA). ``ATEN_CPU_CAPABILITY=avx2`` (or ``default``) lowers it, for torch and this kernel
+    alike. ``baseline`` elsewhere (ARM: NEON is in the baseline)."""
+    return {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "baseline")
 
 
 def instruction_sets_here() -> list[str]:
@@ -200,7 +186,7 @@ def _build_and_load(isa: str | None = None) -> ctypes.CDLL:
         lib.inverted_residual_unequal_group.restype = ctypes.c_int
         lib.preferred_lanes.argtypes, lib.preferred_lanes.restype = [], ctypes.c_int
         lib.run_chain.argtypes, lib.run_chain.restype = [p, i64, p, i64, ctypes.c_int], ctypes.c_int
-        lib.flags = flags
+        lib.flags, lib.path = flags, target
         lib.openmp = "-fopenmp" in flags
         if not lib.openmp and not os.environ.get("FLGC_NATIVE_FLAGS"):
             warnings.warn(f"{compiler} cannot build with OpenMP (-fopenmp): the fused kernel runs on one thread. "
@@ -582,4 +568,3 @@ def run_chain(steps: Tensor, buffers: Tensor, n: int, threads: int | None = None
                                       threads or torch.get_num_threads())
     if status != 0:
         raise MemoryError("the fused block kernel could not allocate its per-thread buffers")
-
