@@ -294,6 +294,8 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.worker, Path(args.folder), args.batches, args.repeats, args.threads, args.timer,
                                 args.models)))
         return 0
+    if args.processes < 1 or args.repeats < 1:
+        parser.error("--processes and --repeats must be at least 1")
     if args.timer == "cpu":
         args.threads = 1
 

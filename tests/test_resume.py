@@ -69,6 +69,7 @@ def kill_and_resume(tmp_path: Path, args: tuple, stop_when=None, pause: float = 
     """Uninterrupted run (or ``reference``: its run directory and step records), the same run SIGKILLed when
     ``stop_when(records, last.ckpt)`` holds, or, with ``hold_step``, once it holds still after that step's
     checkpoint (tests/probes.py's HoldAtStep: no window to miss), and its resume."""
+    assert (stop_when is None) != (hold_step is None), "give stop_when or hold_step"
     full, full_records = reference or (tmp_path / "full", tmp_path / "full.jsonl")
     if reference is None:
         run_cli("train.py", *args, *probe(full_records, pause), f"hydra.run.dir={full}")
