@@ -1,4 +1,4 @@
-"""Balanced FLGC deploys exactly as standard grouped convs with its channel permutations folded in."""
+"""Balanced FLGC deploys exactly, at the cost of standard grouped convs, with its channel permutations folded in."""
 from __future__ import annotations
 
 import pytest
@@ -27,24 +27,23 @@ def trained_like(groups: int, **kwargs) -> MobileNetV2:
 
 
 @pytest.mark.parametrize("groups, kwargs", [(2, {}), (4, {}), (8, {}), (8, dict(group_expand=True, group_shortcut=True))])
-def test_balanced_network_deploys_exactly_as_grouped_convs(groups, kwargs):
+def test_balanced_network_deploys_exactly_at_grouped_cost(groups, kwargs):
     net = trained_like(groups, **kwargs)
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    deployed = deploy_model(net, kernel="padded")
+    deployed = deploy_model(net, kernel="blockdiag")
     with torch.no_grad():
         diff = (deployed(images.contiguous(memory_format=torch.channels_last)) - net(images)).abs().max().item()
     assert diff <= 1e-4
     layers = [m for m in deployed.modules() if isinstance(m, UnequalGroupConv2d)]
     assert layers
-    for layer in layers:
-        # a standard grouped conv: G equal blocks, no padding (its weight holds exactly the learned connections)
-        assert layer.conv.groups == groups and len(set(layer.in_sizes)) == 1 and len(set(layer.out_sizes)) == 1
-        assert layer.conv.weight[:, :, 0, 0].numel() == layer.learned_connections
+    for layer in layers:  # G equal blocks: exactly a standard grouped conv's connections
+        assert len(set(layer.in_sizes)) == 1 and len(set(layer.out_sizes)) == 1
+        assert layer.learned_connections * groups == layer.in_channels * layer.out_channels
     if not kwargs:  # projections only (the reference model): each input order is folded into the expand /
-        # depthwise convs (the stem for the first block), so no input gather is left
-        assert not any(m.gather_inputs for m in layers)
-    # cost: exactly that of the standard grouped network of the same G, deployed the same way
-    grouped = deploy_model(MobileNetV2(groups=groups, **kwargs).eval(), kernel="padded")
+        # depthwise convs (the stem for the first block), so every group's inputs are one run of channels
+        assert all(torch.equal(m.in_groups, m.in_groups.sort().values) for m in layers)
+    # cost: exactly that of the standard grouped network of the same G (real grouped convs, counted by ptflops)
+    grouped = deploy_model(MobileNetV2(groups=groups, **kwargs).eval(), kernel="blockdiag")
     assert deployed_macs(deployed) == deployed_macs(grouped)
 
 
@@ -53,7 +52,7 @@ def test_balanced_network_deploys_exactly_as_grouped_convs(groups, kwargs):
                                                                   marks=pytest.mark.exhaustive)],
                          ids=["reference", "paper"])
 def test_balanced_network_in_every_deployed_form(groups, kwargs, tmp_path):
-    """The forms a user ships, not only the padded eager one: the fused kernel, the .pt2 program reloaded, the ONNX
+    """The forms a user ships, not only the eager one: the fused kernel, the .pt2 program reloaded, the ONNX
     file with custom ops (fused) and the stock-op ONNX file (blockdiag), each against the trained network."""
     from flgc_lightning.deploy import export_onnx, export_program, onnxruntime_logits
 

@@ -18,7 +18,7 @@ from flgc_lightning.data.cifar_files import CIFAR10, find_folder, load_split
 from flgc_lightning.deploy import (
     UnequalGroupConv2d, deploy_model, deployed_macs, deployed_parameters, executed_macs,
 )
-from flgc_lightning.deploy import native
+from flgc_lightning.deploy import native, tables
 from flgc_lightning.layers import Flgc2d
 from flgc_lightning.models import MobileNetV2
 from flgc_lightning.utils.complexity import count_macs, count_parameters
@@ -87,7 +87,7 @@ def assert_exact(model: nn.Module, images: torch.Tensor, kernels=UnequalGroupCon
                 if isinstance(m, UnequalGroupConv2d) and not isinstance(block.conv[0][0], UnequalGroupConv2d):
                     lanes = native.preferred_lanes()  # chunks of up to this many filters, one segment each
                     runs = sum(-(-o // lanes) for i, o in zip(m.in_sizes, m.out_sizes) if i)
-                    assert m.fused_tables["tasks"][:, 1].sum() == runs
+                    assert m.tables()["tasks"][:, 1].sum() == runs
     return nets[0]
 
 
@@ -146,17 +146,18 @@ def test_unequal_group_conv_matches_masked_conv(kernel, channels_last):
     with torch.no_grad():
         expected = layer(x)
         torch.testing.assert_close(deployed(x), expected, atol=1e-5, rtol=0)
-        for other_kind in UnequalGroupConv2d.KERNELS:
-            torch.testing.assert_close(deployed.rebuilt(other_kind)(x), expected, atol=1e-5, rtol=0)
+        for other_kind in UnequalGroupConv2d.KERNELS:  # one stored weight: switching kernels is setting one
+            other = copy.deepcopy(deployed)
+            other.kernel = other_kind
+            torch.testing.assert_close(other(x), expected, atol=1e-5, rtol=0)
         # residual added, then ReLU6, in the same call
-        activated = deployed.rebuilt(kernel)
+        activated = copy.deepcopy(deployed)
         activated.relu6 = True
         torch.testing.assert_close(activated(x, residual), (expected + residual).clamp(0, 6), atol=1e-5, rtol=0)
         assert 0 < ((expected + residual) > 6).sum() and 0 < ((expected + residual) < 0).sum()  # both clamps used
     torch.testing.assert_close(deployed.dense_weight(), layer.masked_weight().detach()[:, :, 0, 0])
     sizes_in, sizes_out = deployed.in_sizes, deployed.out_sizes
-    executed = {"padded": 5 * max(sizes_in) * max(sizes_out), "blockdiag": 20 * 12,
-                "fused": sum(i * 8 for i, o in zip(sizes_in, sizes_out) if o)}  # <= 8 filters per group here
+    executed = {"blockdiag": 20 * 12, "fused": sum(i * 8 for i, o in zip(sizes_in, sizes_out) if o)}  # <= 8 filters
     assert max(sizes_out) <= 8 and deployed.executed_connections == executed[kernel]
 
 
@@ -180,16 +181,16 @@ def test_fused_kernel_against_float64_reference(threads, lanes):
     weight, bias = torch.randn(c_out, c_in, generator=gen), torch.randn(c_out, generator=gen)
     mask = (out_groups[:, None] == in_groups[None, :]).double()
     layer = UnequalGroupConv2d(weight, bias, in_groups, out_groups, g, "fused")
-    assert len(layer.fused_tables["segments"]) > g  # scattered inputs -> several runs per group
-    filters_per_task = layer.fused_tables["tasks"][:, 3]
+    assert len(layer.tables()["segments"]) > g  # scattered inputs -> several runs per group
+    filters_per_task = layer.tables()["tasks"][:, 3]
     chunks = sum(-(-int((out_groups == k).sum()) // lanes) for k in range(g))
     assert filters_per_task.max() <= lanes and len(filters_per_task) < chunks  # small groups share a task
-    assert torch.equal(native.task_lanes(layer.fused_tables), torch.where(filters_per_task > 8, 16, 8))
+    assert torch.equal(tables.task_lanes(layer.tables()), torch.where(filters_per_task > 8, 16, 8))
     # windows: tasks are the next `lanes` output channels, whatever their groups (FLGC expand convs use this)
     windowed = UnequalGroupConv2d(weight, bias, in_groups, out_groups, g, "fused", windows=True)
-    tasks = windowed.fused_tables["tasks"]
+    tasks = windowed.tables()["tasks"]
     assert len(tasks) == -(-c_out // lanes) and tasks[:-1, 3].eq(lanes).all() and tasks[-1, 3] == c_out % lanes
-    assert torch.equal(windowed.fused_tables["out_index"] // lanes, torch.arange(c_out) // lanes)  # outputs in order
+    assert torch.equal(windowed.tables()["out_index"] // lanes, torch.arange(c_out) // lanes)  # outputs in order
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -222,15 +223,12 @@ def test_fused_depthwise_kernel_against_float64_reference(threads, stride, lanes
     """Depthwise 3x3 (+ bias, ReLU6) feeding the unequal-group conv in one pass, against float64 stock ops:
     channel counts with a tail past the 8-float vectors, odd map sizes (padding at every border, output pixel
     counts that are no multiple of 8), scattered groups, a residual and a final ReLU6."""
-    from flgc_lightning.deploy import native, ops
-
     gen = torch.Generator().manual_seed(stride)
     c, c_out, g = 21, 11, 4
     in_groups, out_groups = torch.randint(0, g, (c,), generator=gen), torch.randint(0, g, (c_out,), generator=gen)
     weight, bias = torch.randn(c_out, c, generator=gen), torch.randn(c_out, generator=gen)
     dw_weight, dw_bias = torch.randn(c, 1, 3, 3, generator=gen), torch.randn(c, generator=gen)
-    layer = UnequalGroupConv2d(weight, bias, in_groups, out_groups, g, "fused")
-    t = layer.fused_tables
+    t = UnequalGroupConv2d(weight, bias, in_groups, out_groups, g, "fused").tables()
     mask = (out_groups[:, None] == in_groups[None, :]).double()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -242,9 +240,9 @@ def test_fused_depthwise_kernel_against_float64_reference(threads, stride, lanes
             residual = torch.randn(expected.shape, generator=gen) * 3
             for res, relu6 in [(None, False), (residual, True)]:
                 want = expected if res is None else (expected + res.double()).clamp(0, 6)
-                got = ops.depthwise_unequal_group_conv(x, native.depthwise_taps(dw_weight), dw_bias, stride, t["weight"],
-                                                       t["bias"], t["tasks"], t["segments"], t["out_index"],
-                                                       t["dense_weight"], t["dense_bias"], res, relu6)
+                ints, floats = tables.make_step(t, c, c_out, relu6, dw_taps=tables.depthwise_taps(dw_weight),
+                                                dw_bias=dw_bias, stride=stride)
+                got = torch.ops.flgc.fused_step(x, ints, floats, res, c_out, stride)
                 assert got.is_contiguous(memory_format=torch.channels_last) and got.shape == want.shape
                 torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=0)
     finally:
@@ -258,8 +256,6 @@ def test_fused_block_kernel_against_float64_reference(threads, stride, expand, l
     """A whole inverted-residual block in one kernel (expand 1x1 + ReLU6, depthwise 3x3 + ReLU6, projection,
     residual, ReLU6) against float64 stock ops: a hidden width with a tail past the 8-float vectors, odd map
     sizes, scattered groups, one image (the threads share it) and several (one image per thread)."""
-    from flgc_lightning.deploy import native, ops
-
     gen = torch.Generator().manual_seed(10 * stride + threads)
     c_in, hidden, c_out, g = 13, 21, 11, 4
     in_groups, out_groups = torch.randint(0, g, (hidden,), generator=gen), torch.randint(0, g, (c_out,), generator=gen)
@@ -270,8 +266,8 @@ def test_fused_block_kernel_against_float64_reference(threads, stride, expand, l
         e_in, e_out, e_groups = torch.randint(0, 3, (c_in,), generator=gen), torch.randint(0, 3, (hidden,), generator=gen), 3
     weight, bias = torch.randn(c_out, hidden, generator=gen), torch.randn(c_out, generator=gen)
     dw_weight, dw_bias = torch.randn(hidden, 1, 3, 3, generator=gen), torch.randn(hidden, generator=gen)
-    e = UnequalGroupConv2d(e_weight, e_bias, e_in, e_out, e_groups, "fused", relu6=True, windows=True).fused_tables
-    t = UnequalGroupConv2d(weight, bias, in_groups, out_groups, g, "fused").fused_tables
+    e = UnequalGroupConv2d(e_weight, e_bias, e_in, e_out, e_groups, "fused", relu6=True, windows=True).tables()
+    t = UnequalGroupConv2d(weight, bias, in_groups, out_groups, g, "fused").tables()
     e_mask = (e_out[:, None] == e_in[None, :]).double()
     mask = (out_groups[:, None] == in_groups[None, :]).double()
     previous = torch.get_num_threads()
@@ -286,80 +282,71 @@ def test_fused_block_kernel_against_float64_reference(threads, stride, expand, l
             residual = torch.randn(projected.shape, generator=gen) * 3
             for res, relu6 in [(None, False), (residual, True)]:
                 want = projected if res is None else (projected + res.double()).clamp(0, 6)
-                got = ops.inverted_residual_unequal_group(
-                    x, e["weight"], e["bias"], e["tasks"], e["segments"], e["out_index"], e["dense_weight"],
-                    e["dense_bias"], native.depthwise_taps(dw_weight), dw_bias, stride, t["weight"], t["bias"],
-                    t["tasks"], t["segments"], t["out_index"], t["dense_weight"], t["dense_bias"], res, relu6)
+                ints, floats = tables.make_step(t, c_in, c_out, relu6, e, tables.depthwise_taps(dw_weight), dw_bias,
+                                                stride)
+                got = torch.ops.flgc.fused_step(x, ints, floats, res, c_out, stride)
                 assert got.is_contiguous(memory_format=torch.channels_last) and got.shape == want.shape
                 torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=0)
     finally:
         torch.set_num_threads(previous)
 
 
-def test_deployed_blocks_run_as_one_kernel_each():
-    """Every FLGC block with an expand conv runs the block kernel (one op call, no expand/depthwise modules
-    called on their own); the block without one runs the depthwise + projection kernel."""
+def test_deployed_blocks_run_as_one_kernel_each(monkeypatch):
+    """Every FLGC block with an expand conv runs as one block step (one op call, no expand/depthwise modules
+    called on their own); the block without one runs a depthwise + projection step."""
     from flgc_lightning.deploy import ops
 
+    original = ops.apply
     for variant in VARIANTS:
         net = deploy_model(trained_like(MobileNetV2(groups=4, use_flgc=True, **VARIANTS[variant]), 0), kernel="fused")
         blocks = [b for b in net.features if hasattr(b, "use_residual")]
         assert [b.can_fuse_block() for b in blocks] == [False] + [True] * (len(blocks) - 1)
-        calls = {"block": 0, "depthwise": 0, "stages": 0}
-        wrap = lambda key, f: lambda *a, **k: (calls.__setitem__(key, calls[key] + 1), f(*a, **k))[1]
-        hooks = [s.register_forward_hook(lambda *a: calls.__setitem__("stages", calls["stages"] + 1))
-                 for b in blocks[1:] for s in b.conv[:2]]
-        original = (ops.inverted_residual_unequal_group, ops.depthwise_unequal_group_conv)
-        try:
-            ops.inverted_residual_unequal_group = wrap("block", original[0])
-            ops.depthwise_unequal_group_conv = wrap("depthwise", original[1])
-            with torch.no_grad():
-                net(torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last))
-        finally:
-            ops.inverted_residual_unequal_group, ops.depthwise_unequal_group_conv = original
-            for h in hooks:
-                h.remove()
-        assert calls == {"block": len(blocks) - 1, "depthwise": 1, "stages": 0}, variant
+        kinds, stages = [], []
+        monkeypatch.setattr(ops, "apply", lambda step, *a: (kinds.append(step.kind), original(step, *a))[1])
+        hooks = [s.register_forward_hook(lambda *a: stages.append(1)) for b in blocks[1:] for s in b.conv[:2]]
+        with torch.no_grad():
+            net(torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last))
+        for h in hooks:
+            h.remove()
+        assert (kinds.count(tables.BLOCK), kinds.count(tables.DEPTHWISE), len(stages)) == (len(blocks) - 1, 1, 0), variant
 
 
-def test_custom_ops_fall_back_to_stock_ops_without_the_library(monkeypatch):
-    """A program that holds the custom ops (e.g. a .pt2 written elsewhere) runs where the kernel cannot be
+def test_custom_op_falls_back_to_stock_ops_without_the_library(monkeypatch):
+    """A program that holds the custom op (e.g. a .pt2 written elsewhere) runs where the kernel cannot be
     built: same numbers from stock ops, one warning; the eager network gives the same logits too."""
-    from flgc_lightning.deploy import native, ops
+    from flgc_lightning.deploy import grouped, ops
 
     torch.manual_seed(3)
     model = trained_like(MobileNetV2(groups=5, use_flgc=True, group_expand=True, group_shortcut=True), 3)
     net = deploy_model(model, kernel="fused")
     x = torch.randn(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    block = net.features[5]  # 32 -> 32, stride 1, identity residual
+    block = net.features[5]  # 32 -> 32, stride 1, identity residual; FLGC expand conv
     proj, dw = block.projection, block.conv[-2][0]
-    t = proj.fused_tables
-    args = (torch.randn(2, proj.in_channels, 4, 4), native.depthwise_taps(dw.weight), dw.bias, dw.stride[0],
-            t["weight"], t["bias"], t["tasks"], t["segments"], t["out_index"], t["dense_weight"], t["dense_bias"],
-            torch.randn(2, proj.out_channels, 4, 4), False)
-    e = block.conv[0][0].fused_tables  # the block kernel: FLGC expand + depthwise + projection + residual
-    block_args = (torch.randn(2, e["dense_weight"].shape[1], 4, 4), e["weight"], e["bias"], e["tasks"],
-                  e["segments"], e["out_index"], e["dense_weight"], e["dense_bias"], *args[1:])
+    depthwise_step = tables.make_step(proj.tables(), proj.in_channels, proj.out_channels, False,
+                                      dw_taps=tables.depthwise_taps(dw.weight), dw_bias=dw.bias, stride=1)
+    residual = torch.randn(2, proj.out_channels, 4, 4)
+    calls = {"depthwise": (torch.randn(2, proj.in_channels, 4, 4), *depthwise_step, residual, proj.out_channels, 1),
+             "block": (torch.randn(2, block.conv[0][0].in_channels, 4, 4), *block.step(), residual, proj.out_channels, 1),
+             "layer": (torch.randn(2, proj.in_channels, 4, 4), *proj.step(), None, proj.out_channels, 1)}
     with torch.no_grad():
         expected, native_out = model(x), net(x)
-        with_library = ops.depthwise_unequal_group_conv(*args)
-        block_with_library = ops.inverted_residual_unequal_group(*block_args)
+        with_library = {k: torch.ops.flgc.fused_step(*a) for k, a in calls.items()}
         monkeypatch.setattr(native, "available", lambda: False)
         monkeypatch.setattr(ops, "_warned", False)
-        with pytest.warns(UserWarning, match="block-diagonal dense conv instead"):
-            without = ops.depthwise_unequal_group_conv(*args)
-        block_without = ops.inverted_residual_unequal_group(*block_args)
-        monkeypatch.setattr(UnequalGroupConv2d, "_warned_unavailable", True, raising=False)  # its own warning
-        fallback = net(x)  # eager: the layers' padded form, depthwise convs on their own
-    torch.testing.assert_close(without, with_library, atol=1e-4, rtol=0)
-    torch.testing.assert_close(block_without, block_with_library, atol=1e-4, rtol=0)
+        with pytest.warns(UserWarning, match="running stock PyTorch ops instead"):
+            without = {k: torch.ops.flgc.fused_step(*a) for k, a in calls.items()}
+        monkeypatch.setattr(grouped.kernel_available, "warned", True, raising=False)  # the layers' own warning
+        fallback = net(x)  # eager: the layers' block-diagonal convs, depthwise convs on their own
+    for k in calls:
+        torch.testing.assert_close(without[k], with_library[k], atol=1e-4, rtol=0)
     torch.testing.assert_close(native_out, expected, atol=1e-4, rtol=0)
     torch.testing.assert_close(fallback, expected, atol=1e-4, rtol=0)
 
 
 def test_fused_kernel_falls_back_where_it_cannot_run(monkeypatch):
-    """No compiler (or autograd): the padded path runs, same numbers; asking for fused explicitly is an error."""
-    from flgc_lightning.deploy import native
+    """No compiler (or autograd): the block-diagonal conv runs, same numbers; asking for fused explicitly is an
+    error."""
+    from flgc_lightning.deploy import grouped
     from flgc_lightning.deploy.convert import DeployError
 
     torch.manual_seed(2)
@@ -367,36 +354,67 @@ def test_fused_kernel_falls_back_where_it_cannot_run(monkeypatch):
     fused = UnequalGroupConv2d(layer.weight.detach(), layer.bias.detach(), layer.input_groups(), layer.filter_groups(),
                                4, "fused")
     x = torch.randn(2, 16, 3, 3, requires_grad=True)
-    out = fused(x)  # autograd wanted: padded path, which has a grad_fn
+    out = fused(x)  # autograd wanted: the stock conv, which has a grad_fn
     assert out.grad_fn is not None
     out.sum().backward()
     assert x.grad is not None
 
     with torch.no_grad():
-        with pytest.raises(RuntimeError):  # wrong channel count: an error (padded path), never a read past x
+        with pytest.raises(RuntimeError):  # wrong channel count: an error (stock conv), never a read past x
             fused(torch.randn(2, 8, 3, 3))
-        # new weights (load_state_dict copies in place): the fused tables follow, like the padded form
+        # new weights (load_state_dict copies in place): the fused tables follow
         other = Flgc2d(16, 12, 1, groups=4, bias=True)
         other.load_state_dict({**layer.state_dict(), "weight": torch.randn(12, 16, 1, 1), "bias": torch.randn(12)})
         fused.load_state_dict(UnequalGroupConv2d(other.weight, other.bias, layer.input_groups(),
                                                  layer.filter_groups(), 4, "fused").state_dict())
         torch.testing.assert_close(fused(x), other(x), atol=1e-5, rtol=0)
-        assert fused.fused_tables is fused.fused_tables  # rebuilt once, then cached
-        wide = copy.deepcopy(fused).double()  # float64 weights: the padded form runs, in float64
+        assert fused.tables() is fused.tables()  # rebuilt once, then cached
+        wide = copy.deepcopy(fused).double()  # float64 weights: the stock conv runs, in float64
         torch.testing.assert_close(wide(x.double()), copy.deepcopy(other).double()(x.double()))
 
     def no_compiler():
         raise native.NativeKernelUnavailable("no C compiler found")
 
     monkeypatch.setattr(native, "load_library", no_compiler)
-    monkeypatch.setattr(UnequalGroupConv2d, "_warned_unavailable", False, raising=False)
-    with torch.no_grad(), pytest.warns(UserWarning, match="padded grouped conv instead"):
+    monkeypatch.setattr(grouped.kernel_available, "warned", False, raising=False)
+    with torch.no_grad(), pytest.warns(UserWarning, match="block-diagonal dense conv instead"):
         torch.testing.assert_close(fused(x), other(x), atol=1e-5, rtol=0)
     with pytest.raises(DeployError, match="fused kernel cannot be built here: no C compiler"):
         deploy_model(MobileNetV2(groups=4, use_flgc=True), kernel="fused")
-    with pytest.warns(UserWarning, match="choosing among padded and blockdiag"):
-        auto = deploy_model(MobileNetV2(groups=4, use_flgc=True), kernel="auto", tune_batch=2)
-    assert {m.kernel for m in auto.modules() if isinstance(m, UnequalGroupConv2d)} <= {"padded", "blockdiag"}
+    with pytest.warns(UserWarning, match="every FLGC layer runs blockdiag"):
+        auto = deploy_model(MobileNetV2(groups=4, use_flgc=True), kernel="auto")
+    assert {m.kernel for m in auto.modules() if isinstance(m, UnequalGroupConv2d)} == {"blockdiag"}
+
+
+def test_saved_forms_hold_each_weight_once(tmp_path):
+    """A deployed layer stores its weights once: the pickled module holds its parameters and nothing derived from
+    them (the fused steps are rebuilt on load), and a .pt2 program holds the weights of what runs in a fused step
+    only inside that step (no unused parameter copy of any block's convs)."""
+    import io
+    import re
+
+    from flgc_lightning.deploy import export_program
+
+    torch.manual_seed(6)
+    net = deploy_model(trained_like(MobileNetV2(groups=4, use_flgc=True, width_mult=0.5), 6), kernel="fused")
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = net(x)  # builds every step
+    buffer = io.BytesIO()
+    torch.save(net, buffer)
+    parameter_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    assert len(buffer.getvalue()) < parameter_bytes * 1.05 + 200_000
+    reloaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)  # our own bytes: trusted
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), expected)
+    program = export_program(net, tmp_path / "net.pt2")
+    inside_blocks = [k for k in program.state_dict if re.match(r"features\.\d+\.conv\.", k)]
+    assert not inside_blocks  # every block runs as one step: its convs' weights are in the step's floats only
+    steps = sum(t.numel() * t.element_size() for t in program.constants.values())
+    stored = sum(t.numel() * t.element_size() for t in program.state_dict.values())
+    assert steps + stored < parameter_bytes  # the steps hold learned connections (and vector lanes), not dense weights
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(str(tmp_path / "net.pt2")).module()(x), expected, atol=1e-5, rtol=0)
 
 
 def test_fused_kernel_builds_from_scratch_in_its_cache_folder(tmp_path):
@@ -497,7 +515,7 @@ def test_auto_kernel_choice_keeps_logits(images, variant):
     so it is fused without timing (the paper variant)."""
     torch.manual_seed(11)
     model = trained_like(MobileNetV2(groups=4, use_flgc=True, **VARIANTS[variant]), 11)
-    deployed = deploy_model(model, kernel="auto", tune_batch=4)
+    deployed = deploy_model(model, kernel="auto")
     kernels = {m.kernel for m in deployed.modules() if isinstance(m, UnequalGroupConv2d)}
     assert kernels and kernels <= set(UnequalGroupConv2d.KERNELS)
     blocks = [b for b in deployed.features if hasattr(b, "can_fuse_block") and b.can_fuse_block()]
@@ -508,9 +526,21 @@ def test_auto_kernel_choice_keeps_logits(images, variant):
         assert (deployed(images.contiguous(memory_format=torch.channels_last)) - model(images)).abs().max() <= 1e-4
 
 
+def every_group_with_filters(model: nn.Module, seed: int) -> nn.Module:
+    """Random unequal groups in which every group has filters (filters 0..G-1 one per group), so the deploy step
+    drops no hidden channel and the deployed widths are the trained ones."""
+    gen = torch.Generator().manual_seed(seed)
+    for layer in model.modules():
+        if isinstance(layer, Flgc2d):
+            g = layer.num_groups
+            outs = torch.cat([torch.arange(g), torch.randint(0, g, (layer.out_channels - g,), generator=gen)])
+            set_groups(layer, torch.randint(0, g, (layer.in_channels,), generator=gen).tolist(), outs.tolist())
+    return model.eval()
+
+
 def test_deployed_macs_agree_with_learned_group_sizes():
     torch.manual_seed(3)
-    flgc = MobileNetV2(groups=8, use_flgc=True).eval()
+    flgc = every_group_with_filters(MobileNetV2(groups=8, use_flgc=True), 3)
     dense = MobileNetV2().eval()
     formula = learned_macs_formula(flgc)  # sum_g |in_g| |out_g| H W over the 17 projections
     dense_projection = learned_macs_formula(MobileNetV2(groups=1, use_flgc=True))  # G=1: no FLGC layers
@@ -519,30 +549,30 @@ def test_deployed_macs_agree_with_learned_group_sizes():
         [b.projection for b in flgc.features if hasattr(b, "projection")], PROJECTION_POSITIONS))
     # trained form, ptflops with the learned-cost hook
     trained_delta = count_macs(flgc, flgc_cost="learned") - count_macs(dense)
-    # deployed form, ptflops on standard modules + the UnequalGroupConv2d hook (same channels as dense)
-    deployed_delta = deployed_macs(deploy_model(flgc, group_hidden=False, kernel="padded")) - deployed_macs(deploy_model(dense))
+    # deployed form, ptflops on standard modules + the UnequalGroupConv2d hook; every group that has inputs has
+    # filters here, so the deploy step drops no hidden channel and the widths are the dense network's
+    assert not any(i and not o for b in flgc.features if hasattr(b, "projection")
+                   for i, o in zip(torch.bincount(b.projection.input_groups(), minlength=8).tolist(),
+                                   torch.bincount(b.projection.filter_groups(), minlength=8).tolist()))
+    blockdiag = deploy_model(flgc, kernel="blockdiag")
+    deployed_delta = deployed_macs(blockdiag) - deployed_macs(deploy_model(dense))
     assert trained_delta == deployed_delta == formula - proj_dense
-    # dropping hidden channels no filter reads can only make the real network cheaper
-    assert (deployed_macs(deploy_model(flgc, kernel="padded"))
-            <= deployed_macs(deploy_model(flgc, group_hidden=False, kernel="padded")))
     # one layer on its own: learned connections times positions, plus the bias adds
-    layer = deploy_model(flgc, kernel="padded").features[5].projection
+    layer = blockdiag.features[5].projection
     assert deployed_macs(layer, (layer.in_channels, 16, 16)) == (layer.learned_connections + layer.out_channels) * 256
-    # what the kernels execute: padding (padded), the whole dense product (blockdiag), 8-filter vector lanes (fused)
-    padded, blockdiag = deploy_model(flgc, kernel="padded"), deploy_model(flgc, kernel="blockdiag")
+    # what the kernels execute: the whole dense product (blockdiag), 8- or 16-filter vector lanes (fused)
     fused = deploy_model(flgc, kernel="fused")
     # the fused network keeps hidden widths at multiples of its 8-float vectors (unread channels, zero weights)
-    assert deployed_macs(fused) == deployed_macs(deploy_model(flgc, kernel="padded", align_hidden=8))
-    assert deployed_macs(fused) >= deployed_macs(padded)
-    for net in (padded, blockdiag, fused):
+    assert deployed_macs(fused) == deployed_macs(deploy_model(flgc, kernel="blockdiag", align_hidden=8))
+    assert deployed_macs(fused) >= deployed_macs(blockdiag)
+    for net in (blockdiag, fused):
         layers = [m for m in net.modules() if isinstance(m, UnequalGroupConv2d)]
         extra = sum((m.executed_connections - m.learned_connections + m.executed_outputs - m.out_channels) * hw
                     for m, hw in zip(layers, PROJECTION_POSITIONS))
         assert executed_macs(net) - deployed_macs(net) == extra
     assert all(m.executed_connections == m.in_channels * m.out_channels
                for m in blockdiag.modules() if isinstance(m, UnequalGroupConv2d))
-    assert executed_macs(padded) > executed_macs(fused) > deployed_macs(padded)
-    assert all(m.executed_outputs == m.conv.out_channels for m in padded.modules() if isinstance(m, UnequalGroupConv2d))
+    assert executed_macs(blockdiag) > executed_macs(fused) > deployed_macs(blockdiag)
 
 
 PROJECTION_POSITIONS = [32 * 32] * 3 + [16 * 16] * 3 + [8 * 8] * 7 + [4 * 4] * 4
@@ -550,10 +580,11 @@ PROJECTION_POSITIONS = [32 * 32] * 3 + [16 * 16] * 3 + [8 * 8] * 7 + [4 * 4] * 4
 
 def test_deployed_parameters_count_only_weights_inside_groups():
     torch.manual_seed(4)
-    flgc = MobileNetV2(groups=8, use_flgc=True).eval()
-    deployed = deploy_model(flgc, group_hidden=False, kernel="padded")
+    flgc = every_group_with_filters(MobileNetV2(groups=8, use_flgc=True), 4)
+    deployed = deploy_model(flgc, kernel="blockdiag")
     plain = deploy_model(MobileNetV2().eval())
     proj = [b.projection for b in flgc.features if hasattr(b, "projection")]
+    assert all(torch.bincount(p.filter_groups(), minlength=8).gt(0).all() for p in proj)  # no hidden channel dropped
     learned = sum(int((torch.bincount(p.input_groups(), minlength=8) * torch.bincount(p.filter_groups(), minlength=8)).sum()) for p in proj)
     dense = sum(p.in_channels * p.out_channels for p in proj)
     assert deployed_parameters(deployed) == count_parameters(plain) - dense + learned
@@ -578,7 +609,7 @@ def write_checkpoint(path: Path, groups: int, input_size=(3, 32, 32), width: flo
 
 LOAD_AND_RUN = """
 import sys, numpy as np, onnxruntime, torch
-import flgc_lightning.deploy.ops  # registers torch.ops.flgc.*, all a .pt2 with fused layers needs
+import flgc_lightning.deploy.ops  # registers torch.ops.flgc.fused_step, all a .pt2 with fused layers needs
 from flgc_lightning.deploy.onnxruntime_ops import session as onnxruntime_session  # the ONNX file's custom ops
 out, x = sys.argv[1], torch.from_numpy(np.load(sys.argv[2]))
 program = torch.export.load(out + "/deployed.pt2").module()
@@ -597,8 +628,8 @@ def test_cli_deploys_and_exports_a_checkpoint(tmp_path, input_size):
     process), agree with the trained network; so does the pickled module. Width 0.25 and a named kernel: the
     full-width networks and kernel=auto's timing are checked in-process above; here the command line is."""
     trained = write_checkpoint(tmp_path / "flgc.ckpt", groups=8, input_size=input_size, width=0.25)
-    # CIFAR case: the default export form (fused); digits: the padded stock-op form
-    kernel, export_form = ("padded", ["--export-kernel", "padded"]) if input_size[0] == 1 else ("fused", [])
+    # CIFAR case: the default export form (fused); digits: the stock-op form
+    kernel, export_form = ("blockdiag", ["--export-kernel", "blockdiag"]) if input_size[0] == 1 else ("fused", [])
     proc = subprocess.run([sys.executable, "-m", "flgc_lightning.deploy", str(tmp_path / "flgc.ckpt"), "--out",
                            str(tmp_path / "out"), "--onnx", "--kernel", kernel, *export_form], cwd=REPO,
                           capture_output=True, text=True)
@@ -607,8 +638,8 @@ def test_cli_deploys_and_exports_a_checkpoint(tmp_path, input_size):
     out = tmp_path / "out"
     import onnx
     ops = {n.op_type for n in onnx.load(str(out / "deployed.onnx")).graph.node}
-    assert bool({"Gather", "GatherElements"} & ops) == bool(export_form)  # only the padded form gathers channels
-    assert ("FlgcInvertedResidual" in ops) == (not export_form)  # the default: custom ops running our kernel
+    assert not {"Gather", "GatherElements"} & ops  # no channel gathers in either form
+    assert ("FlgcStep" in ops) == (not export_form)  # the default: custom ops running our kernel
     x = torch.randn(5, *input_size, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         expected = trained.eval()(x)

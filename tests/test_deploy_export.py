@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from flgc_lightning.deploy import compile_deployed, deploy_model, export_onnx, export_program
+from flgc_lightning.deploy import compile_deployed, deploy_model, export_onnx, export_program, tables
 from flgc_lightning.layers import Flgc2d
 from flgc_lightning.models import MobileNetV2
 from test_deploy import VARIANTS, set_groups, trained_like
@@ -63,10 +63,9 @@ def test_compiled_exported_and_onnx_forms_match_the_trained_network(variant, tmp
     assert (compiled - expected).abs().max() <= 1e-4
 
     program = export_program(net, tmp_path / "net.pt2")
-    fused = [str(n.target) for n in program.graph.nodes if str(n.target).startswith("flgc.")]
-    blocks = sum("inverted_residual_unequal_group" in t for t in fused)  # expand + projection, one op
-    assert blocks == 16
-    covered = len(fused) + (blocks if variant == "paper" else 0)  # paper variant: the expand conv is FLGC too
+    kinds = program_step_kinds(program)
+    assert kinds.count(tables.BLOCK) == 16 and kinds.count(tables.DEPTHWISE) == 1  # a block: expand + projection
+    covered = len(kinds) + (16 if variant == "paper" else 0)  # paper variant: the expand conv is FLGC too
     assert covered == sum(isinstance(m, Flgc2d) for m in model.modules())  # every FLGC layer inside an op
     with torch.no_grad():
         reloaded = torch.export.load(str(tmp_path / "net.pt2")).module()(xc)  # batch 3; exported with batch 2
@@ -84,6 +83,23 @@ def test_compiled_exported_and_onnx_forms_match_the_trained_network(variant, tmp
     assert all(w % 16 == 0 for w in widths)  # pruned hidden widths kept at ONNX Runtime's 16-channel blocks
 
 
+def program_step_kinds(program: torch.export.ExportedProgram) -> list[int]:
+    """The kind of every ``flgc.fused_step`` node of a ``.pt2`` program, read from its ``ints`` constant."""
+    constants = program.graph_signature.inputs_to_lifted_tensor_constants
+    return [int(program.constants[constants[n.args[1].name]][0]) for n in program.graph.nodes
+            if str(n.target).startswith("flgc.fused_step")]
+
+
+def onnx_step_kinds(model) -> list[int]:
+    """The kind of every ``FlgcStep`` node of an ONNX model, read from its ``ints`` initializer."""
+    from onnx import numpy_helper
+
+    from flgc_lightning.deploy.onnx_custom_ops import custom_nodes
+
+    stored = {t.name: t for t in model.graph.initializer}
+    return [int(numpy_helper.to_array(stored[n.input[2]])[0]) for n in custom_nodes(model)]
+
+
 def check_fused_onnx(path, x, expected):
     """The fused ONNX file: every fused block one custom node, activations channels-last between them (two
     transposes: after the stem conv, after the head conv, a custom op too), exact through the session helper (all custom nodes as one
@@ -98,8 +114,8 @@ def check_fused_onnx(path, x, expected):
     from flgc_lightning.deploy.onnx_custom_ops import custom_nodes
 
     model = onnx.load(str(path))
-    fused = [n.op_type for n in custom_nodes(model)]
-    assert fused.count("FlgcInvertedResidual") == 16 and fused.count("FlgcDepthwiseProjection") == 1
+    kinds = onnx_step_kinds(model)
+    assert kinds.count(tables.BLOCK) == 16 and kinds.count(tables.DEPTHWISE) == 1
     assert model.graph.node[-3].op_type == "Transpose" and custom_nodes(model)[-1].output[0] == model.graph.node[-3].input[0]
     assert [n.op_type for n in model.graph.node].count("Transpose") == 2
     assert not {"Gather", "GatherElements"} & {n.op_type for n in model.graph.node}
@@ -135,8 +151,8 @@ def test_compiled_graph_keeps_the_fused_ops_without_graph_breaks(empty_groups):
     explanation = torch._dynamo.explain(net)(x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     targets = [str(n.target) for g in explanation.graphs for n in g.graph.nodes]
-    assert sum("flgc.inverted_residual_unequal_group" in t for t in targets) == 16  # every block with an expand
-    assert sum("flgc.depthwise_unequal_group_conv" in t for t in targets) == 1  # the first block: dw + projection
+    # one op per block (16 with an expand conv, the first without), one per FLGC shortcut conv (4)
+    assert sum("flgc.fused_step" in t for t in targets) == 17 + 4
 
 
 def test_fused_onnx_without_the_compiled_kernel_gives_the_same_numbers(monkeypatch, empty_groups):
@@ -144,8 +160,7 @@ def test_fused_onnx_without_the_compiled_kernel_gives_the_same_numbers(monkeypat
     kernel's tables), same logits; G=5 with empty groups, paper variant (FLGC expand convs too)."""
     import onnx
 
-    from flgc_lightning.deploy import native, onnxruntime_session
-    from flgc_lightning.deploy.onnxruntime_ops import unpack
+    from flgc_lightning.deploy import native, onnxruntime_session, ops
 
     model, net, path = empty_groups("paper")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -154,12 +169,14 @@ def test_fused_onnx_without_the_compiled_kernel_gives_the_same_numbers(monkeypat
     assert len(onnx.load(str(path)).graph.node) < 30  # custom ops, not the stock-op form
     fast = onnxruntime_session(path).run(None, {"images": x.numpy()})[0]
     monkeypatch.setattr(native, "available", lambda: False)
-    slow = onnxruntime_session(path).run(None, {"images": x.numpy()})[0]
+    monkeypatch.setattr(ops, "_warned", False)
+    with pytest.warns(UserWarning, match="running stock PyTorch ops instead"):
+        slow = onnxruntime_session(path).run(None, {"images": x.numpy()})[0]
     assert expected.abs().max() > 0.5
     assert abs(fast - expected.numpy()).max() <= 1e-4 and abs(slow - expected.numpy()).max() <= 1e-4
     layer = next(m for m in net.modules() if getattr(m, "kernel", None) == "fused")
-    weight, bias = unpack(layer.fused_tables, layer.in_channels)  # the tables hold exactly the layer's weights
-    assert torch.equal(weight, layer.fused_tables["dense_weight"]) and torch.equal(bias, layer.fused_tables["dense_bias"])
+    weight, bias = tables.unpack(layer.tables(), layer.in_channels)  # the tables hold exactly the layer's weights
+    assert torch.equal(weight, layer.dense_weight()) and torch.equal(bias, layer.conv.bias)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -210,12 +227,12 @@ def test_fused_onnx_with_stock_layers_between_custom_ops(tmp_path, empty_groups)
     import onnx
 
     from flgc_lightning.deploy import onnxruntime_ops, onnxruntime_session
-    from flgc_lightning.deploy.grouped import UnequalGroupConv2d, replace_module
+    from flgc_lightning.deploy.grouped import UnequalGroupConv2d
 
     model, _, _ = empty_groups("reference")
-    net = deploy_model(model, kernel="fused")  # its own: one block is replaced below
-    name = next(n for n, m in net.named_modules() if isinstance(m, UnequalGroupConv2d) and n.startswith("features.9."))
-    replace_module(net, name, net.get_submodule(name).rebuilt("blockdiag"))
+    net = deploy_model(model, kernel="fused")  # its own: one block's projection is switched below
+    next(m for n, m in net.named_modules() if isinstance(m, UnequalGroupConv2d) and n.startswith("features.9.")
+         ).kernel = "blockdiag"
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         expected = model(x)
@@ -230,7 +247,7 @@ def test_fused_onnx_with_stock_layers_between_custom_ops(tmp_path, empty_groups)
 
 def test_a_broken_onnx_file_is_refused_before_the_kernel_runs(tmp_path, empty_groups):
     """Kernel tables from a file are checked when the session is made: a segment pointing past the input
-    channels (or outside the weights) is a clear ValueError, never an out-of-bounds read."""
+    channels is a clear TableError (a ValueError), never an out-of-bounds read; so are tables of the wrong type."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -240,18 +257,21 @@ def test_a_broken_onnx_file_is_refused_before_the_kernel_runs(tmp_path, empty_gr
 
     model = onnx.load(str(empty_groups("reference")[2]))
     node = custom_nodes(model)[3]
-    segments = node.input[2 + 7 + 3]  # FlgcInvertedResidual: x, residual, e_* (5), dw_taps, dw_bias, weight, bias, tasks, segments
+    ints = node.input[2]  # FlgcStep: x, residual, ints, floats
     for i, init in enumerate(model.graph.initializer):
-        if init.name == segments:
+        if init.name == ints:
             values = numpy_helper.to_array(init).copy()
-            values[0, 0] = 10_000  # first input channel of the projection's first segment
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(values.astype(np.int64), segments))
+            head = dict(zip(tables.HEADER, values[:len(tables.HEADER)].tolist()))
+            at = (len(tables.HEADER) + tables.TASK_FIELDS * (head["e_tasks"] + head["tasks"])
+                  + tables.SEGMENT_FIELDS * head["e_segments"] + head["e_out_index"])
+            values[at] = 10_000  # first input channel of the projection's first segment
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(values.astype(np.int64), ints))
     onnx.save(model, str(tmp_path / "broken.onnx"))
-    with pytest.raises(ValueError, match="do not fit a projection reading|points outside"):
+    with pytest.raises(ValueError, match=r"read 100\d\d input channels, the input has"):
         onnxruntime_session(tmp_path / "broken.onnx")
     for i, init in enumerate(model.graph.initializer):  # the same table stored as floats: refused too
-        if init.name == segments:
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(values.astype(np.float32), segments))
+        if init.name == ints:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(values.astype(np.float32), ints))
     onnx.save(model, str(tmp_path / "floats.onnx"))
-    with pytest.raises(ValueError, match="segments must be a contiguous 2-d torch.int64 tensor"):
+    with pytest.raises(ValueError, match="ints must be a contiguous 1-d torch.int64"):
         onnxruntime_session(tmp_path / "floats.onnx")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, run_cli
-from flgc_lightning.deploy import native
+from flgc_lightning.deploy import native, tables
 from flgc_lightning.errors import CheckpointError
 
 # --------------------------------------------------------------------------------------------------------------
@@ -194,28 +194,47 @@ def fused_layer(c_in: int, c_out: int, seed: int):
 
 
 def kernel_case(seed: int = 0, size: tuple[int, int, int] = (2, 7, 6)) -> dict:
-    """Valid inputs of the three fused ops: a 16 -> 24 expand conv, 3x3 depthwise taps over 24 channels, a 24 -> 16
-    projection (all unequal groups), inputs of 16 and 24 channels (batch, height, width: ``size``)."""
+    """Valid inputs of the three kinds of step: a 16 -> 24 expand conv, 3x3 depthwise taps over 24 channels, a
+    24 -> 16 projection (all unequal groups), inputs of 16 and 24 channels (batch, height, width: ``size``)."""
     gen = torch.Generator().manual_seed(seed)
     n, h, w = size
-    return {"expand": dict(fused_layer(16, 24, seed + 1).fused_tables),
-            "projection": dict(fused_layer(24, 16, seed + 2).fused_tables),
+    return {"expand": dict(fused_layer(16, 24, seed + 1).tables()),
+            "projection": dict(fused_layer(24, 16, seed + 2).tables()),
             "dw_taps": torch.randn(9, 24, generator=gen), "dw_bias": torch.randn(24, generator=gen),
             "x16": torch.randn(n, 16, h, w, generator=gen), "x24": torch.randn(n, 24, h, w, generator=gen)}
 
 
-def run_op(kind: str, case: dict, stride: int = 1) -> torch.Tensor:
-    """``torch.ops.flgc.<kind>`` called directly with ``case``'s tensors."""
+KINDS = ("conv1x1", "depthwise", "block")
+
+
+def make_step(kind: str, case: dict, stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``case`` as a step of ``kind``: the projection alone, after the depthwise conv, or the whole block."""
     p, e = case["projection"], case["expand"]
-    tables = [p[k] for k in ("weight", "bias", "tasks", "segments", "out_index", "dense_weight", "dense_bias")]
     if kind == "conv1x1":
-        return torch.ops.flgc.unequal_group_conv1x1(case["x24"], *tables, None, False)
+        return tables.make_step(p, 24, 16)
     if kind == "depthwise":
-        return torch.ops.flgc.depthwise_unequal_group_conv(case["x24"], case["dw_taps"], case["dw_bias"], stride,
-                                                          *tables, None, True)
-    expand = [e[k] for k in ("weight", "bias", "tasks", "segments", "out_index", "dense_weight", "dense_bias")]
-    return torch.ops.flgc.inverted_residual_unequal_group(case["x16"], *expand, case["dw_taps"], case["dw_bias"],
-                                                          stride, *tables, None, False)
+        return tables.make_step(p, 24, 16, True, dw_taps=case["dw_taps"], dw_bias=case["dw_bias"], stride=stride)
+    return tables.make_step(p, 16, 16, False, e, case["dw_taps"], case["dw_bias"], stride)
+
+
+def run_op(kind: str, case: dict, stride: int = 1, step=None) -> torch.Tensor:
+    """``torch.ops.flgc.fused_step`` called directly: ``case`` as a step of ``kind`` (or ``step``'s tensors)."""
+    ints, floats = step if step is not None else make_step(kind, case, stride)
+    x = case["x16"] if kind == "block" else case["x24"]
+    return torch.ops.flgc.fused_step(x, ints, floats, None, 16, 1 if kind == "conv1x1" else stride)
+
+
+def table_slice(ints, name: str) -> slice:
+    """Where table ``name`` (``tasks``, ``e_out_index``, ...) lies in a step's ``ints`` (rows flattened)."""
+    head = dict(zip(tables.HEADER, [int(v) for v in ints[:len(tables.HEADER)]]))
+    at = len(tables.HEADER)
+    for table in (*("e_" + t for t in tables.TABLES[:3]), *tables.TABLES[:3]):
+        size = head[table] * {"tasks": tables.TASK_FIELDS, "segments": tables.SEGMENT_FIELDS}.get(
+            table.removeprefix("e_"), 1)
+        if table == name:
+            return slice(at, at + size)
+        at += size
+    raise KeyError(name)
 
 
 def _set(name: str, index, value):
@@ -226,16 +245,7 @@ def _set(name: str, index, value):
     return edit
 
 
-def _replace(name: str, make):
-    def edit(tables):
-        tables[name] = make(tables[name])
-    return edit
-
-
 TABLE_CRAFTS = {  # name: (edit of a table set, what the refusal says)
-    "tasks as floats": (_replace("tasks", lambda t: t.float()), r"tasks must be a contiguous 2-d torch\.int64"),
-    "out_index as int32": (_replace("out_index", lambda t: t.int()), r"out_index must be a contiguous 1-d torch\.int64"),
-    "segments not contiguous": (_replace("segments", lambda t: t.t().contiguous().t()), r"segments must be a contiguous"),
     "negative entry": (_set("segments", (0, 0), -1), r"negative or huge"),
     "huge entry": (_set("tasks", (0, 0), 1 << 62), r"negative or huge"),
     "weights past the end": (_set("segments", (-1, 2), lambda t: int(t["segments"][-1, 2]) + 8),
@@ -245,73 +255,86 @@ TABLE_CRAFTS = {  # name: (edit of a table set, what the refusal says)
     "bias past the end": (_set("tasks", (-1, 2), lambda t: len(t["bias"])), r"bias vector past the end"),
     "more filters than lanes": (_set("tasks", (0, 3), 17), r"more filters than vector lanes"),
     "outputs past out_index": (_set("tasks", (-1, 4), lambda t: len(t["out_index"])), r"past the end of out_index"),
-    "out_index past the output": (_set("out_index", 0, lambda t: len(t["out_index"])), r"write output channel \d+, the "
-                                                                                       r"output has"),
-    "input past the input": (_set("segments", (-1, 0), lambda t: int(t["dense_weight"].shape[1])),
-                             r"read \d+ input channels, the input has"),
+    "out_index past the output": (_set("out_index", 0, 10_000), r"write output channel 10000, the output has"),
+    "input past the input": (_set("segments", (-1, 0), 10_000), r"read 100\d\d input channels, the input has"),
     "consecutive but not full": (_set("tasks", 0, lambda t: t["tasks"][0] * torch.tensor([1, 1, 1, 0, 1, 0])
-                                      + torch.tensor([0, 0, 0, 3, 0, native.CONSECUTIVE])),
+                                      + torch.tensor([0, 0, 0, 3, 0, tables.CONSECUTIVE])),
                                  r"consecutive outputs in a task that is not full"),
 }
-DEPTHWISE_CRAFTS = {
-    "dw_taps with 8 rows": (lambda c: c.__setitem__("dw_taps", c["dw_taps"][:8].clone()), r"dw_taps must be .*\(9, 24\)"),
-    "dw_taps as float64": (lambda c: c.__setitem__("dw_taps", c["dw_taps"].double()), r"dw_taps must be"),
-    "dw_bias one short": (lambda c: c.__setitem__("dw_bias", c["dw_bias"][:-1].clone()), r"dw_bias must be .*\(24,\)"),
+
+
+def _header(field: str, value):
+    def edit(ints, floats):
+        ints = ints.clone()
+        ints[tables.HEADER.index(field)] = value(ints) if callable(value) else value
+        return ints, floats
+    return edit
+
+
+STEP_CRAFTS = {  # name: (edit of (ints, floats), what the refusal says)
+    "ints as float64": (lambda i, f: (i.double(), f), r"ints must be a contiguous 1-d torch\.int64"),
+    "floats as float64": (lambda i, f: (i, f.double()), r"floats must be a contiguous 1-d torch\.float32"),
+    "ints not contiguous": (lambda i, f: (torch.stack([i, i], 1)[:, 0], f), r"ints must be a contiguous"),
+    "header cut short": (lambda i, f: (i[:10].clone(), f), r"the header alone has"),
+    "negative header entry": (_header("out_index", -1), r"negative or huge header entry"),
+    "unknown kind": (_header("kind", 7), r"inconsistent header"),
+    "stride 3": (_header("stride", 3), r"inconsistent header"),
+    "hidden one more": (_header("hidden", lambda i: int(i[4]) + 1), r"inconsistent header|its header gives"),
+    "a table one row longer": (_header("segments", lambda i: int(i[tables.HEADER.index("segments")]) + 1),
+                               r"its header gives"),
+    "one float missing": (lambda i, f: (i, f[:-1].clone()), r"its header gives"),
+    "fewer outputs": (_header("out_channels", 1), r"write output channel \d+, the output has 1"),
 }
 
 
 @needs_kernel
 def test_direct_op_calls_with_crafted_tables_are_refused():
-    """Each fused op called directly with tables it has never seen: every crafted table (wrong dtype, layout,
-    offsets past the ends, outputs past the output, inputs past the input, too many lanes) and every wrong
-    depthwise weight is a clear error before any C code runs; the valid case still gives the stock-op numbers."""
-    from flgc_lightning.deploy import ops
-
+    """The op called directly with steps it has never seen: every crafted table (offsets past the ends, outputs past
+    the output, inputs past the input, too many lanes) in every role of every kind of step, and every crafted step
+    (wrong dtype or layout, a header that does not describe its tensors) is a clear error before any C code runs;
+    the valid steps still give the stock-op numbers."""
     case = kernel_case()
-    p = case["projection"]
-    reference = ops.reference(case["x24"], p["dense_weight"], p["dense_bias"], None, False)
-    torch.testing.assert_close(run_op("conv1x1", case), reference, atol=1e-5, rtol=0)
-    for kind in ("conv1x1", "depthwise", "block"):
+    for kind in KINDS:
+        step = make_step(kind, case)
+        x = case["x16"] if kind == "block" else case["x24"]
+        torch.testing.assert_close(run_op(kind, case), tables.checked_step(*step).reference(x), atol=1e-4, rtol=0)
         for role in ("projection", "expand") if kind == "block" else ("projection",):
             for name, (edit, message) in TABLE_CRAFTS.items():
                 crafted = {**case, role: dict(case[role])}
                 edit(crafted[role])
-                with pytest.raises(native.TableError, match=message):
+                with pytest.raises(tables.TableError, match=message):
                     run_op(kind, crafted)
-        if kind != "conv1x1":
-            for name, (edit, message) in DEPTHWISE_CRAFTS.items():
-                crafted = dict(case)
-                edit(crafted)
-                with pytest.raises(native.TableError, match=message):
-                    run_op(kind, crafted)
-            with pytest.raises(native.TableError, match="stride must be 1 or 2"):
-                run_op(kind, case, stride=3)
+        for name, (edit, message) in STEP_CRAFTS.items():
+            with pytest.raises(tables.TableError, match=message):
+                run_op(kind, case, step=edit(*step))
+        with pytest.raises(tables.TableError, match="called for 16 outputs at stride 2"):
+            torch.ops.flgc.fused_step(x, *step, None, 16, 2)  # the call's shape arguments must be the step's
     run_op("block", case, stride=2)  # the valid case again: nothing above poisoned the cache
 
 
 @needs_kernel
-def test_tables_are_validated_once_per_table_object(monkeypatch):
-    """Validation runs once per set of table tensors, not per call; tables changed in place, or new tensors with
-    the same (or crafted) contents, are validated again."""
+def test_steps_are_checked_once_per_pair_of_tensors(monkeypatch):
+    """Tables are validated once per step's pair of tensors, not per call; a step changed in place, or new tensors
+    with the same (or crafted) contents, are validated again."""
     calls = []
-    validate = native.validate_tables
-    monkeypatch.setattr(native, "validate_tables", lambda tables: calls.append(1) or validate(tables))
+    validate = tables.validate_tables
+    monkeypatch.setattr(tables, "validate_tables", lambda t: calls.append(1) or validate(t))
     case = kernel_case(seed=3)
+    block, depthwise = make_step("block", case), make_step("depthwise", case)
     for _ in range(3):
-        run_op("block", case)
-        run_op("depthwise", case)
-    assert len(calls) == 2  # the expand tables, the projection tables
-    case["projection"]["out_index"][0] = 10_000  # in place: its version counter moved
-    with pytest.raises(native.TableError, match="write output channel 10000"):
-        run_op("depthwise", case)
-    case["projection"] = {k: v.clone() for k, v in kernel_case(seed=3)["projection"].items()}  # new tensors
-    run_op("depthwise", case)
-    assert len(calls) == 4
+        run_op("block", case, step=block)
+        run_op("depthwise", case, step=depthwise)
+    assert len(calls) == 3  # the block's expand and projection tables, the depthwise step's projection tables
+    depthwise[0][table_slice(depthwise[0], "out_index")][0] = 10_000  # in place: its version counter moved
+    with pytest.raises(tables.TableError, match="write output channel 10000"):
+        run_op("depthwise", case, step=depthwise)
+    run_op("depthwise", case, step=make_step("depthwise", case))  # new tensors, same contents
+    assert len(calls) == 5
 
 
 @needs_kernel
 def test_a_tampered_pt2_program_is_refused(tmp_path):
-    """A ``.pt2`` program's kernel tables are constants in the file: tampered in the file, or in place in the loaded
+    """A ``.pt2`` program's steps are constants in the file: tampered in the file, or in place in the loaded
     program after it ran, the op refuses them with a clear error."""
     from flgc_lightning.deploy import deploy_model, export_program
     from flgc_lightning.models import MobileNetV2
@@ -322,25 +345,32 @@ def test_a_tampered_pt2_program_is_refused(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         expected = net(x)
-    # the first fused op (features.1: depthwise conv + projection): taps, then weight, bias, tasks, segments, out_index
+    # the first fused op (features.1: depthwise conv + projection): x, ints, floats, residual, out_channels, stride
     node = next(n for n in program.graph.nodes if n.op == "call_function" and "flgc" in str(n.target))
     constant = {s.arg.name: s.target for s in program.graph_signature.input_specs if s.target is not None}
-    names = [constant[a.name] for a in (node.args[1], *node.args[4:9])]
-    for index, edit, message in ((5, lambda t: t.fill_(10_000), "write output channel 10000"),
-                                 (3, lambda t: t.__setitem__((0, 2), 10_000), "bias vector past the end"),
-                                 (0, lambda t: t[:8].clone(), r"dw_taps must be")):
+    ints_name, floats_name = constant[node.args[1].name], constant[node.args[2].name]
+
+    def out_index(t):
+        t[table_slice(t, "out_index")] = 10_000
+
+    def bias_offset(t):
+        t[table_slice(t, "tasks").start + 2] = 10_000
+
+    for name, edit, message in ((ints_name, out_index, "write output channel 10000"),
+                                (ints_name, bias_offset, "bias vector past the end"),
+                                (floats_name, lambda t: t[:-1].clone(), r"its header gives")):
         loaded = torch.export.load(str(tmp_path / "net.pt2"))
-        tampered = edit(loaded.constants[names[index]])
+        tampered = edit(loaded.constants[name])
         if tampered is not None:
-            loaded.constants[names[index]] = tampered
+            loaded.constants[name] = tampered
         torch.export.save(loaded, str(tmp_path / "tampered.pt2"))
-        with pytest.raises(native.TableError, match=message):
+        with pytest.raises(tables.TableError, match=message):
             torch.export.load(str(tmp_path / "tampered.pt2")).module()(x)
     module = torch.export.load(str(tmp_path / "net.pt2")).module()
     with torch.no_grad():
         torch.testing.assert_close(module(x), expected, atol=1e-4, rtol=0)
-        getattr(module.get_submodule("features.1"), names[5].rpartition(".")[2])[0] = 10_000  # in place, after a run
-        with pytest.raises(native.TableError, match="write output channel 10000"):
+        out_index(getattr(module.get_submodule("features.1"), ints_name.rpartition(".")[2]))  # in place, after a run
+        with pytest.raises(tables.TableError, match="write output channel 10000"):
             module(x)
 
 
@@ -349,11 +379,10 @@ def _tamper(model, node_index: int, input_name: str, edit, path: Path) -> Path:
     import onnx
     from onnx import numpy_helper
 
-    from flgc_lightning.deploy.onnx_custom_ops import OPS, custom_nodes
+    from flgc_lightning.deploy.onnx_custom_ops import INPUTS, custom_nodes
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    node = custom_nodes(model)[node_index]
-    stored = node.input[OPS[node.op_type][0].index(input_name)]
+    stored = custom_nodes(model)[node_index].input[INPUTS.index(input_name)]
     for i, init in enumerate(model.graph.initializer):
         if init.name == stored:
             model.graph.initializer[i].CopyFrom(numpy_helper.from_array(edit(numpy_helper.to_array(init).copy()), stored))
@@ -376,27 +405,34 @@ print("ran", flush=True)
 
 @needs_kernel
 def test_a_tampered_onnx_file_is_refused(tmp_path):
-    """An ONNX file's kernel tables are initializers: tampered ones (an output index past the output, a bias offset
-    past the end, a short depthwise bias, tables of the wrong type) are refused when the session helper loads the
+    """An ONNX file's steps are initializers: tampered ones (an output index past the output, a bias offset
+    past the end, a float missing, ints of the wrong type) are refused when the session helper loads the
     file. In a plain onnxruntime session the custom op refuses them on its first call; onnxruntime-extensions turns
     an op's exception into a process abort (no Python exception crosses it), so that runs in its own process."""
     import numpy as np
     import onnx
 
     from flgc_lightning.deploy import deploy_model, export_onnx, onnxruntime_session
-    from flgc_lightning.deploy.onnx_custom_ops import custom_nodes
+    from test_deploy_export import onnx_step_kinds
     from flgc_lightning.models import MobileNetV2
 
     torch.manual_seed(0)
     net = deploy_model(MobileNetV2(groups=4, use_flgc=True, width_mult=0.25).eval(), kernel="fused")
     model = onnx.load(str(export_onnx(net, tmp_path / "net.onnx", input_size=(3, 16, 16))))
-    kinds = [n.op_type for n in custom_nodes(model)]
-    block = kinds.index("FlgcInvertedResidual")
+    kinds = onnx_step_kinds(model)
+    block = kinds.index(tables.BLOCK)
+
+    def edited(name, value):
+        def edit(a):
+            a[table_slice(a, name)] = value(a[table_slice(a, name)])
+            return a
+        return edit
+
     cases = [
-        (block, "out_index", lambda a: np.full_like(a, len(a)), r"write output channel"),
-        (block, "e_tasks", lambda a: (a.__setitem__((0, 2), 10_000), a)[1], r"bias vector past the end"),
-        (block, "dw_bias", lambda a: a[:-1], r"depthwise weights"),
-        (kinds.index("FlgcDepthwiseProjection"), "tasks", lambda a: a.astype(np.float32), r"tasks must be"),
+        (block, "ints", edited("out_index", lambda t: len(t)), r"write output channel"),
+        (block, "ints", edited("e_tasks", lambda t: np.where(np.arange(len(t)) == 2, 10_000, t)), r"bias vector past"),
+        (block, "floats", lambda a: a[:-1], r"its header gives"),
+        (kinds.index(tables.DEPTHWISE), "ints", lambda a: a.astype(np.float32), r"ints must be"),
     ]
     for i, (node, name, edit, message) in enumerate(cases):
         path = _tamper(model, node, name, edit, tmp_path / f"tampered{i}.onnx")
@@ -405,7 +441,7 @@ def test_a_tampered_onnx_file_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-c", PLAIN_SESSION, str(tmp_path / "tampered0.onnx")], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert "session made" in proc.stdout and "ran" not in proc.stdout, proc.stdout + proc.stderr[-3000:]
-    assert proc.returncode != 0 and "TableError: FlgcInvertedResidual: kernel tables: write output channel" in proc.stderr
+    assert proc.returncode != 0 and "TableError: fused step: tables: write output channel" in proc.stderr
 
 
 # Run in a process with the kernel built with AddressSanitizer: the checked paths on valid tables of several shapes
@@ -413,27 +449,21 @@ def test_a_tampered_onnx_file_is_refused(tmp_path):
 ASAN_CHECKED = """
 import sys, numpy as np, torch
 sys.path.insert(0, sys.argv[1])
-from flgc_lightning.deploy import deploy_model, native, ops, onnxruntime_session
+from flgc_lightning.deploy import deploy_model, native, onnxruntime_session, tables
 from flgc_lightning.models import MobileNetV2
-from test_file_safety import DEPTHWISE_CRAFTS, TABLE_CRAFTS, kernel_case, run_op
+from test_file_safety import KINDS, STEP_CRAFTS, TABLE_CRAFTS, kernel_case, make_step, run_op
 assert "-fsanitize=address" in native.load_library().flags, native.load_library().flags
 for threads in (1, 2):
     torch.set_num_threads(threads)
     for seed, size in enumerate([(2, 7, 6), (1, 1, 1), (3, 9, 17), (1, 8, 8)]):
         case = kernel_case(seed, size)
-        p, e = case["projection"], case["expand"]
-        for stride in (1, 2):
-            hidden = ops.depthwise_reference(case["x24"], case["dw_taps"], case["dw_bias"], stride)
-            torch.testing.assert_close(run_op("depthwise", case, stride),
-                                       ops.reference(hidden, p["dense_weight"], p["dense_bias"], None, True))
-            expanded = ops.reference(case["x16"], e["dense_weight"], e["dense_bias"], None, True)
-            hidden = ops.depthwise_reference(expanded, case["dw_taps"], case["dw_bias"], stride)
-            torch.testing.assert_close(run_op("block", case, stride),
-                                       ops.reference(hidden, p["dense_weight"], p["dense_bias"], None, False))
-        torch.testing.assert_close(run_op("conv1x1", case),
-                                   ops.reference(case["x24"], p["dense_weight"], p["dense_bias"], None, False))
+        for kind in KINDS:
+            for stride in (1,) if kind == "conv1x1" else (1, 2):
+                step = tables.checked_step(*make_step(kind, case, stride))
+                x = case["x16"] if kind == "block" else case["x24"]
+                torch.testing.assert_close(run_op(kind, case, stride), step.reference(x), atol=1e-4, rtol=0)
 refused = 0
-for kind in ("conv1x1", "depthwise", "block"):
+for kind in KINDS:
     for role in ("projection", "expand") if kind == "block" else ("projection",):
         for edit, message in TABLE_CRAFTS.values():
             case = kernel_case()
@@ -441,14 +471,13 @@ for kind in ("conv1x1", "depthwise", "block"):
             edit(case[role])
             try:
                 run_op(kind, case)
-            except native.TableError:
+            except tables.TableError:
                 refused += 1
-    for edit, message in DEPTHWISE_CRAFTS.values() if kind != "conv1x1" else ():
+    for edit, message in STEP_CRAFTS.values():
         case = kernel_case()
-        edit(case)
         try:
-            run_op(kind, case)
-        except native.TableError:
+            run_op(kind, case, step=edit(*make_step(kind, case)))
+        except tables.TableError:
             refused += 1
 torch.manual_seed(0)
 net = deploy_model(MobileNetV2(groups=4, use_flgc=True, width_mult=0.25, group_expand=True).eval(), kernel="fused")
@@ -460,21 +489,20 @@ for n in (1, 2, 5):
     session.run(None, {"images": np.random.default_rng(n).standard_normal((n, 3, 16, 16)).astype(np.float32)})
 print("refused", refused, flush=True)
 """
-# The same build reading one weight vector past the end, straight through ctypes (no checks): ASan must see it,
-# or a clean run above would prove nothing.
+# The same build reading weights past the end of a step's floats, its tables changed after they were checked and
+# run straight through ctypes: ASan must see it, or a clean run above would prove nothing.
 ASAN_UNCHECKED = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from flgc_lightning.deploy import native
-from test_file_safety import kernel_case
+from flgc_lightning.deploy import native, tables
+from test_file_safety import kernel_case, make_step
 case = kernel_case()
-t, x = case["projection"], case["x24"].contiguous(memory_format=torch.channels_last)
-t["segments"] = t["segments"].clone()
-t["segments"][-1, 2] += 8
+ints, floats = make_step("conv1x1", case)
+step = tables.checked_step(ints, floats)
+step.projection["segments"][-1, 2] = len(floats)  # in place, after the check
+x = case["x24"].contiguous(memory_format=torch.channels_last)
 y = torch.empty(2, 16, 7, 6, memory_format=torch.channels_last)
-native.load_library().unequal_group_conv1x1(
-    x.data_ptr(), 2 * 7 * 6, 24, y.data_ptr(), 16, None, 16, 0, t["weight"].data_ptr(), t["bias"].data_ptr(),
-    t["tasks"].data_ptr(), len(t["tasks"]), t["segments"].data_ptr(), t["out_index"].data_ptr(), 1)
+native.run_chain(torch.tensor([step.record(0, 1, -1, 7, 6)]), torch.tensor([x.data_ptr(), y.data_ptr()]), 2, 1)
 print("no report", flush=True)
 """
 
@@ -513,7 +541,7 @@ def test_checked_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
     if "NativeKernelUnavailable" in checked.stderr:
         pytest.skip(f"the kernel does not build with AddressSanitizer here: {checked.stderr.strip().splitlines()[-1]}")
     assert "AddressSanitizer" not in checked.stderr, checked.stderr[-5000:]
-    expected = len(TABLE_CRAFTS) * 4 + len(DEPTHWISE_CRAFTS) * 2
+    expected = len(TABLE_CRAFTS) * 4 + len(STEP_CRAFTS) * 3
     assert checked.returncode == 0 and f"refused {expected}" in checked.stdout, checked.stdout + checked.stderr[-3000:]
     unchecked = subprocess.run([sys.executable, "-c", ASAN_UNCHECKED, tests], cwd=REPO, env=env,
                                capture_output=True, text=True, timeout=600)

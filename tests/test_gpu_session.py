@@ -25,7 +25,7 @@ def test_gpu_session_dry_run_runs_every_section(cifar_subset, tmp_path):
 
     correctness = sections["a. correctness"]
     assert all(correctness["checks"].values()), correctness["checks"]
-    assert {f["form"] for f in correctness["deployed"]} >= {"padded eager", "blockdiag eager", "padded .pt2"}
+    assert {f["form"] for f in correctness["deployed"]} >= {"blockdiag eager", "fused eager", "blockdiag .pt2"}
 
     rows = sections["b. training throughput"]["rows"]
     measured = [r for r in rows if "images_per_s" in r]

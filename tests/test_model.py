@@ -144,9 +144,9 @@ def test_balanced_flgc_macs_against_independent_counts(groups):
     assert complexity_summary(balanced)["macs_learned"] == by_hand
     assert count_macs(MobileNetV2(groups=groups, use_flgc=False, width_mult=0.25)) == by_hand
     # The deployed networks (BN folded away, so a constant fewer MACs than the training form) agree too.
-    folded_away = dense_total - deployed_macs(deploy_model(dense, kernel="padded"))
+    folded_away = dense_total - deployed_macs(deploy_model(dense, kernel="blockdiag"))
     assert folded_away > 0
-    assert deployed_macs(deploy_model(balanced, kernel="padded")) == by_hand - folded_away
+    assert deployed_macs(deploy_model(balanced, kernel="blockdiag")) == by_hand - folded_away
 
 
 def test_every_flgc_layer_type_is_counted():

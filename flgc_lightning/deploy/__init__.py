@@ -2,7 +2,7 @@
 from flgc_lightning.deploy.convert import DeployError, deploy_model
 from flgc_lightning.deploy.cost import deployed_complexity, deployed_macs, executed_macs, deployed_parameters
 from flgc_lightning.deploy.export import export_onnx, export_program, onnxruntime_logits, onnxruntime_session
-from flgc_lightning.deploy import ops  # noqa: F401  (registers torch.ops.flgc.unequal_group_conv1x1)
+from flgc_lightning.deploy import ops  # noqa: F401  (registers torch.ops.flgc.fused_step)
 from flgc_lightning.deploy.grouped import UnequalGroupConv2d, refresh_tables
 from flgc_lightning.deploy.compiled import compile_deployed
 

@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> None:
         print(f"note: no {PREPROCESSING_FILE} written: {err}. predict.py then needs --preprocessing FILE")
     if args.onnx:
         kernel = args.export_kernel or default_export_kernel()
-        path = export_onnx(onnx_network(trained, kernel, input_size), out / "deployed.onnx", images[:2], kernel=kernel)
+        network = deployed if kernel == args.kernel == "fused" else onnx_network(trained, kernel, input_size)
+        path = export_onnx(network, out / "deployed.onnx", images[:2], kernel=kernel)
         ort_diff = (onnxruntime_logits(path, images) - reference).abs().max().item()
         how = ("custom ops: load with flgc_lightning.deploy.onnxruntime_session" if kernel == "fused"
                else "stock ONNX ops")
@@ -79,8 +80,9 @@ def default_export_kernel() -> str:
 
 
 def onnx_network(trained, kernel: str, input_size):
-    """The deployed network written to ONNX with FLGC layers as ``kernel``. For stock ops, hidden widths are
-    multiples of 16: ONNX Runtime's fast (NCHWc) convs need them."""
+    """The deployed network written to ONNX with FLGC layers as ``kernel`` (every layer ``fused``, so that the
+    custom nodes form one chain; for stock ops, hidden widths multiples of 16: ONNX Runtime's fast (NCHWc) convs
+    need them). The CLI reuses its deployed network where that is the same (``--kernel fused``)."""
     return deploy_model(trained, kernel=kernel, input_size=input_size, align_hidden=8 if kernel == "fused" else 16)
 
 
@@ -92,17 +94,15 @@ def main(argv=None) -> None:
                         help="only build (or find) the fused CPU kernel for this CPU and say what was built: once per "
                              "machine, e.g. in a setup script, so no later deploy or ONNX Runtime session compiles")
     parser.add_argument("--onnx", action="store_true", help="also export ONNX and check it with ONNX Runtime")
-    parser.add_argument("--kernel", choices=["auto", "fused", "padded", "blockdiag"], default="auto",
-                        help="how FLGC layers run: auto (default) times the others per layer on this machine at "
-                             "batch 64 and keeps the fastest; fused = compiled CPU kernel, learned connections only; "
-                             "padded = grouped conv on padded blocks; blockdiag = dense conv with zeros")
+    parser.add_argument("--kernel", choices=["auto", "fused", "blockdiag"], default="auto",
+                        help="how FLGC layers run: auto (default) times the two per layer on this machine at "
+                             "batch 64 and keeps the faster; fused = compiled CPU kernel, learned connections only; "
+                             "blockdiag = dense conv with zeros between groups (stock ops)")
     parser.add_argument("--export-kernel", choices=list(ONNX_KERNELS), default=None,
                         help="form of the FLGC layers in the ONNX file: fused (default where a C compiler works) = "
                              "custom ops that run our kernel in ONNX Runtime (load with "
                              "flgc_lightning.deploy.onnxruntime_session); stock ops only: blockdiag (default without "
-                             "a compiler) is a dense conv with zeros outside the groups, which ONNX Runtime on CPU "
-                             "runs about 3x faster than padded (grouped conv on padded groups between channel "
-                             "gathers)")
+                             "a compiler) is a dense conv with zeros outside the groups")
     args = parser.parse_args(argv)
     if args.build_kernel:
         report_user_errors(build_kernel)

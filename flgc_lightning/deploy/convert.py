@@ -58,7 +58,7 @@ class FoldedConv:
         if self.in_groups is not None:
             self.in_groups = self.in_groups[index]
 
-    def build(self, kernel: str = "padded", relu6: bool = False, windows: bool = False) -> nn.Module:
+    def build(self, kernel: str = "blockdiag", relu6: bool = False, windows: bool = False) -> nn.Module:
         """The deployed conv; ``relu6`` is folded into unequal-group layers only (their kernel applies it);
         ``windows``: see :class:`UnequalGroupConv2d`."""
         if self.in_groups is not None:
@@ -84,7 +84,7 @@ def _stage(conv_bn: nn.Sequential) -> tuple[FoldedConv, bool]:
     return FoldedConv.from_conv_bn(conv, bn), len(conv_bn) > 2
 
 
-def _sequential(folded: FoldedConv, relu6: bool, kernel: str = "padded", windows: bool = False) -> nn.Sequential:
+def _sequential(folded: FoldedConv, relu6: bool, kernel: str = "blockdiag", windows: bool = False) -> nn.Sequential:
     """``conv [-> ReLU6]``; an unequal-group conv applies its ReLU6 itself (in the fused kernel's registers)."""
     conv = folded.build(kernel, relu6, windows)
     if relu6 and not isinstance(conv, UnequalGroupConv2d):
@@ -126,13 +126,13 @@ def _group_block_inputs(producer: FoldedConv, depthwise: FoldedConv, projection:
         shortcut.keep_inputs(order)
 
 
-def _deploy_block(block: InvertedResidual, group_hidden: bool, kernel: str,
-                  producer: FoldedConv | None = None, align: int = 1) -> DeployedInvertedResidual:
+def _deploy_block(block: InvertedResidual, kernel: str, producer: FoldedConv | None = None,
+                  align: int = 1) -> DeployedInvertedResidual:
     """Fold and build ``block``; ``producer``: the folded conv that alone feeds it, if any."""
     stages = [_stage(s) for s in block.conv]
     shortcut = None if block.shortcut is None else _stage(block.shortcut)
     projection = stages[-1][0]
-    if group_hidden and projection.in_groups is not None:
+    if projection.in_groups is not None:
         if len(stages) == 3:
             _group_hidden_channels(stages[0][0], stages[1][0], projection, align)
         elif producer is not None and (not block.use_residual or shortcut is not None):
@@ -145,17 +145,15 @@ def _deploy_block(block: InvertedResidual, group_hidden: bool, kernel: str,
 
 
 @torch.no_grad()
-def deploy_model(model: nn.Module, channels_last: bool = True, group_hidden: bool = True, kernel: str = "auto",
-                 tune_batch: int = 64, input_size: tuple[int, int, int] = (3, 32, 32), align_hidden: int = 1) -> nn.Module:
+def deploy_model(model: nn.Module, channels_last: bool = True, kernel: str = "auto",
+                 input_size: tuple[int, int, int] = (3, 32, 32), align_hidden: int = 1) -> nn.Module:
     """An eval-mode inference copy of ``model`` (on CPU) with BN folded and FLGC groups realised.
 
     ``kernel``: how FLGC layers run (:class:`UnequalGroupConv2d`): ``"fused"`` (compiled CPU
-    kernel computing only the learned connections), ``"padded"`` (grouped conv on padded equal
-    blocks; portable, and what exports use), ``"blockdiag"`` (dense conv, zeros outside groups) or
-    ``"auto"`` (per layer, whichever is fastest here on a ``tune_batch`` x ``input_size`` batch).
-    ``group_hidden=False`` skips reordering/pruning the hidden channels (for cost comparisons).
-    ``align_hidden``: keep each pruned hidden width a multiple of this (16 for ONNX Runtime, whose fast NCHWc
-    convs need channel counts that are multiples of its 8/16-float blocks). With ``kernel="fused"`` or
+    kernel computing only the learned connections), ``"blockdiag"`` (dense conv, zeros outside groups; stock ops)
+    or ``"auto"`` (per layer, whichever of the two is faster here on a batch of 64 ``input_size`` images).
+    ``align_hidden``: keep each pruned hidden width a multiple of this (16 for the stock-op ONNX file: ONNX Runtime's
+    fast NCHWc convs need channel counts that are multiples of its 8/16-float blocks, benchmarks/README.md). With ``kernel="fused"`` or
     ``"auto"`` the width is also a multiple of the fused kernel's 8-float vectors: a tail of a few channels runs
     the block kernel's scalar code, which took 16->86->24 at 32x32 from 4 to 9 ms at batch 64.
     """
@@ -166,7 +164,7 @@ def deploy_model(model: nn.Module, channels_last: bool = True, group_hidden: boo
         try:
             native.load_library()
         except native.NativeKernelUnavailable as err:
-            raise DeployError(f"the fused kernel cannot be built here: {err}. Use kernel='padded' or 'auto'.") from None
+            raise DeployError(f"the fused kernel cannot be built here: {err}. Use kernel='blockdiag' or 'auto'.") from None
     if not isinstance(model, MobileNetV2):
         raise DeployError(f"deploy supports flgc_lightning MobileNetV2 networks, got {type(model).__name__}")
     if kernel in ("fused", "auto"):
@@ -177,8 +175,7 @@ def deploy_model(model: nn.Module, channels_last: bool = True, group_hidden: boo
     for i, layer in enumerate(features):
         if isinstance(layer, InvertedResidual):
             producer = plain[i - 1][0] if i - 1 in plain else None
-            features[i] = _deploy_block(layer, group_hidden, "padded" if kernel == "auto" else kernel, producer,
-                                        align_hidden)
+            features[i] = _deploy_block(layer, "blockdiag" if kernel == "auto" else kernel, producer, align_hidden)
         else:
             plain[i] = _stage(layer)
     for i, stage in plain.items():
@@ -191,5 +188,5 @@ def deploy_model(model: nn.Module, channels_last: bool = True, group_hidden: boo
     if kernel == "auto":
         from flgc_lightning.deploy.tune import choose_kernels
 
-        choose_kernels(net, tune_batch, channels_last, input_size=tuple(input_size))
+        choose_kernels(net, channels_last=channels_last, input_size=tuple(input_size))
     return net.eval()

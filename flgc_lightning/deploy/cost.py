@@ -45,15 +45,15 @@ def deployed_macs(model: nn.Module, input_size=(3, 32, 32)) -> int:
 
 
 def executed_macs(model: nn.Module, input_size=(3, 32, 32)) -> int:
-    """MACs the deployed kernels really run: unequal-group layers counted with padding / zeros."""
+    """MACs the deployed kernels really run: unequal-group layers counted with zeros / unused vector lanes."""
     return _ptflops_macs(model, input_size, "executed_connections")
 
 
 def deployed_parameters(model: nn.Module) -> int:
     """Parameters the deployed network needs; unequal-group layers count only weights inside groups."""
     unequal = [m for m in model.modules() if isinstance(m, UnequalGroupConv2d)]
-    padded = {id(p) for m in unequal for p in m.parameters()}
-    plain = sum(p.numel() for p in model.parameters() if id(p) not in padded)
+    stored = {id(p) for m in unequal for p in m.parameters()}  # dense, zero between groups
+    plain = sum(p.numel() for p in model.parameters() if id(p) not in stored)
     return plain + sum(m.learned_connections + (m.out_channels if m.conv.bias is not None else 0) for m in unequal)
 
 
@@ -62,7 +62,7 @@ def deployed_complexity(model: nn.Module, input_size=(3, 32, 32)) -> dict[str, i
     from flgc_lightning.deploy.convert import DeployError, deploy_model
 
     try:
-        deployed = deploy_model(model, channels_last=False, kernel="padded")  # counts only: no kernel timing
+        deployed = deploy_model(model, channels_last=False, kernel="blockdiag")  # counts only: no kernel timing
     except DeployError:
         return {}
     return {"macs_deployed": deployed_macs(deployed, input_size), "params_deployed": deployed_parameters(deployed)}

@@ -1,12 +1,12 @@
 """Export of a deployed network: ``torch.export`` programs (``.pt2``), ONNX, and ONNX Runtime sessions.
 
 - ``.pt2`` (:func:`export_program`): ``torch.export`` with a dynamic batch axis. Fused FLGC layers stay
-  one ``torch.ops.flgc.unequal_group_conv1x1`` node each; loading needs that op registered, which
+  one ``torch.ops.flgc.fused_step`` node per block; loading needs that op registered, which
   ``import flgc_lightning.deploy.ops`` does (and nothing else of this package).
 - ONNX (:func:`export_onnx`): the current (``torch.export``-based, "dynamo") exporter. By default each fused
   block or layer is one custom op (:mod:`flgc_lightning.deploy.onnx_custom_ops`) that ONNX Runtime runs with our
   C kernel (:func:`onnxruntime_session`); in stock ONNX ops only, FLGC layers are written as block-diagonal
-  convs (the fastest stock form in ONNX Runtime, at dense cost) or as padded grouped convs.
+  dense convs (the fastest stock form in ONNX Runtime, at dense cost).
 - TorchScript is gone: ``torch.jit.trace``/``torch.jit.load`` are deprecated (FutureWarning since torch
   2.14), and ``.pt2`` covers what it offered (a file that runs without the model's Python code).
 """
@@ -20,21 +20,17 @@ import torch
 from torch import nn
 
 from flgc_lightning.deploy.onnx_custom_ops import cancel_transposes, custom_nodes, translation_table
-from flgc_lightning.deploy.grouped import UnequalGroupConv2d, refresh_tables, replace_module
+from flgc_lightning.deploy.grouped import UnequalGroupConv2d, refresh_tables
 
-ONNX_KERNELS = ("fused", "blockdiag", "padded")
+ONNX_KERNELS = UnequalGroupConv2d.KERNELS
 
 
-def with_kernel(model: nn.Module, kernel: str | None) -> nn.Module:
-    """``model`` itself (``None``), or a copy whose unequal-group layers all use ``kernel``."""
-    if kernel is None:
-        return model
-    if kernel not in UnequalGroupConv2d.KERNELS:
-        raise ValueError(f"kernel must be one of {UnequalGroupConv2d.KERNELS}, got {kernel!r}")
+def with_kernel(model: nn.Module, kernel: str) -> nn.Module:
+    """A copy whose unequal-group layers all use ``kernel``."""
     model = copy.deepcopy(model)
-    for name, layer in list(model.named_modules()):
-        if isinstance(layer, UnequalGroupConv2d) and layer.kernel != kernel:
-            replace_module(model, name, layer.rebuilt(kernel))
+    for layer in model.modules():
+        if isinstance(layer, UnequalGroupConv2d):
+            layer.kernel = kernel
     return model
 
 
@@ -77,11 +73,27 @@ def _fused_neighbours(model: nn.Module) -> nn.Module:
 
 def _portable_copy(model: nn.Module) -> nn.Module:
     """A copy with contiguous (NCHW-strided) weights: the exporters' weight packing mistakes a channels_last
-    3x3 weight for a slice of a larger tensor and warns. Same numbers; inputs may still be channels_last."""
+    3x3 weight for a slice of a larger tensor and warns. Same numbers; inputs may still be channels_last. Its fused
+    steps are built (tracing takes them as they are), and the convs they run hold their weights as plain tensors,
+    not parameters: a program then holds those weights once, in the steps (``torch.export`` writes every parameter,
+    read or not)."""
+    from flgc_lightning.deploy.blocks import DeployedInvertedResidual
+
     model = copy.deepcopy(model).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.data = p.data.contiguous()
+    refresh_tables(model)
+    for m in model.modules():
+        inside = []
+        if isinstance(m, DeployedInvertedResidual) and m.can_fuse_depthwise() and m.projection.kernel == "fused":
+            inside = [m.projection.conv, m.conv[-2][0], *([m.conv[0][0]] if m.can_fuse_block() else [])]
+        elif isinstance(m, UnequalGroupConv2d) and m.kernel == "fused":
+            inside = [m.conv]
+        for conv in (c.conv if isinstance(c, UnequalGroupConv2d) else c for c in inside):
+            for name, value in list(conv.named_parameters(recurse=False)):
+                del conv._parameters[name]
+                setattr(conv, name, value.detach())
     return model
 
 
@@ -98,7 +110,6 @@ def export_program(model: nn.Module, path: str | Path | None = None, example: to
 
     Load with ``torch.export.load(path).module()`` after ``import flgc_lightning.deploy.ops``.
     """
-    refresh_tables(model)
     model = _portable_copy(model)
     batch = torch.export.Dim("batch", min=1, max=65536)
     with torch.no_grad():
@@ -108,24 +119,22 @@ def export_program(model: nn.Module, path: str | Path | None = None, example: to
     return program
 
 
-def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None = None, opset: int = 18,
-                kernel: str = "fused", input_size=(3, 32, 32)) -> Path:
+def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor | None = None, kernel: str = "fused",
+                input_size=(3, 32, 32)) -> Path:
     """ONNX (``images`` -> ``logits``, dynamic batch) through the ``torch.export``-based exporter.
 
     ``kernel``: how FLGC layers are written. ``"fused"``: as the network runs them in PyTorch, every block or
     layer the fused kernel runs as one custom op (run the file with :func:`onnxruntime_session`); layers on
     other kernels and dense ones stay stock ops. ``"blockdiag"`` (stock ops only): dense convs with zeros outside
-    the groups, which ONNX Runtime runs about 3x faster than ``"padded"`` (grouped convs between channel gathers).
+    the groups.
     """
     if kernel not in ONNX_KERNELS:
         raise ValueError(f"ONNX export kernel must be one of {ONNX_KERNELS}, got {kernel!r}")
-    model = with_kernel(model, kernel) if kernel != "fused" else _fused_neighbours(model)
-    refresh_tables(model)
-    model = _portable_copy(model)
+    model = _portable_copy(with_kernel(model, kernel) if kernel != "fused" else _fused_neighbours(model))
     batch = torch.export.Dim("batch", min=1, max=65536)
     with torch.no_grad():
         program = torch.onnx.export(model, (_example(example, input_size),), None, input_names=["images"],
-                                    output_names=["logits"], opset_version=opset, dynamo=True,
+                                    output_names=["logits"], opset_version=18, dynamo=True,
                                     dynamic_shapes=({0: batch},), verbose=False,
                                     custom_translation_table=translation_table())
     exported = program.model_proto

@@ -10,18 +10,7 @@ from torch import nn
 
 from flgc_lightning.deploy import native
 from flgc_lightning.deploy.blocks import DeployedInvertedResidual
-from flgc_lightning.deploy.grouped import UnequalGroupConv2d, replace_module
-
-
-def available_kernels() -> tuple[str, ...]:
-    """The kernels that run here: ``fused`` only where its C source compiles (else a warning says why)."""
-    try:
-        native.load_library()
-        return UnequalGroupConv2d.KERNELS
-    except native.NativeKernelUnavailable as err:
-        warnings.warn(f"fused unequal-group kernel unavailable ({err}); choosing among padded and blockdiag",
-                      stacklevel=3)
-        return tuple(k for k in UnequalGroupConv2d.KERNELS if k != "fused")
+from flgc_lightning.deploy.grouped import UnequalGroupConv2d
 
 
 def _seconds(fn) -> float:
@@ -33,32 +22,32 @@ def _seconds(fn) -> float:
 @torch.no_grad()
 def choose_kernels(net: nn.Module, batch: int = 64, channels_last: bool = True, repeats: int = 5,
                    input_size: tuple[int, int, int] = (3, 32, 32)) -> dict[str, str]:
-    """Replace every :class:`UnequalGroupConv2d` by its fastest kernel variant (all give the same outputs).
+    """Set every :class:`UnequalGroupConv2d` to its faster kernel here (both give the same outputs): ``fused`` or
+    ``blockdiag``; ``blockdiag`` everywhere, with a warning that says why, where the fused kernel cannot be built.
 
-    Each layer's input is captured from one forward pass at ``batch``; the variants are timed
-    interleaved (one call each per round, after a warm-up call) and the lowest median wins.
+    Each layer's input is captured from one forward pass at ``batch``; the two kernels are timed
+    interleaved (one call each per round, after a warm-up call) and the lower median wins.
     Exception: a block's projection whose depthwise conv the fused kernel can take along is fused without
-    timing (on its own the layer may time close to the others; with the depthwise conv fused the block saves a
+    timing (on its own the layer may time close to the other; with the depthwise conv fused the block saves a
     write and a read of its widest tensor, benchmarks/README.md), and so is an FLGC expand conv the block kernel
     then runs too (it is never called on its own). Returns ``{module name: chosen kernel}``.
     """
     layers = {name: m for name, m in net.named_modules() if isinstance(m, UnequalGroupConv2d)}
-    if not layers:
-        return {}
-    kernels = available_kernels()
+    try:
+        native.load_library()
+    except native.NativeKernelUnavailable as err:
+        warnings.warn(f"fused unequal-group kernel unavailable ({err}); every FLGC layer runs blockdiag", stacklevel=3)
+        for layer in layers.values():
+            layer.kernel = "blockdiag"
+        return {name: "blockdiag" for name in layers}
     chosen = {}
-    if "fused" in kernels:
-        for name, block in net.named_modules():
-            if isinstance(block, DeployedInvertedResidual) and block.can_fuse_depthwise():
-                layer_name = f"{name}.conv.{len(block.conv) - 1}.0"
-                names = [layer_name]
-                if block.can_fuse_block() and f"{name}.conv.0.0" in layers:
-                    names.append(f"{name}.conv.0.0")
-                for layer_name in names:
-                    chosen[layer_name] = "fused"
-                    if layers[layer_name].kernel != "fused":
-                        replace_module(net, layer_name, layers[layer_name].rebuilt("fused"))
-                    del layers[layer_name]
+    for name, block in net.named_modules():
+        if isinstance(block, DeployedInvertedResidual) and block.can_fuse_depthwise():
+            names = [f"{name}.conv.{len(block.conv) - 1}.0"]
+            if block.can_fuse_block() and f"{name}.conv.0.0" in layers:
+                names.append(f"{name}.conv.0.0")
+            for layer_name in names:
+                chosen[layer_name] = layers.pop(layer_name).kernel = "fused"
     if not layers:
         return chosen
     inputs: dict[str, torch.Tensor] = {}
@@ -69,18 +58,12 @@ def choose_kernels(net: nn.Module, batch: int = 64, channels_last: bool = True, 
     for h in hooks:
         h.remove()
     for name, layer in layers.items():
-        variants = {k: layer if k == layer.kernel else layer.rebuilt(k) for k in kernels}
-        if channels_last:
-            variants = {k: v.to(memory_format=torch.channels_last) for k, v in variants.items()}
-        x = inputs[name]
-        for v in variants.values():
-            v(x)
-        times: dict[str, list[float]] = {k: [] for k in variants}
-        for _ in range(repeats):
-            for k, v in variants.items():
-                times[k].append(_seconds(lambda v=v, x=x: v(x)))
-        best = min(times, key=lambda k: statistics.median(times[k]))
-        chosen[name] = best
-        if best != layer.kernel:
-            replace_module(net, name, variants[best])
+        times: dict[str, list[float]] = {k: [] for k in UnequalGroupConv2d.KERNELS}
+        for round_ in range(repeats + 1):  # round 0: warm-up (tables built, caches filled)
+            for kernel in times:
+                layer.kernel = kernel
+                seconds = _seconds(lambda: layer(inputs[name]))
+                if round_:
+                    times[kernel].append(seconds)
+        chosen[name] = layer.kernel = min(times, key=lambda k: statistics.median(times[k]))
     return chosen

@@ -70,27 +70,24 @@ static inline float finish(float v, const float *res, int64_t at, int relu6) {
     return v;
 }
 
+/* a0..a7 (rows 0..7) += the task's inputs times their weight vectors (type V, L lanes), segment by segment */
+#define ACCUMULATE8(V, L, a0, a1, a2, a3, a4, a5, a6, a7)                                                             \
+    for (int64_t s = t[T_S]; s < t[T_S] + t[T_NS]; s++) {                                                              \
+        const int64_t *seg = segs + s * S_LEN;                                                                         \
+        const float *xp = x + seg[S_IN], *wp = w + seg[S_W];                                                           \
+        for (int64_t i = 0; i < seg[S_N]; i++) {                                                                       \
+            V wv = *(const V *)(wp + L * i);                                                                           \
+            a0 += xp[i] * wv, a1 += xp[xs + i] * wv, a2 += xp[2 * xs + i] * wv, a3 += xp[3 * xs + i] * wv;             \
+            a4 += xp[4 * xs + i] * wv, a5 += xp[5 * xs + i] * wv, a6 += xp[6 * xs + i] * wv, a7 += xp[7 * xs + i] * wv; \
+        }                                                                                                              \
+    }
+
 static inline void block8(const float *x, int64_t xs, float *y, int64_t ys, const float *res, int64_t rs,
                           int relu6, const float *w, const float *b, const int64_t *t, const int64_t *segs,
                           const int64_t *oidx) {
     v8 bias = *(const v8 *)(b + t[T_B]);
     v8 a0 = bias, a1 = bias, a2 = bias, a3 = bias, a4 = bias, a5 = bias, a6 = bias, a7 = bias;
-    for (int64_t s = t[T_S]; s < t[T_S] + t[T_NS]; s++) {
-        const int64_t *seg = segs + s * S_LEN;
-        const float *xp = x + seg[S_IN];
-        const float *wp = w + seg[S_W];
-        for (int64_t i = 0; i < seg[S_N]; i++) {
-            v8 wv = *(const v8 *)(wp + 8 * i);
-            a0 += xp[i] * wv;
-            a1 += xp[xs + i] * wv;
-            a2 += xp[2 * xs + i] * wv;
-            a3 += xp[3 * xs + i] * wv;
-            a4 += xp[4 * xs + i] * wv;
-            a5 += xp[5 * xs + i] * wv;
-            a6 += xp[6 * xs + i] * wv;
-            a7 += xp[7 * xs + i] * wv;
-        }
-    }
+    ACCUMULATE8(v8, 8, a0, a1, a2, a3, a4, a5, a6, a7)
     const int64_t *o = oidx + t[T_OI];
     if (t[T_FLAGS] & T_CONSECUTIVE) {
         int64_t c = o[0];
@@ -135,19 +132,6 @@ static inline void block8(const float *x, int64_t xs, float *y, int64_t ys, cons
     }
 }
 
-static inline void block1(const float *x, float *y, const float *res, int relu6, const float *w, const float *b,
-                          const int64_t *t, const int64_t *segs, const int64_t *oidx) {
-    v8 a0 = *(const v8 *)(b + t[T_B]);
-    for (int64_t s = t[T_S]; s < t[T_S] + t[T_NS]; s++) {
-        const int64_t *seg = segs + s * S_LEN;
-        const float *xp = x + seg[S_IN];
-        const float *wp = w + seg[S_W];
-        for (int64_t i = 0; i < seg[S_N]; i++) a0 += xp[i] * *(const v8 *)(wp + 8 * i);
-    }
-    const int64_t *o = oidx + t[T_OI];
-    for (int64_t j = 0; j < t[T_OC]; j++) y[o[j]] = finish(a0[j], res, o[j], relu6);
-}
-
 static inline v16 clamp16(v16 a) {
     const v16 lo = {0}, hi = {6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6};
     v16i below = a < lo, above = a > hi;
@@ -167,22 +151,7 @@ static inline void block8_wide(const float *x, int64_t xs, float *y, int64_t ys,
                                const int64_t *oidx) {
     v16 bias = *(const v16 *)(b + t[T_B]);
     v16 a[ROWS] = {bias, bias, bias, bias, bias, bias, bias, bias};
-    for (int64_t s = t[T_S]; s < t[T_S] + t[T_NS]; s++) {
-        const int64_t *seg = segs + s * S_LEN;
-        const float *xp = x + seg[S_IN];
-        const float *wp = w + seg[S_W];
-        for (int64_t i = 0; i < seg[S_N]; i++) {
-            v16 wv = *(const v16 *)(wp + 16 * i);
-            a[0] += xp[i] * wv;
-            a[1] += xp[xs + i] * wv;
-            a[2] += xp[2 * xs + i] * wv;
-            a[3] += xp[3 * xs + i] * wv;
-            a[4] += xp[4 * xs + i] * wv;
-            a[5] += xp[5 * xs + i] * wv;
-            a[6] += xp[6 * xs + i] * wv;
-            a[7] += xp[7 * xs + i] * wv;
-        }
-    }
+    ACCUMULATE8(v16, 16, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7])
     const int64_t *o = oidx + t[T_OI];
     if (t[T_FLAGS] & T_CONSECUTIVE) {
         int64_t c = o[0];
@@ -196,18 +165,21 @@ static inline void block8_wide(const float *x, int64_t xs, float *y, int64_t ys,
         }
 }
 
-static inline void block1_wide(const float *x, float *y, const float *res, int relu6, const float *w, const float *b,
-                               const int64_t *t, const int64_t *segs, const int64_t *oidx) {
-    v16 a0 = *(const v16 *)(b + t[T_B]);
-    for (int64_t s = t[T_S]; s < t[T_S] + t[T_NS]; s++) {
-        const int64_t *seg = segs + s * S_LEN;
-        const float *xp = x + seg[S_IN];
-        const float *wp = w + seg[S_W];
-        for (int64_t i = 0; i < seg[S_N]; i++) a0 += xp[i] * *(const v16 *)(wp + 16 * i);
+/* one task over one row (the rows after the last block of 8): vector type V of L lanes */
+#define BLOCK1(NAME, V, L)                                                                                             \
+    static inline void NAME(const float *x, float *y, const float *res, int relu6, const float *w, const float *b,    \
+                            const int64_t *t, const int64_t *segs, const int64_t *oidx) {                              \
+        V a0 = *(const V *)(b + t[T_B]);                                                                               \
+        for (int64_t s = t[T_S]; s < t[T_S] + t[T_NS]; s++) {                                                          \
+            const int64_t *seg = segs + s * S_LEN;                                                                     \
+            const float *xp = x + seg[S_IN], *wp = w + seg[S_W];                                                       \
+            for (int64_t i = 0; i < seg[S_N]; i++) a0 += xp[i] * *(const V *)(wp + L * i);                             \
+        }                                                                                                              \
+        const int64_t *o = oidx + t[T_OI];                                                                             \
+        for (int64_t j = 0; j < t[T_OC]; j++) y[o[j]] = finish(a0[j], res, o[j], relu6);                              \
     }
-    const int64_t *o = oidx + t[T_OI];
-    for (int64_t j = 0; j < t[T_OC]; j++) y[o[j]] = finish(a0[j], res, o[j], relu6);
-}
+BLOCK1(block1, v8, 8)
+BLOCK1(block1_wide, v16, 16)
 
 /* one task over 8 rows / one row, 8 or 16 lanes */
 static inline void task8(const float *x, int64_t xs, float *y, int64_t ys, const float *res, int64_t rs, int relu6,
