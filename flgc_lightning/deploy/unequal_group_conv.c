@@ -218,9 +218,9 @@ static inline void conv1x1_rows(const float *x, int64_t r, int64_t end, int64_t 
             task1(x + r * xs, y + r * ys, res ? res + r * rs : 0, relu6, w, b, tasks + k * T_LEN, segs, oidx);
 }
 
-void unequal_group_conv1x1(const float *x, int64_t rows, int64_t xs, float *y, int64_t ys, const float *res,
-                           int64_t rs, int relu6, const float *w, const float *b, const int64_t *tasks,
-                           int64_t ntasks, const int64_t *segs, const int64_t *oidx, int nthreads) {
+static void unequal_group_conv1x1(const float *x, int64_t rows, int64_t xs, float *y, int64_t ys, const float *res,
+                                  int64_t rs, int relu6, const float *w, const float *b, const int64_t *tasks,
+                                  int64_t ntasks, const int64_t *segs, const int64_t *oidx, int nthreads) {
     int64_t nblocks = (rows + BLOCK_ROWS - 1) / BLOCK_ROWS;
     if (nblocks < nthreads && ntasks >= 2 * nthreads) { /* few rows (batch 1, 4x4 maps): threads split the tasks */
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -396,11 +396,11 @@ static void dw_project_pixels(const float *x, int64_t h, int64_t w, int64_t c, c
    pass: for 8 output pixels at a time the depthwise outputs (all c channels) are computed into a per-thread
    buffer that stays in L1, and the 1x1 tasks read them from there, so the depthwise output never goes to memory.
    x: n x h x w x c (channels_last), dww: [3 * 3][c] (tap-major), dwb: [c]. y, res, w ... oidx as above. */
-int depthwise_unequal_group_conv(const float *x, int64_t n, int64_t h, int64_t w, int64_t c, const float *dww,
-                                 const float *dwb, int64_t stride, int64_t ho, int64_t wo, float *y, int64_t ys,
-                                 const float *res, int64_t rs, int relu6, const float *pw, const float *pb,
-                                 const int64_t *tasks, int64_t ntasks, const int64_t *segs, const int64_t *oidx,
-                                 int nthreads) {
+static int depthwise_unequal_group_conv(const float *x, int64_t n, int64_t h, int64_t w, int64_t c,
+                                        const float *dww, const float *dwb, int64_t stride, int64_t ho, int64_t wo,
+                                        float *y, int64_t ys, const float *res, int64_t rs, int relu6, const float *pw,
+                                        const float *pb, const int64_t *tasks, int64_t ntasks, const int64_t *segs,
+                                        const int64_t *oidx, int nthreads) {
     int64_t rows = n * ho * wo, nchunks = (rows + ROWS - 1) / ROWS;
     const float *zeros = scratch(0, (size_t)c + 8, 1); /* what padding taps read; only ever holds zeros */
     int failed = !zeros;
@@ -426,7 +426,7 @@ int depthwise_unequal_group_conv(const float *x, int64_t n, int64_t h, int64_t w
    stays in L2 instead of memory, and the depthwise output to L1 (dw_project_chunk), so of the block's tensors
    only its narrow input and output travel to and from memory. With fewer images than threads, the threads
    share each image (expand rows, then output pixels). */
-int inverted_residual_unequal_group(
+static int inverted_residual_unequal_group(
     const float *x, int64_t n, int64_t h, int64_t w, int64_t cin, const float *ew, const float *eb,
     const int64_t *etasks, int64_t netasks, const int64_t *esegs, const int64_t *eoidx, int64_t hidden,
     const float *dww, const float *dwb, int64_t stride, int64_t ho, int64_t wo, float *y, int64_t ys,
@@ -482,10 +482,12 @@ int inverted_residual_unequal_group(
     return failed ? -1 : 0; /* -1: out of memory, y not (fully) written */
 }
 
-/* A chain of the three kernels above in one call (the ONNX Runtime custom-op session runs all consecutive custom
-   nodes this way at batch 1, where a Python call per kernel costs as much as the kernel). steps: nsteps records of
-   P_LEN int64 (pointers as integers), buffers: the input (slot 0) and one output per step (slot k + 1), each
-   channels_last; a step reads slots written before it. Returns 0, or -1 if a kernel ran out of memory. */
+/* The library's one entry point (with preferred_lanes): steps, each one of the three kernels above, in one call
+   (a single op call is a chain of one; the ONNX Runtime session runs all consecutive custom nodes this way, since
+   at batch 1 a Python call per kernel costs as much as the kernel). steps: nsteps records of P_LEN int64 (pointers
+   as integers), built by tables.Step.record from a step checked by tables.checked_step, never from a file
+   directly; buffers: data pointers of channels_last tensors, named by slot in the records (a step reads slots
+   written before it). Returns 0, or -1 if a kernel ran out of memory. */
 enum { P_KIND, P_IN, P_RES, P_OUT, P_CIN, P_H, P_W, P_STRIDE, P_HO, P_WO, P_RELU6, P_COUT, P_HIDDEN, P_EW, P_EB,
        P_ET, P_NET, P_ES, P_EO, P_DWW, P_DWB, P_PW, P_PB, P_T, P_NT, P_S, P_O, P_LEN };
 enum { K_CONV1X1, K_DEPTHWISE, K_BLOCK };
