@@ -257,6 +257,7 @@ TABLE_CRAFTS = {  # name: (edit of a table set, what the refusal says)
     "outputs past out_index": (_set("tasks", (-1, 4), lambda t: len(t["out_index"])), r"past the end of out_index"),
     "out_index past the output": (_set("out_index", 0, 10_000), r"write output channel 10000, the output has"),
     "input past the input": (_set("segments", (-1, 0), 10_000), r"read 100\d\d input channels, the input has"),
+    "an output never written": (_set("tasks", (-1, 3), lambda t: int(t["tasks"][-1, 3]) - 1), r"is never written"),
     "consecutive but not full": (_set("tasks", 0, lambda t: t["tasks"][0] * torch.tensor([1, 1, 1, 0, 1, 0])
                                       + torch.tensor([0, 0, 0, 3, 0, tables.CONSECUTIVE])),
                                  r"consecutive outputs in a task that is not full"),
@@ -330,6 +331,63 @@ def test_steps_are_checked_once_per_pair_of_tensors(monkeypatch):
         run_op("depthwise", case, step=depthwise)
     run_op("depthwise", case, step=make_step("depthwise", case))  # new tensors, same contents
     assert len(calls) == 5
+
+
+@needs_kernel
+def test_a_checked_step_is_a_private_copy():
+    """What the C code reads is the checker's own copy: edits of the caller's tensors that move no version counter
+    (through a NumPy alias, inside inference mode) cannot slip past the check, and cached steps do not keep the
+    caller's tensors alive (nothing accumulates)."""
+    import gc
+
+    case = kernel_case(seed=4)
+    ints, floats = make_step("block", case)
+    first = run_op("block", case, step=(ints, floats))
+    ints.numpy()[table_slice(ints, "tasks")][3] = 10 ** 6  # filter count of task 0: no version change
+    torch.testing.assert_close(run_op("block", case, step=(ints, floats)), first, atol=0, rtol=0)
+    with torch.inference_mode():  # inference tensors keep no version count at all
+        ints, floats = make_step("depthwise", case)
+        first = run_op("depthwise", case, step=(ints, floats))
+        ints[table_slice(ints, "out_index")] = 10_000
+        torch.testing.assert_close(run_op("depthwise", case, step=(ints, floats)), first, atol=0, rtol=0)
+    del ints, floats
+    gc.collect()
+    before = len(tables._checked)
+    for seed in range(5):
+        run_op("conv1x1", case, step=make_step("conv1x1", kernel_case(seed=seed)))
+    gc.collect()
+    assert len(tables._checked) == before
+
+
+@needs_kernel
+def test_empty_images_and_older_files(tmp_path):
+    """Zero-sized images give empty outputs from every kind of step; an ONNX file with the custom nodes of an older
+    version, and a pickled network of the older (padded) layout, are refused with a message that says so."""
+    import io
+
+    import onnx
+
+    from flgc_lightning.deploy import deploy_model, export_onnx, onnxruntime_session
+    from flgc_lightning.deploy.grouped import UnequalGroupConv2d
+    from flgc_lightning.deploy.onnx_custom_ops import custom_nodes
+    from flgc_lightning.models import MobileNetV2
+
+    case = kernel_case(size=(2, 0, 5))
+    for kind in KINDS:
+        assert run_op(kind, case).shape == (2, 16, 0, 5)
+    torch.manual_seed(0)
+    net = deploy_model(MobileNetV2(groups=4, use_flgc=True, width_mult=0.25).eval(), kernel="fused")
+    model = onnx.load(str(export_onnx(net, tmp := tmp_path / "older.onnx", input_size=(3, 16, 16))))
+    custom_nodes(model)[0].op_type = "FlgcInvertedResidual"
+    onnx.save(model, str(tmp))
+    with pytest.raises(ValueError, match="older flgc_lightning .*FlgcInvertedResidual.*export it again"):
+        onnxruntime_session(tmp)
+    layer = next(m for m in net.modules() if isinstance(m, UnequalGroupConv2d))
+    layer.register_buffer("in_index", torch.arange(layer.in_channels))  # what the padded layout held
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    with pytest.raises(RuntimeError, match="saved by an older flgc_lightning"):
+        torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
 
 
 @needs_kernel

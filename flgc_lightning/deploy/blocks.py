@@ -75,14 +75,15 @@ class DeployedInvertedResidual(DerivedState):
         """The block (from its expand conv, or from its depthwise conv) as one fused step (:func:`tables.make_step`)."""
         projection, dw = self._unequal_projection(), self.conv[-2][0]
         expand = self.conv[0][0] if self.can_fuse_block() else None
-        sources = [projection.conv.weight, projection.conv.bias, dw.weight, dw.bias]
+        projection_tables = projection.tables()
+        sources = [*projection_tables.values(), dw.weight, dw.bias]
         if expand is not None:
-            sources += [expand.conv.weight, expand.conv.bias] if isinstance(expand, UnequalGroupConv2d) else \
+            sources += list(expand.tables().values()) if isinstance(expand, UnequalGroupConv2d) else \
                 [expand.weight, expand.bias]
         return cached(self, "step", sources, lambda: tables.make_step(
-            projection.tables(), dw.in_channels if expand is None else self.conv[0][0].in_channels,
-            projection.out_channels, projection.relu6, None if expand is None else _expand_tables(expand),
-            tables.depthwise_taps(dw.weight), dw.bias, dw.stride[0]))
+            projection_tables, dw.in_channels if expand is None else expand.in_channels, projection.out_channels,
+            projection.relu6, None if expand is None else _expand_tables(expand), tables.depthwise_taps(dw.weight),
+            dw.bias, dw.stride[0]), lambda: (projection.relu6, dw.stride[0], expand is None))
 
     def prepare(self) -> None:
         """Build the block's step now (before ``torch.compile`` / ``torch.export`` trace the block)."""

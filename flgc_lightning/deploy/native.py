@@ -228,6 +228,8 @@ def run(step, x: Tensor, residual: Tensor | None = None) -> Tensor:
     x = x.contiguous(memory_format=torch.channels_last)
     n, _, h, w = x.shape
     y = torch.empty(n, step.out_channels, *step.output_size(h, w), memory_format=torch.channels_last)
+    if y.numel() == 0:
+        return y
     pointers = [x.data_ptr(), y.data_ptr()] + ([] if residual is None else [residual.data_ptr()])
     record = step.record(0, 1, -1 if residual is None else 2, h, w)
     run_chain(torch.tensor([record]), torch.tensor(pointers), n)

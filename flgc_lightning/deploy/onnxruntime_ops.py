@@ -30,12 +30,13 @@ from onnx import helper, numpy_helper
 from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
 from flgc_lightning.deploy import native, ops
-from flgc_lightning.deploy.onnx_custom_ops import INPUTS, OP_TYPE, custom_nodes
+from flgc_lightning.deploy.onnx_custom_ops import DOMAIN, INPUTS, OP_TYPE, custom_nodes
 from flgc_lightning.deploy.native import STEP_FIELDS
 from flgc_lightning.deploy.tables import Step, TableError, checked_step
 
 _weights: dict[str, Step | dict] = {}  # key of a "FlgcStepCached" node -> its step; of a chain -> the chain
 _keys = itertools.count()
+OLD_OP_TYPES = {"FlgcInvertedResidual", "FlgcDepthwiseProjection", "FlgcConv1x1"}  # before the one-step format
 
 
 def _nchw(a: np.ndarray) -> torch.Tensor:
@@ -190,6 +191,11 @@ def _with_cached_weights(model: onnx.ModelProto, threads: int | None = None) -> 
     """Move every custom node's weights into this process (see the module docstring) and run each chain of
     consecutive custom nodes as one ``FlgcChainCached`` node; the keys of the weights."""
     graph, keys = model.graph, []
+    old = {n.op_type for n in graph.node if n.domain == DOMAIN} & OLD_OP_TYPES
+    if old:
+        raise TableError(f"the ONNX file has custom nodes of an older flgc_lightning ({', '.join(sorted(old))}), "
+                         "which this version does not run: export it again (python -m flgc_lightning.deploy CKPT "
+                         "--out DIR --onnx)")
     initializers = {t.name: t for t in graph.initializer}
     no_residual = {name for name, t in initializers.items() if list(t.dims) == [0]}
     custom = custom_nodes(model)

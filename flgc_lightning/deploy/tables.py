@@ -269,6 +269,9 @@ class Step:
         head = dict(zip(HEADER, ints[:len(HEADER)].tolist()))
         if not all(0 <= v < TABLE_VALUE_LIMIT for v in head.values()):
             raise TableError("fused step: a negative or huge header entry")
+        # private copies: everything below, and every record's pointers, refer to them only, so no later edit of the
+        # caller's tensors (in place without a version count, through an alias, resize_) reaches the C code unchecked
+        ints, floats = ints.detach().clone(), floats.detach().clone()
         self.ints, self.floats, self.header = ints, floats, head
         self.kind, self.stride, self.relu6 = head["kind"], head["stride"], bool(head["relu6"])
         self.in_channels, self.hidden, self.out_channels = head["in_channels"], head["hidden"], head["out_channels"]
@@ -327,6 +330,8 @@ class Step:
         """The C ``run_chain`` record (``P_*`` fields) of this step on an ``h x w`` input; buffers by slot."""
         key = (x_slot, out_slot, residual_slot, h, w)
         if key not in self._records:
+            if len(self._records) >= 16:  # a few input sizes are the rule; many, a waste of memory
+                self._records.clear()
             e, p = self.expand or EMPTY, self.projection
             e_ptrs = [0] * 6 if self.expand is None else [e["weight"].data_ptr(), e["bias"].data_ptr(),
                                                           e["tasks"].data_ptr(), len(e["tasks"]),
@@ -394,10 +399,22 @@ def checked_step(ints: Tensor, floats: Tensor) -> Step:
 
 
 def check_tables(tables: dict[str, Tensor], in_channels: int, out_channels: int, what: str) -> TableLimits:
-    """:func:`validate_tables`, and the tables read at most ``in_channels`` inputs and write inside ``out_channels``."""
+    """:func:`validate_tables`, and the tables read at most ``in_channels`` inputs and write every one of
+    ``out_channels`` outputs and no other (an output they skipped would hand out whatever memory held before)."""
     limits = validate_tables(tables)
     if limits.reads > in_channels:
         raise TableError(f"{what}: read {limits.reads} input channels, the input has {in_channels}")
     if limits.writes > out_channels:
         raise TableError(f"{what}: write output channel {limits.writes - 1}, the output has {out_channels}")
+    tasks, out_index = tables["tasks"], tables["out_index"]
+    written = torch.zeros(out_channels, dtype=torch.bool)
+    if len(tasks):
+        _, _, _, filters, out_at, flags = tasks.unbind(1)
+        consecutive = flags & CONSECUTIVE != 0
+        entries = _covered(out_at[~consecutive], filters[~consecutive], len(out_index))  # out_index entries read
+        written[out_index[entries]] = True
+        width = torch.where(flags[consecutive] & WIDE != 0, WIDE_LANES, LANES)
+        written |= _covered(out_index[out_at[consecutive]], width, out_channels)
+    if not written.all():
+        raise TableError(f"{what}: output channel {int(torch.nonzero(~written)[0])} of {out_channels} is never written")
     return limits

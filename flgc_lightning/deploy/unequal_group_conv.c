@@ -496,6 +496,7 @@ enum { K_CONV1X1, K_DEPTHWISE, K_BLOCK };
 int run_chain(const int64_t *steps, int64_t nsteps, const int64_t *buffers, int64_t n, int nthreads) {
     for (int64_t k = 0; k < nsteps; k++) {
         const int64_t *s = steps + k * P_LEN;
+        if (n * s[P_H] * s[P_W] == 0) continue; /* an empty image: nothing to write (and no scratch to size) */
         const float *x = AS(const float *, buffers[s[P_IN]]);
         const float *res = s[P_RES] < 0 ? 0 : AS(const float *, buffers[s[P_RES]]);
         float *y = AS(float *, buffers[s[P_OUT]]);
