@@ -560,7 +560,7 @@ step = tables.checked_step(ints, floats)
 step.projection["segments"][-1, 2] = len(floats)  # in place, after the check
 x = case["x24"].contiguous(memory_format=torch.channels_last)
 y = torch.empty(2, 16, 7, 6, memory_format=torch.channels_last)
-native.run_chain(torch.tensor([step.record(0, 1, -1, 7, 6)]), torch.tensor([x.data_ptr(), y.data_ptr()]), 2, 1)
+native.run_chain(step.record(0, 1, -1, 7, 6), [x.data_ptr(), y.data_ptr()], 2, 1)
 print("no report", flush=True)
 """
 

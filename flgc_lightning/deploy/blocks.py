@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from flgc_lightning.deploy import tables
-from flgc_lightning.deploy.grouped import DerivedState, UnequalGroupConv2d, cached, fused_input, kernel_available
+from flgc_lightning.deploy.grouped import CACHE, DerivedState, UnequalGroupConv2d, cached, fused_input, kernel_available
 
 
 def _fusable_depthwise(stage: nn.Module) -> bool:
@@ -63,47 +63,62 @@ class DeployedInvertedResidual(DerivedState):
         last = self.conv[-1]
         return last[0] if len(last) == 1 and isinstance(last[0], UnequalGroupConv2d) else None
 
+    def _fusable(self) -> tuple[UnequalGroupConv2d | None, nn.Conv2d | None, nn.Module | None]:
+        """``(projection, depthwise conv, expand conv)`` a fused step takes along (``None`` where it does not): the
+        stages' structure, worked out once, not on every call (:meth:`prepare` works it out again after a stage's
+        module was replaced)."""
+        found = self.__dict__.get(CACHE + "fusable")
+        if found is None:
+            projection = self._unequal_projection()
+            dw = self.conv[-2][0] if projection is not None and len(self.conv) >= 2 and _fusable_depthwise(
+                self.conv[-2]) else None
+            expand = self.conv[0][0] if dw is not None and len(self.conv) == 3 and _fusable_expand(self.conv[0]) \
+                else None
+            found = self.__dict__[CACHE + "fusable"] = (projection, dw, expand)
+        return found
+
     def can_fuse_depthwise(self) -> bool:
         """The projection is an unequal-group layer right after a 3x3 depthwise conv the fused kernel takes."""
-        return self._unequal_projection() is not None and len(self.conv) >= 2 and _fusable_depthwise(self.conv[-2])
+        return self._fusable()[1] is not None
 
     def can_fuse_block(self) -> bool:
         """:meth:`can_fuse_depthwise`, and an expand conv before the depthwise one that the kernel takes along."""
-        return self.can_fuse_depthwise() and len(self.conv) == 3 and _fusable_expand(self.conv[0])
+        return self._fusable()[2] is not None
 
     def step(self) -> tuple[Tensor, Tensor]:
         """The block (from its expand conv, or from its depthwise conv) as one fused step (:func:`tables.make_step`)."""
-        projection, dw = self._unequal_projection(), self.conv[-2][0]
-        expand = self.conv[0][0] if self.can_fuse_block() else None
-        projection_tables = projection.tables()
-        sources = [*projection_tables.values(), dw.weight, dw.bias]
-        if expand is not None:
-            sources += list(expand.tables().values()) if isinstance(expand, UnequalGroupConv2d) else \
-                [expand.weight, expand.bias]
+        projection, dw, expand = self._fusable()
+        flgc_expand = isinstance(expand, UnequalGroupConv2d)
+        sources = [*projection.sources(), dw.weight, dw.bias, *(
+            expand.sources() if flgc_expand else [] if expand is None else [expand.weight, expand.bias])]
         return cached(self, "step", sources, lambda: tables.make_step(
-            projection_tables, dw.in_channels if expand is None else expand.in_channels, projection.out_channels,
+            projection.tables(), dw.in_channels if expand is None else expand.in_channels, projection.out_channels,
             projection.relu6, None if expand is None else _expand_tables(expand), tables.depthwise_taps(dw.weight),
-            dw.bias, dw.stride[0]), lambda: (projection.relu6, dw.stride[0], expand is None))
+            dw.bias, dw.stride[0]), lambda: (*projection.settings(), projection.relu6, dw.stride[0], expand is None,
+                                             *(expand.settings() if flgc_expand else ())))
 
     def prepare(self) -> None:
-        """Build the block's step now (before ``torch.compile`` / ``torch.export`` trace the block)."""
-        if self.can_fuse_depthwise() and self.projection.kernel == "fused":
+        """Work out the stages' structure again and build the block's step now (before ``torch.compile`` /
+        ``torch.export`` trace the block)."""
+        self.__dict__.pop(CACHE + "fusable", None)
+        projection, dw, _ = self._fusable()
+        if dw is not None and projection.kernel == "fused":
             self.step()
 
     def forward(self, x: Tensor) -> Tensor:
-        projection, last = self._unequal_projection(), len(self.conv) - 1
-        fused = (self.fuse_depthwise and self.can_fuse_depthwise() and projection.kernel == "fused"
-                 and fused_input(x) and kernel_available())
+        projection, dw, expand = self._fusable()
+        last = len(self.conv) - 1
+        fused = (self.fuse_depthwise and dw is not None and projection.kernel == "fused" and fused_input(x)
+                 and kernel_available())
         residual = None
         if self.use_residual:
             residual = x if self.shortcut is None else self.shortcut(x)
         h = x
         if fused and (residual is None or residual.dtype == torch.float32):
-            for i in range(0 if self.can_fuse_block() else last - 1):
+            for i in range(0 if expand is not None else last - 1):
                 h = self.conv[i](h)
             ints, floats = self.step()
-            return torch.ops.flgc.fused_step(h, ints, floats, residual, projection.out_channels,
-                                             self.conv[-2][0].stride[0])
+            return torch.ops.flgc.fused_step(h, ints, floats, residual, projection.out_channels, dw.stride[0])
         for i in range(last):
             h = self.conv[i](h)
         if projection is not None:

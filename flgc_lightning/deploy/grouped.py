@@ -31,17 +31,19 @@ CACHE = "_derived_"  # attribute prefix of values derived from a module's weight
 def cached(owner: nn.Module, name: str, sources: list[Tensor | None], build: Callable[[], object],
            settings: Callable[[], tuple] = tuple) -> object:
     """``build()``, kept on ``owner`` until one of ``sources`` is replaced or changed in place (``load_state_dict``,
-    in-place edits) or ``settings()`` change (called only outside tracing); inside ``torch.compile`` / ``torch.export`` tracing the value built by
-    the last eager call (:func:`refresh_tables` before tracing). Inference tensors keep no version count: an edit of
-    one inside inference mode is not seen (the op checks whatever it is given, so this can never be unsafe)."""
+    in-place edits) or ``settings()`` change (called only outside tracing); inside ``torch.compile`` /
+    ``torch.export`` tracing the value built by the last eager call (:func:`refresh_tables` before tracing).
+    Inference tensors keep no version count: an edit of one inside inference mode is not seen (the op checks
+    whatever it is given, so this can never be unsafe)."""
     name = CACHE + name
     if torch.compiler.is_compiling():
         if name not in owner.__dict__:
             raise RuntimeError("fused steps are built before tracing: call flgc_lightning.deploy.refresh_tables(model) "
                                "before torch.compile / torch.export (compile_deployed and export_* do)")
         return owner.__dict__[name]
-    key = settings() + tuple(None if t is None else (id(t), t.data_ptr(), -1 if t.is_inference() else t._version,
-                                                   t.dtype, tuple(t.shape)) for t in sources)
+    # a new tensor changes the id, an in-place edit the version, ``.data =`` (``.to``, ``.double``) the data pointer
+    key = settings() + tuple(None if t is None else (id(t), t.data_ptr(), -1 if t.is_inference() else t._version)
+                             for t in sources)
     if owner.__dict__.get(name + "_key") != key:
         owner.__dict__[name], owner.__dict__[name + "_key"] = build(), key
     return owner.__dict__[name]
@@ -120,19 +122,25 @@ class UnequalGroupConv2d(DerivedState):
                                "layers); deploy the checkpoint again with python -m flgc_lightning.deploy")
         super().__setstate__(state)
 
+    def sources(self) -> list[Tensor | None]:
+        """What the tables are derived from (with :meth:`settings`)."""
+        return [self.conv.weight, self.conv.bias, self.in_groups, self.out_groups]
+
+    def settings(self) -> tuple:
+        return self.windows, native.preferred_lanes()
+
     def tables(self) -> dict[str, Tensor]:
         """The fused kernel's tables (:func:`tables.pack`) of the stored weights."""
-        return cached(self, "tables", [self.conv.weight, self.conv.bias, self.in_groups, self.out_groups],
+        return cached(self, "tables", self.sources(),
                       lambda: tables.pack(self.dense_weight().cpu().float(),
                                           None if self.conv.bias is None else self.conv.bias.detach().cpu(),
                                           self.in_groups, self.out_groups, self.num_groups, self.windows),
-                      lambda: (self.windows, native.preferred_lanes()))
+                      self.settings)
 
     def step(self) -> tuple[Tensor, Tensor]:
         """This layer alone as a fused step (:func:`tables.make_step`)."""
-        layer_tables = self.tables()
-        return cached(self, "step", list(layer_tables.values()), lambda: tables.make_step(
-            layer_tables, self.in_channels, self.out_channels, self.relu6), lambda: (self.relu6,))
+        return cached(self, "step", self.sources(), lambda: tables.make_step(
+            self.tables(), self.in_channels, self.out_channels, self.relu6), lambda: (*self.settings(), self.relu6))
 
     def prepare(self) -> None:
         """Build the tables and the step now (before ``torch.compile`` / ``torch.export`` trace the layer)."""

@@ -211,10 +211,10 @@ def preferred_lanes() -> int:
 STEP_FIELDS = 27  # P_LEN in the C source
 
 
-def run_chain(records: Tensor, buffers: Tensor, n: int, threads: int | None = None) -> None:
-    """Run checked steps' records (:meth:`tables.Step.record`, ``STEP_FIELDS`` int64 each) in one C call on ``n``
-    images; ``buffers``: int64 data pointers of the channels_last tensors the records name by slot."""
-    status = load_library().run_chain(records.data_ptr(), len(records), buffers.data_ptr(), n,
+def run_chain(records: Tensor, buffers: list[int], n: int, threads: int | None = None) -> None:
+    """Run checked steps' records (rows of :meth:`tables.Step.record`, ``STEP_FIELDS`` int64 each) in one C call on
+    ``n`` images; ``buffers``: data pointers of the channels_last tensors the records name by slot."""
+    status = load_library().run_chain(records.data_ptr(), len(records), (ctypes.c_int64 * len(buffers))(*buffers), n,
                                       threads or torch.get_num_threads())
     if status != 0:
         raise MemoryError("the fused kernel could not allocate its per-thread buffers")
@@ -231,6 +231,5 @@ def run(step, x: Tensor, residual: Tensor | None = None) -> Tensor:
     if y.numel() == 0:
         return y
     pointers = [x.data_ptr(), y.data_ptr()] + ([] if residual is None else [residual.data_ptr()])
-    record = step.record(0, 1, -1 if residual is None else 2, h, w)
-    run_chain(torch.tensor([record]), torch.tensor(pointers), n)
+    run_chain(step.record(0, 1, -1 if residual is None else 2, h, w), pointers, n)
     return y

@@ -84,7 +84,7 @@ def _plan(chain: dict, shape: tuple[int, ...]) -> dict:
                                    -1 if residual_name is None else slots[residual_name], h, w))
         outputs.append(torch.empty(n, *out))
         sizes[out_name], slots[out_name] = out, len(outputs)
-    return {"steps": torch.tensor(records, dtype=torch.long).reshape(-1, STEP_FIELDS), "outputs": outputs,
+    return {"steps": torch.cat(records) if records else torch.zeros(0, STEP_FIELDS, dtype=torch.long), "outputs": outputs,
             "exit": slots[chain["exit"]], "lock": threading.Lock()}
 
 
@@ -100,7 +100,7 @@ def _run_chain(x: np.ndarray, chain: dict) -> np.ndarray:
             plans[x.shape] = _plan(chain, x.shape)
         plan = plans[x.shape]
         with plan["lock"]:  # its buffers are shared by every call with this shape
-            buffers = torch.tensor([x.ctypes.data] + [o.data_ptr() for o in plan["outputs"]], dtype=torch.long)
+            buffers = [x.ctypes.data] + [o.data_ptr() for o in plan["outputs"]]
             native.run_chain(plan["steps"], buffers, x.shape[0], chain.get("threads"))
             return plan["outputs"][plan["exit"] - 1].numpy().copy().view(_Output)
     values = {chain["entry"]: _nchw(x)}

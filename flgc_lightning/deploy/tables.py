@@ -256,6 +256,12 @@ def unpack(tables: dict[str, Tensor], in_channels: int) -> tuple[Tensor, Tensor]
     return weight, bias
 
 
+def _table_set(tasks: Tensor, segments: Tensor, out_index: Tensor, weight: Tensor, bias: Tensor) -> dict[str, Tensor]:
+    """:func:`pack`'s tables from a step's flat views."""
+    return {"tasks": tasks.view(-1, TASK_FIELDS), "segments": segments.view(-1, SEGMENT_FIELDS),
+            "out_index": out_index, "weight": weight, "bias": bias}
+
+
 class Step:
     """A checked step (:func:`checked_step`): its header as attributes, its tables as views of ``ints``/``floats``."""
 
@@ -264,14 +270,14 @@ class Step:
             if not isinstance(t, Tensor) or t.dtype != dtype or t.dim() != 1 or not t.is_contiguous() or t.is_cuda:
                 raise TableError(f"fused step: {name} must be a contiguous 1-d {dtype} CPU tensor, got "
                                  f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+        # private copies: everything below, and every record's pointers, refer to them only, so no later edit of the
+        # caller's tensors (in place without a version count, through an alias, resize_) reaches the C code unchecked
+        ints, floats = ints.detach().clone(), floats.detach().clone()
         if len(ints) < len(HEADER):
             raise TableError(f"fused step: {len(ints)} ints, the header alone has {len(HEADER)}")
         head = dict(zip(HEADER, ints[:len(HEADER)].tolist()))
         if not all(0 <= v < TABLE_VALUE_LIMIT for v in head.values()):
             raise TableError("fused step: a negative or huge header entry")
-        # private copies: everything below, and every record's pointers, refer to them only, so no later edit of the
-        # caller's tensors (in place without a version count, through an alias, resize_) reaches the C code unchecked
-        ints, floats = ints.detach().clone(), floats.detach().clone()
         self.ints, self.floats, self.header = ints, floats, head
         self.kind, self.stride, self.relu6 = head["kind"], head["stride"], bool(head["relu6"])
         self.in_channels, self.hidden, self.out_channels = head["in_channels"], head["hidden"], head["out_channels"]
@@ -288,26 +294,19 @@ class Step:
         if (len(ints), len(floats)) != (n_ints, n_floats):
             raise TableError(f"fused step: {len(ints)} ints / {len(floats)} floats, its header gives {n_ints} / "
                              f"{n_floats}")
-        at = {"ints": len(HEADER), "floats": 0}
-
-        def take(name: str, count: int, width: int = 1) -> Tensor:
-            source = ints if name == "ints" else floats
-            view = source[at[name]:at[name] + count * width]
-            at[name] += count * width
-            return view.view(count, width) if width > 1 else view
-
-        tables = {p: {t: take("ints", head[p + t], widths[t]) for t in TABLES[:3]} for p in ("e_", "")}
-        for p in ("e_", ""):
-            if p == "":
-                self.dw_taps = take("floats", 9, self.hidden) if self.hidden else None
-                self.dw_bias = take("floats", self.hidden) if self.hidden else None
-            tables[p].update({t: take("floats", head[p + t]) for t in ("weight", "bias")})
-        self.expand = tables["e_"] if self.kind == BLOCK else None
-        self.projection = tables[""]
+        # the layout of make_step: ints = header, e_tasks, e_segments, e_out_index, tasks, segments, out_index;
+        # floats = e_weight, e_bias, depthwise taps (9 x hidden) and bias (hidden), weight, bias
+        sizes = [head[p + t] * widths[t] for p in ("e_", "") for t in TABLES[:3]]
+        e_tasks, e_segments, e_out, p_tasks, p_segments, p_out = ints[len(HEADER):].split(sizes)
+        floats_sizes = [head["e_weight"], head["e_bias"], 9 * self.hidden, self.hidden, head["weight"], head["bias"]]
+        e_weight, e_bias, taps, dw_bias, p_weight, p_bias = floats.split(floats_sizes)
+        self.dw_taps, self.dw_bias = (taps.view(9, self.hidden), dw_bias) if self.hidden else (None, None)
+        self.expand = _table_set(e_tasks, e_segments, e_out, e_weight, e_bias) if self.kind == BLOCK else None
+        self.projection = _table_set(p_tasks, p_segments, p_out, p_weight, p_bias)
         if self.expand is not None:
             check_tables(self.expand, self.in_channels, self.hidden, "fused step: expand conv tables")
         check_tables(self.projection, self.hidden or self.in_channels, self.out_channels, "fused step: tables")
-        self._records: dict[tuple, list[int]] = {}
+        self._records: dict[tuple, Tensor] = {}
         self._dense: dict[str, tuple[Tensor, Tensor]] = {}
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
@@ -326,8 +325,9 @@ class Step:
                              f"{residual.dtype} {tuple(residual.shape)}")
         return residual.contiguous(memory_format=torch.channels_last)
 
-    def record(self, x_slot: int, out_slot: int, residual_slot: int, h: int, w: int) -> list[int]:
-        """The C ``run_chain`` record (``P_*`` fields) of this step on an ``h x w`` input; buffers by slot."""
+    def record(self, x_slot: int, out_slot: int, residual_slot: int, h: int, w: int) -> Tensor:
+        """The C ``run_chain`` record (``P_*`` fields, one int64 row) of this step on an ``h x w`` input; buffers by
+        slot. Built once per input size."""
         key = (x_slot, out_slot, residual_slot, h, w)
         if key not in self._records:
             if len(self._records) >= 16:  # a few input sizes are the rule; many, a waste of memory
@@ -337,11 +337,11 @@ class Step:
                                                           e["tasks"].data_ptr(), len(e["tasks"]),
                                                           e["segments"].data_ptr(), e["out_index"].data_ptr()]
             dw = [0, 0] if self.dw_taps is None else [self.dw_taps.data_ptr(), self.dw_bias.data_ptr()]
-            self._records[key] = [
+            self._records[key] = torch.tensor([[
                 self.kind, x_slot, residual_slot, out_slot, self.in_channels, h, w, self.stride,
                 *self.output_size(h, w), int(self.relu6), self.out_channels, self.hidden, *e_ptrs, *dw,
                 p["weight"].data_ptr(), p["bias"].data_ptr(), p["tasks"].data_ptr(), len(p["tasks"]),
-                p["segments"].data_ptr(), p["out_index"].data_ptr()]
+                p["segments"].data_ptr(), p["out_index"].data_ptr()]])
         return self._records[key]
 
     def dense(self, which: str) -> tuple[Tensor, Tensor]:
