@@ -311,6 +311,26 @@ def test_deployed_blocks_run_as_one_kernel_each(monkeypatch):
         assert (kinds.count(tables.BLOCK), kinds.count(tables.DEPTHWISE), len(stages)) == (len(blocks) - 1, 1, 0), variant
 
 
+def test_a_block_follows_a_replaced_stage_and_changed_weights():
+    """A block works out once which stages its fused step takes; replacing a stage's module (or changing weights in
+    place) is still seen on the next call, without any refresh call: the same logits as running the stages one by
+    one."""
+    net = deploy_model(trained_like(MobileNetV2(groups=4, use_flgc=True), 2), kernel="fused")
+    block = net.features[5]
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        before = net(x)
+        p = block.conv[-1][0]
+        block.conv[-1][0] = UnequalGroupConv2d(p.dense_weight() * 3, p.conv.bias, p.in_groups, p.out_groups,
+                                               p.num_groups, "fused", p.relu6)
+        block.conv[1][0].weight.mul_(0.5)  # the depthwise conv, in place
+        fused = net(x)
+        block.fuse_depthwise = False  # every stage as its own module
+        stagewise = net(x)
+    assert (fused - before).abs().max() > 1e-2
+    torch.testing.assert_close(fused, stagewise, atol=1e-4, rtol=0)
+
+
 def test_custom_op_falls_back_to_stock_ops_without_the_library(monkeypatch):
     """A program that holds the custom op (e.g. a .pt2 written elsewhere) runs where the kernel cannot be
     built: same numbers from stock ops, one warning; the eager network gives the same logits too."""

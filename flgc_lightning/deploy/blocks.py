@@ -65,16 +65,18 @@ class DeployedInvertedResidual(DerivedState):
 
     def _fusable(self) -> tuple[UnequalGroupConv2d | None, nn.Conv2d | None, nn.Module | None]:
         """``(projection, depthwise conv, expand conv)`` a fused step takes along (``None`` where it does not): the
-        stages' structure, worked out once, not on every call (:meth:`prepare` works it out again after a stage's
-        module was replaced)."""
-        found = self.__dict__.get(CACHE + "fusable")
-        if found is None:
+        stages' structure, worked out again only when a stage's module was replaced (walking the ``Sequential``
+        stages on every call cost as much as a small kernel at batch 1)."""
+        modules = [m for stage in self.conv._modules.values() for m in stage._modules.values()]
+        seen, found = self.__dict__.get(CACHE + "fusable", ((), None))
+        if len(seen) != len(modules) or any(a is not b for a, b in zip(seen, modules)):
             projection = self._unequal_projection()
             dw = self.conv[-2][0] if projection is not None and len(self.conv) >= 2 and _fusable_depthwise(
                 self.conv[-2]) else None
             expand = self.conv[0][0] if dw is not None and len(self.conv) == 3 and _fusable_expand(self.conv[0]) \
                 else None
-            found = self.__dict__[CACHE + "fusable"] = (projection, dw, expand)
+            found = (projection, dw, expand)
+            self.__dict__[CACHE + "fusable"] = (tuple(modules), found)
         return found
 
     def can_fuse_depthwise(self) -> bool:
@@ -98,9 +100,7 @@ class DeployedInvertedResidual(DerivedState):
                                              *(expand.settings() if flgc_expand else ())))
 
     def prepare(self) -> None:
-        """Work out the stages' structure again and build the block's step now (before ``torch.compile`` /
-        ``torch.export`` trace the block)."""
-        self.__dict__.pop(CACHE + "fusable", None)
+        """Build the block's step now (before ``torch.compile`` / ``torch.export`` trace the block)."""
         projection, dw, _ = self._fusable()
         if dw is not None and projection.kernel == "fused":
             self.step()
