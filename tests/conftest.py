@@ -1,9 +1,14 @@
 """Shared fixtures: repo paths, the shared real CIFAR-10 subset, and a subprocess runner."""
 from __future__ import annotations
 
+import json
 import os
+import select
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests import conftest / probes by name
@@ -35,10 +40,103 @@ def cifar_subset() -> Path:
     return SUBSET
 
 
-def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a documented command line (``python train.py ...``) exactly as a user would."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+def cli_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+
+
+class WarmPython:
+    """The pytest worker's :mod:`warm_python` server (started on first use, stopped with the worker)."""
+
+    def __init__(self) -> None:
+        self.env = cli_env()
+        self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("warm_python.py"))], cwd=REPO,
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self.env)
+        self.folder = Path(tempfile.mkdtemp(prefix="warm-python-"))
+        self.pending = b""
+        self._reply(timeout=300)  # ready: the libraries are imported
+
+    def _reply(self, timeout: float | None = None) -> dict:
+        """The server's next reply line (read from its pipe unbuffered: select must see every byte not yet read)."""
+        fd = self.server.stdout.fileno()
+        while b"\n" not in self.pending:
+            if timeout is not None and not select.select([fd], [], [], max(0.0, timeout))[0]:
+                raise TimeoutError
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError(f"the warm Python server exited ({self.server.poll()})")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line)
+
+    def accepts(self, env: dict[str, str]) -> bool:
+        """The command's environment is the one the server imported its libraries under."""
+        from warm_python import PER_TEST
+
+        ignore = lambda e: {k: v for k, v in e.items() if k not in PER_TEST}  # noqa: E731
+        return self.server.poll() is None and ignore(env) == ignore(self.env)
+
+    def run(self, args: tuple[str, ...], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        out, err = self.folder / "stdout", self.folder / "stderr"
+        request = {"argv": list(args), "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
+        self.server.stdin.write(json.dumps(request) + "\n")
+        self.server.stdin.flush()
+        pid = self._reply(timeout=60)["pid"]
+        try:
+            code = self._reply(timeout=timeout)["returncode"]
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)
+            self._reply()
+            raise subprocess.TimeoutExpired([sys.executable, *args], timeout,
+                                            out.read_text(errors="replace"), err.read_text(errors="replace")) from None
+        return subprocess.CompletedProcess([sys.executable, *args], code, out.read_text(errors="replace"),
+                                           err.read_text(errors="replace"))
+
+    def close(self) -> None:
+        self.server.stdin.close()
+        self.server.wait(timeout=60)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_warm: WarmPython | None = None
+
+
+def warm_python() -> WarmPython | None:
+    """This worker's warm Python server, or None (``FLGC_TESTS_PLAIN_PROCESSES=1``, or it could not start)."""
+    global _warm
+    if os.environ.get("FLGC_TESTS_PLAIN_PROCESSES") == "1":
+        return None
+    if _warm is None:
+        try:
+            _warm = WarmPython()
+        except Exception as err:  # noqa: BLE001  (plain processes then: slower, the same checks)
+            import warnings
+
+            warnings.warn(f"warm Python server unavailable ({err}); command lines run as plain processes")
+            os.environ["FLGC_TESTS_PLAIN_PROCESSES"] = "1"
+            return None
+    return _warm
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_warm_python():
+    yield
+    if _warm is not None:
+        _warm.close()
+
+
+def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, check: bool = True,
+            plain: bool = False) -> subprocess.CompletedProcess:
+    """Run a documented command line (``python train.py ...``) as a user would: a process of its own with its own
+    argv, environment, output and exit code. Forked from this worker's warm Python server (:mod:`warm_python`: the
+    libraries already imported) unless ``plain`` (a fresh ``python``: the README's commands, and the uninterrupted
+    runs resumed runs must match, so that a run depending on the string hash seed still fails)."""
+    env = cli_env()
+    warm = None if plain else warm_python()
+    if warm is not None and warm.accepts(env):
+        proc = warm.run(args, cwd, env, timeout)
+    else:
+        proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                              env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}")
     return proc
@@ -71,5 +169,5 @@ def reference_run(tmp_path_factory, cifar_subset) -> tuple[Path, Path]:
     default): where checkpoints are written does not change what a run computes, so this is checked too."""
     folder = tmp_path_factory.mktemp("reference")
     run_cli("train.py", f"data.root={cifar_subset}", *SHORT, *probe(folder / "full.jsonl"),
-            f"hydra.run.dir={folder / 'full'}")
+            f"hydra.run.dir={folder / 'full'}", plain=True)
     return folder / "full", folder / "full.jsonl"

@@ -5,9 +5,6 @@ assignment changes only where the test edits the logits, and every record is kno
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,8 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import run_cli
 
 from flgc_lightning.assignments.changes import layer_groups_many, layer_record
 from flgc_lightning.assignments.checkpoints import records_from_checkpoints
@@ -324,8 +323,7 @@ def test_report_errors_are_user_errors(tmp_path):
     (tmp_path / "assignments.jsonl").write_text("not json\n{}\n")
     with pytest.raises(RecordsError, match="line 1 is not a JSON record"):
         report_main([str(tmp_path)])
-    proc = subprocess.run([sys.executable, "-m", "flgc_lightning.assignments", str(tmp_path / "nope"), "--layer", "3"],
-                          cwd=REPO, capture_output=True, text=True)
+    proc = run_cli("-m", "flgc_lightning.assignments", str(tmp_path / "nope"), "--layer", "3", check=False)
     assert proc.returncode == 1 and proc.stderr.startswith("error: no assignment records at") and not proc.stdout
 
 
@@ -335,10 +333,9 @@ def test_train_py_records_continue_across_resume(tmp_path, capsys, cifar_subset)
     run = tmp_path / "run"
     common = [f"data.root={cifar_subset}", "data.limit_train=64", "data.limit_test=64",
               "data.batch_size=64", "trainer.accelerator=cpu", "logger=csv", "++trainer.enable_progress_bar=false"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     def cli(*args):
-        proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+        proc = run_cli(*args, check=False)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     cli("train.py", "model.use_flgc=true", "groups=8", "trainer.max_epochs=1", *common, f"hydra.run.dir={run}")

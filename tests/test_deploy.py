@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import run_cli
+
 from flgc_lightning.data.cifar import CIFAR_MEAN, CIFAR_STD
 from flgc_lightning.data.cifar_files import CIFAR10, find_folder, load_split
 from flgc_lightning.deploy import (
@@ -650,9 +652,8 @@ def test_cli_deploys_and_exports_a_checkpoint(tmp_path, input_size):
     trained = write_checkpoint(tmp_path / "flgc.ckpt", groups=8, input_size=input_size, width=0.25)
     # CIFAR case: the default export form (fused); digits: the stock-op form
     kernel, export_form = ("blockdiag", ["--export-kernel", "blockdiag"]) if input_size[0] == 1 else ("fused", [])
-    proc = subprocess.run([sys.executable, "-m", "flgc_lightning.deploy", str(tmp_path / "flgc.ckpt"), "--out",
-                           str(tmp_path / "out"), "--onnx", "--kernel", kernel, *export_form], cwd=REPO,
-                          capture_output=True, text=True)
+    proc = run_cli("-m", "flgc_lightning.deploy", str(tmp_path / "flgc.ckpt"), "--out", str(tmp_path / "out"), "--onnx",
+                   "--kernel", kernel, *export_form, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "deployed : params" in proc.stdout and f"FLGC layer kernels ({kernel}): {kernel} x17" in proc.stdout
     out = tmp_path / "out"
@@ -664,8 +665,8 @@ def test_cli_deploys_and_exports_a_checkpoint(tmp_path, input_size):
     with torch.no_grad():
         expected = trained.eval()(x)
     np.save(tmp_path / "x.npy", x.numpy())
-    run = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(out), str(tmp_path / "x.npy")], cwd=tmp_path,
-                         capture_output=True, text=True)
+    run = run_cli("-c", LOAD_AND_RUN, str(out), str(tmp_path / "x.npy"), cwd=tmp_path, check=False,
+                  plain=True)  # a fresh python: the deployed files need no training libraries
     assert run.returncode == 0, run.stderr
     for name in ("pt2", "onnx"):
         assert (torch.from_numpy(np.load(out / f"{name}.npy")) - expected).abs().max() <= 1e-4, name
@@ -708,7 +709,6 @@ def test_cli_without_a_c_compiler(tmp_path):
 
 
 def test_cli_reports_a_missing_checkpoint(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "flgc_lightning.deploy", str(tmp_path / "nope.ckpt"), "--out",
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+    proc = run_cli("-m", "flgc_lightning.deploy", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path), check=False)
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: checkpoint") and "does not exist" in proc.stderr

@@ -59,6 +59,23 @@ def test_stop_signal_writes_a_checkpoint_at_the_next_step_and_resume_is_exact(tm
     assert_same_run(reference_run[0], cut)
 
 
+def test_a_command_forked_from_the_warm_server_runs_as_a_fresh_python_does(tmp_path, cifar_subset, reference_run):
+    """run_cli forks most command lines from a Python that has imported torch and Lightning already
+    (tests/warm_python.py); the reference run is a fresh ``python``. The same command both ways: the same steps,
+    every tensor, optimizer state, learning rate, validation metric and assignment record equal, in a process of
+    its own."""
+    from conftest import warm_python
+
+    warm = warm_python()
+    if warm is None:
+        pytest.skip("FLGC_TESTS_PLAIN_PROCESSES=1: every command runs in a fresh python")
+    run, records = tmp_path / "warm", tmp_path / "warm.jsonl"
+    run_cli("train.py", f"data.root={cifar_subset}", *SHORT, *probe(records), f"hydra.run.dir={run}")
+    assert steps(read_records(records)) == steps(read_records(reference_run[1])) == list(range(1, 7))
+    assert {r["pid"] for r in read_records(records)}.isdisjoint({os.getpid(), warm.server.pid})
+    assert_same_run(reference_run[0], run)
+
+
 def test_stop_signal_during_validation_lets_it_finish_first(tmp_path, cifar_subset, reference_run):
     """Validation has 4 batches (SHORT), each followed by a pause; the signal arrives during the first."""
     data = f"data.root={cifar_subset}"
@@ -141,7 +158,7 @@ def test_a_killed_sweep_run_again_skips_finished_jobs_resumes_the_cut_one_and_ru
     assert second_steps == [5, 6, 1, 2, 3, 4, 5, 6]  # job 1 from its step 4 checkpoint, then job 2 whole
     # the resumed job ends as an uninterrupted run would (job 2 ran whole in the second invocation: its steps above)
     single = tmp_path / "single2"
-    run_cli("train.py", data, *SHORT, "groups=2", f"hydra.run.dir={single}")
+    run_cli("train.py", data, *SHORT, "groups=2", f"hydra.run.dir={single}", plain=True)
     assert_same_run(single, sweep / "1")
     report = run_cli("-m", "flgc_lightning.report", str(sweep))
     assert report.stdout.count("| finished |") == 3 and "| unfinished |" not in report.stdout
@@ -219,7 +236,7 @@ def test_two_process_ddp_same_weights_disjoint_shards_rank0_writes_and_exact_res
                 f"+callbacks.ranks.folder={tmp_path / name}", f"+callbacks.ranks.run_dir={run}")
 
     full = tmp_path / "full"
-    run_cli("train.py", *args, *probes("full", full), f"hydra.run.dir={full}", timeout=600)
+    run_cli("train.py", *args, *probes("full", full), f"hydra.run.dir={full}", timeout=600, plain=True)
     ranks = {r["rank"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "full").glob("rank*.json"))}
     assert sorted(ranks) == [0, 1]
     assert ranks[0]["weights"] == ranks[1]["weights"] and len(ranks[0]["weights"]) == 8  # 256 / 2 ranks / 32 x 2 epochs

@@ -72,7 +72,7 @@ def kill_and_resume(tmp_path: Path, args: tuple, stop_when=None, pause: float = 
     assert (stop_when is None) != (hold_step is None), "give stop_when or hold_step"
     full, full_records = reference or (tmp_path / "full", tmp_path / "full.jsonl")
     if reference is None:
-        run_cli("train.py", *args, *probe(full_records, pause), f"hydra.run.dir={full}")
+        run_cli("train.py", *args, *probe(full_records, pause), f"hydra.run.dir={full}", plain=True)
     cut, steps = tmp_path / "cut", tmp_path / "cut.jsonl"
     last, held = cut / "checkpoints" / "last.ckpt", tmp_path / "held"
     holding = hold(last, hold_step, held) if hold_step is not None else ()
