@@ -40,8 +40,17 @@ def cifar_subset() -> Path:
     return SUBSET
 
 
+# Variables the libraries set in this process when tests train or compile in it (seed_everything, deterministic
+# mode, inductor, protobuf users): process state a user's shell does not have, so the commands do not get it either.
+PROCESS_STATE = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR",
+                 "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION")
+_SESSION_START = {name: os.environ[name] for name in PROCESS_STATE if name in os.environ}
+
+
 def cli_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    """The environment of a command line: this process's, without what the libraries set in it since it started."""
+    env = {k: v for k, v in os.environ.items() if k not in PROCESS_STATE}
+    return {**env, **_SESSION_START, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
 
 
 class WarmPython:
@@ -52,8 +61,12 @@ class WarmPython:
         self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("warm_python.py"))], cwd=REPO,
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self.env)
         self.folder = Path(tempfile.mkdtemp(prefix="warm-python-"))
-        self.pending = b""
-        self._reply(timeout=300)  # ready: the libraries are imported
+        self.pending, self.requests = b"", 0
+        try:
+            self._reply(timeout=300)  # ready: the libraries are imported
+        except BaseException:
+            self.stop()
+            raise
 
     def _reply(self, timeout: float | None = None) -> dict:
         """The server's next reply line (read from its pipe unbuffered: select must see every byte not yet read)."""
@@ -76,28 +89,56 @@ class WarmPython:
         return self.server.poll() is None and ignore(env) == ignore(self.env)
 
     def run(self, args: tuple[str, ...], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-        out, err = self.folder / "stdout", self.folder / "stderr"
-        request = {"argv": list(args), "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
-        self.server.stdin.write(json.dumps(request) + "\n")
-        self.server.stdin.flush()
-        pid = self._reply(timeout=60)["pid"]
+        """``args`` forked from the server; a ``CompletedProcess`` with ``forked`` (its pid) added. Any failure of
+        the exchange itself stops the server (the next command starts a new one), so no reply is ever misread."""
+        self.requests += 1
+        number = self.requests
+        out, err = self.folder / f"{number}.out", self.folder / f"{number}.err"
+        request = {"id": number, "argv": list(args), "cwd": str(cwd), "env": env, "stdout": str(out),
+                   "stderr": str(err)}
+        command = [sys.executable, *args]
         try:
-            code = self._reply(timeout=timeout)["returncode"]
-        except TimeoutError:
-            os.kill(pid, signal.SIGKILL)
-            self._reply()
-            raise subprocess.TimeoutExpired([sys.executable, *args], timeout,
-                                            out.read_text(errors="replace"), err.read_text(errors="replace")) from None
-        return subprocess.CompletedProcess([sys.executable, *args], code, out.read_text(errors="replace"),
+            self.server.stdin.write(json.dumps(request) + "\n")
+            self.server.stdin.flush()
+            started = self._reply(timeout=60)
+            assert started.get("id") == number and "pid" in started, started
+            try:
+                done = self._reply(timeout=timeout)
+            except TimeoutError:  # as subprocess.run: kill it, then report what it printed
+                try:
+                    os.kill(started["pid"], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.stop()
+                raise subprocess.TimeoutExpired(command, timeout, out.read_bytes().decode(errors="replace"),
+                                                err.read_bytes().decode(errors="replace")) from None
+            assert done.get("id") == number and "returncode" in done, done
+        except BaseException:
+            self.stop()
+            raise
+        proc = subprocess.CompletedProcess(command, done["returncode"], out.read_text(errors="replace"),
                                            err.read_text(errors="replace"))
+        proc.forked = started["pid"]
+        out.unlink()
+        err.unlink()
+        return proc
 
-    def close(self) -> None:
-        self.server.stdin.close()
-        self.server.wait(timeout=60)
+    def stop(self) -> None:
+        """Stop the server (after the command it runs, if any: at most a minute) and forget it."""
+        global _warm
+        if _warm is self:
+            _warm = None
+        try:
+            self.server.stdin.close()
+            self.server.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.server.kill()
+            self.server.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
 _warm: WarmPython | None = None
+_plain_because: dict[str, int] = {}
 
 
 def warm_python() -> WarmPython | None:
@@ -121,7 +162,12 @@ def warm_python() -> WarmPython | None:
 def _stop_warm_python():
     yield
     if _warm is not None:
-        _warm.close()
+        _warm.stop()
+    if _plain_because:
+        import warnings
+
+        warnings.warn("command lines run as plain processes because these variables differed from the warm Python "
+                      f"server's environment (variable: commands): {_plain_because}")
 
 
 def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, check: bool = True,
@@ -135,8 +181,14 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, check: bool = True
     if warm is not None and warm.accepts(env):
         proc = warm.run(args, cwd, env, timeout)
     else:
+        if warm is not None:  # reported at the end of the run: each is a command that paid for its imports
+            from warm_python import PER_TEST
+
+            for name in {k for k in {*env, *warm.env} if env.get(k) != warm.env.get(k)} - PER_TEST:
+                _plain_because[name] = _plain_because.get(name, 0) + 1
         proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                               env=env)
+        proc.forked = None
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}")
     return proc

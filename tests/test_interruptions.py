@@ -70,9 +70,10 @@ def test_a_command_forked_from_the_warm_server_runs_as_a_fresh_python_does(tmp_p
     if warm is None:
         pytest.skip("FLGC_TESTS_PLAIN_PROCESSES=1: every command runs in a fresh python")
     run, records = tmp_path / "warm", tmp_path / "warm.jsonl"
-    run_cli("train.py", f"data.root={cifar_subset}", *SHORT, *probe(records), f"hydra.run.dir={run}")
+    proc = run_cli("train.py", f"data.root={cifar_subset}", *SHORT, *probe(records), f"hydra.run.dir={run}")
+    assert proc.forked, "the command ran as a plain process (its environment differs from the server's?)"
     assert steps(read_records(records)) == steps(read_records(reference_run[1])) == list(range(1, 7))
-    assert {r["pid"] for r in read_records(records)}.isdisjoint({os.getpid(), warm.server.pid})
+    assert {r["pid"] for r in read_records(records)} == {proc.forked}
     assert_same_run(reference_run[0], run)
 
 
