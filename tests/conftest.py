@@ -53,6 +53,63 @@ def cli_env() -> dict[str, str]:
     return {**env, **_SESSION_START, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
 
 
+class Forked:
+    """A command started by :meth:`WarmPython.start`: the ``subprocess.Popen`` calls the tests use (``pid``,
+    ``returncode``, ``poll``, ``wait``, ``communicate``, ``send_signal``, ``kill``, ``terminate``); its output is
+    captured (``communicate`` returns it as text)."""
+
+    def __init__(self, warm: "WarmPython", number: int, pid: int, args: list[str], out: Path, err: Path) -> None:
+        self.warm, self.number, self.pid, self.args, self.out, self.err = warm, number, pid, args, out, err
+        self.returncode: int | None = None
+
+    def _collect(self, timeout: float | None) -> None:
+        try:
+            done = self.warm._reply(timeout=timeout)
+        except TimeoutError:
+            return
+        except BaseException:
+            self.warm.stop()
+            raise
+        if done.get("id") != self.number or "returncode" not in done:
+            self.warm.stop()
+            raise RuntimeError(f"warm Python server: unexpected reply {done}")
+        self.returncode, self.warm.running = done["returncode"], None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self.warm.running is self:
+            self._collect(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            if self.warm.running is not self:
+                raise RuntimeError("warm Python server stopped while the command ran")
+            self._collect(timeout)
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def output(self) -> tuple[str, str]:
+        return tuple(p.read_bytes().decode(errors="replace") if p.exists() else "" for p in (self.out, self.err))
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return self.output()
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
 class WarmPython:
     """The pytest worker's :mod:`warm_python` server (started on first use, stopped with the worker)."""
 
@@ -61,7 +118,7 @@ class WarmPython:
         self.server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("warm_python.py"))], cwd=REPO,
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self.env)
         self.folder = Path(tempfile.mkdtemp(prefix="warm-python-"))
-        self.pending, self.requests = b"", 0
+        self.pending, self.requests, self.running = b"", 0, None
         try:
             self._reply(timeout=300)  # ready: the libraries are imported
         except BaseException:
@@ -88,46 +145,52 @@ class WarmPython:
         ignore = lambda e: {k: v for k, v in e.items() if k not in PER_TEST}  # noqa: E731
         return self.server.poll() is None and ignore(env) == ignore(self.env)
 
-    def run(self, args: tuple[str, ...], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-        """``args`` forked from the server; a ``CompletedProcess`` with ``forked`` (its pid) added. Any failure of
-        the exchange itself stops the server (the next command starts a new one), so no reply is ever misread."""
+    def ready(self) -> bool:
+        """No command started with :meth:`start` is still running (the server runs one at a time)."""
+        if self.running is not None:
+            self.running.poll()
+        return self.running is None
+
+    def start(self, args: tuple[str, ...], cwd: Path, env: dict[str, str], new_session: bool = False) -> "Forked":
+        """``args`` forked from the server, returning once it runs. Any failure of the exchange stops the server
+        (the next command starts a new one), so no reply is ever misread."""
+        assert self.ready(), "the warm Python server runs one command at a time"
         self.requests += 1
         number = self.requests
         out, err = self.folder / f"{number}.out", self.folder / f"{number}.err"
         request = {"id": number, "argv": list(args), "cwd": str(cwd), "env": env, "stdout": str(out),
-                   "stderr": str(err)}
-        command = [sys.executable, *args]
+                   "stderr": str(err), "new_session": new_session}
         try:
             self.server.stdin.write(json.dumps(request) + "\n")
             self.server.stdin.flush()
             started = self._reply(timeout=60)
             assert started.get("id") == number and "pid" in started, started
-            try:
-                done = self._reply(timeout=timeout)
-            except TimeoutError:  # as subprocess.run: kill it, then report what it printed
-                try:
-                    os.kill(started["pid"], signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.stop()
-                raise subprocess.TimeoutExpired(command, timeout, out.read_bytes().decode(errors="replace"),
-                                                err.read_bytes().decode(errors="replace")) from None
-            assert done.get("id") == number and "returncode" in done, done
         except BaseException:
             self.stop()
             raise
-        proc = subprocess.CompletedProcess(command, done["returncode"], out.read_text(errors="replace"),
-                                           err.read_text(errors="replace"))
-        proc.forked = started["pid"]
-        out.unlink()
-        err.unlink()
-        return proc
+        self.running = Forked(self, number, started["pid"], [sys.executable, *args], out, err)
+        return self.running
+
+    def run(self, args: tuple[str, ...], cwd: Path, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        """``args`` forked from the server, to its end; a ``CompletedProcess`` with ``forked`` (its pid) added."""
+        proc = self.start(args, cwd, env)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:  # as subprocess.run: kill it, then report what it printed
+            proc.kill()
+            self.stop()
+            raise subprocess.TimeoutExpired(proc.args, timeout, *proc.output()) from None
+        done = subprocess.CompletedProcess(proc.args, code, *proc.output())
+        done.forked = proc.pid
+        return done
 
     def stop(self) -> None:
         """Stop the server (after the command it runs, if any: at most a minute) and forget it."""
         global _warm
         if _warm is self:
             _warm = None
+        if self.running is not None and self.running.returncode is None:
+            self.running.kill()
         try:
             self.server.stdin.close()
             self.server.wait(timeout=60)
@@ -178,7 +241,7 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, check: bool = True
     runs resumed runs must match, so that a run depending on the string hash seed still fails)."""
     env = cli_env()
     warm = None if plain else warm_python()
-    if warm is not None and warm.accepts(env):
+    if warm is not None and warm.accepts(env) and warm.ready():
         proc = warm.run(args, cwd, env, timeout)
     else:
         if warm is not None:  # reported at the end of the run: each is a command that paid for its imports
@@ -192,6 +255,21 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, check: bool = True
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def start_cli(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, new_session: bool = False,
+              capture: bool = False):
+    """Start a command line and return at once, for tests that signal or kill it: forked from the warm Python
+    server like :func:`run_cli` (a :class:`Forked`, its output always captured), or a ``subprocess.Popen`` (another
+    ``env``, or a command of the server still running; output captured if ``capture``). ``new_session``: the
+    command leads a process group of its own (``os.killpg(proc.pid, ...)`` stops it and what it started)."""
+    env = cli_env() if env is None else env
+    warm = warm_python()
+    if warm is not None and warm.accepts(env) and warm.ready():
+        return warm.start(args, cwd, env, new_session)
+    pipe = subprocess.PIPE if capture else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=pipe, stderr=pipe, text=True,
+                            start_new_session=new_session)
 
 
 # Settings that keep a real-data run to a few seconds of training on 2 CPU cores.

@@ -17,16 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SHORT, probe, run_cli  # SHORT: 3 steps per epoch, 2 epochs, validation in 4 batches
+from conftest import REPO, SHORT, probe, run_cli, start_cli  # SHORT: 3 steps per epoch, 2 epochs, validation in 4 batches
 from probes import hold, read_records
 from test_resume import assert_same_run, last_step, wait_until
 
 pytestmark = pytest.mark.slow
 
 
-def start(args, run_dir: Path, env=None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "train.py", *args, f"hydra.run.dir={run_dir}"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+def start(args, run_dir: Path, env=None):
+    return start_cli("train.py", *args, f"hydra.run.dir={run_dir}", env=env, capture=True)
 
 
 def steps(records) -> list[int]:
@@ -138,8 +137,7 @@ def test_a_killed_sweep_run_again_skips_finished_jobs_resumes_the_cut_one_and_ru
     args = ["train.py", "-m", "groups=1,2,4", data, *SHORT, "callbacks.step_checkpoint.every_n_train_steps=1",
             *probe(records), f"hydra.sweep.dir={sweep}"]
     job1_last, held = sweep / "1" / "checkpoints" / "last.ckpt", tmp_path / "held"
-    proc = subprocess.Popen([sys.executable, *args, *hold(job1_last, 4, held)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_cli(*args, *hold(job1_last, 4, held), new_session=True)
     wait_until(held.exists, proc)  # job 1 (groups=2) is in its second epoch, its step 4 checkpoint on disk
     assert last_step(job1_last) == 4
     os.killpg(proc.pid, signal.SIGKILL)  # a reboot / a lost SSH session
@@ -251,9 +249,8 @@ def test_two_process_ddp_same_weights_disjoint_shards_rank0_writes_and_exact_res
 
     cut, records = tmp_path / "cut", tmp_path / "cut.jsonl"
     held = tmp_path / "held"
-    proc = subprocess.Popen([sys.executable, "train.py", *args, *probes("cut", cut), f"hydra.run.dir={cut}",
-                             *hold(cut / "checkpoints" / "last.ckpt", 2, held)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_cli("train.py", *args, *probes("cut", cut), f"hydra.run.dir={cut}",
+                     *hold(cut / "checkpoints" / "last.ckpt", 2, held), new_session=True)
     wait_until(held.exists, proc, timeout=600)  # mid epoch 0, its step 2 checkpoint on disk
     os.killpg(proc.pid, signal.SIGKILL)  # both processes
     proc.wait()

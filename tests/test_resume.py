@@ -11,14 +11,13 @@ import csv
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import BASE, REPO, SHORT, probe, run_cli
+from conftest import BASE, SHORT, probe, run_cli, start_cli
 from probes import hold, read_records
 
 pytestmark = pytest.mark.slow
@@ -76,8 +75,7 @@ def kill_and_resume(tmp_path: Path, args: tuple, stop_when=None, pause: float = 
     cut, steps = tmp_path / "cut", tmp_path / "cut.jsonl"
     last, held = cut / "checkpoints" / "last.ckpt", tmp_path / "held"
     holding = hold(last, hold_step, held) if hold_step is not None else ()
-    proc = subprocess.Popen([sys.executable, "train.py", *args, *probe(steps, pause), f"hydra.run.dir={cut}",
-                             *holding], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_cli("train.py", *args, *probe(steps, pause), f"hydra.run.dir={cut}", *holding)
     if hold_step is not None:
         wait_until(held.exists, proc)
     else:

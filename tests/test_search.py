@@ -6,14 +6,12 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import run_cli, start_cli
 from flgc_lightning.config import compose
 from flgc_lightning.errors import ConfigError, NonFiniteLossError
 from flgc_lightning.search import search_space
@@ -93,8 +91,7 @@ def test_an_optuna_search_of_three_trials_killed_and_continued_by_the_same_comma
     import optuna
 
     sweep = tmp_path / "search"
-    command = [sys.executable, "train.py", *SEARCH, f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_cli("train.py", *SEARCH, f"hydra.sweep.dir={sweep}")
     last = sweep / "1" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # kill it inside trial 1, after its second step

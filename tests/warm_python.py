@@ -27,8 +27,8 @@ process holding them (e.g. Lightning's DDP rank 1, which rank 0 does not wait fo
 ``FLGC_TESTS_PLAIN_PROCESSES=1`` runs every command as a plain process.
 
 Protocol (one JSON line per request on stdin, replies on stdout): ``{"id", "argv", "cwd", "env", "stdout",
-"stderr"}`` (the last two: file paths) -> ``{"id", "pid"}`` once forked, then ``{"id", "returncode"}``
-(``subprocess`` convention: negative for a signal).
+"stderr", "new_session"}`` (file paths for the output; a session of its own, as ``start_new_session``) ->
+``{"id", "pid"}`` once forked, then ``{"id", "returncode"}`` (``subprocess`` convention: negative for a signal).
 """
 from __future__ import annotations
 
@@ -72,6 +72,8 @@ def _become(request: dict, printed: tuple[bytes, bytes], pipes: tuple[int, int])
     import io
     import signal
 
+    if request.get("new_session"):
+        os.setsid()
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
