@@ -182,6 +182,8 @@ class WarmPython:
             raise subprocess.TimeoutExpired(proc.args, timeout, *proc.output()) from None
         done = subprocess.CompletedProcess(proc.args, code, *proc.output())
         done.forked = proc.pid
+        proc.out.unlink(missing_ok=True)
+        proc.err.unlink(missing_ok=True)
         return done
 
     def stop(self) -> None:
@@ -233,6 +235,21 @@ def _stop_warm_python():
                       f"server's environment (variable: commands): {_plain_because}")
 
 
+def _warm_for(env: dict[str, str]) -> WarmPython | None:
+    """The warm Python server if it can run a command with ``env`` now; else None, and the variables that kept it
+    from it are counted (reported at the end of the run: each such command paid for its imports)."""
+    warm = warm_python()
+    if warm is None or not warm.ready():
+        return None
+    if warm.accepts(env):
+        return warm
+    from warm_python import PER_TEST
+
+    for name in {k for k in {*env, *warm.env} if env.get(k) != warm.env.get(k)} - PER_TEST:
+        _plain_because[name] = _plain_because.get(name, 0) + 1
+    return None
+
+
 def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, check: bool = True,
             plain: bool = False) -> subprocess.CompletedProcess:
     """Run a documented command line (``python train.py ...``) as a user would: a process of its own with its own
@@ -240,15 +257,10 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, check: bool = True
     libraries already imported) unless ``plain`` (a fresh ``python``: the README's commands, and the uninterrupted
     runs resumed runs must match, so that a run depending on the string hash seed still fails)."""
     env = cli_env()
-    warm = None if plain else warm_python()
-    if warm is not None and warm.accepts(env) and warm.ready():
+    warm = None if plain else _warm_for(env)
+    if warm is not None:
         proc = warm.run(args, cwd, env, timeout)
     else:
-        if warm is not None:  # reported at the end of the run: each is a command that paid for its imports
-            from warm_python import PER_TEST
-
-            for name in {k for k in {*env, *warm.env} if env.get(k) != warm.env.get(k)} - PER_TEST:
-                _plain_because[name] = _plain_because.get(name, 0) + 1
         proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                               env=env)
         proc.forked = None
@@ -264,8 +276,8 @@ def start_cli(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, n
     ``env``, or a command of the server still running; output captured if ``capture``). ``new_session``: the
     command leads a process group of its own (``os.killpg(proc.pid, ...)`` stops it and what it started)."""
     env = cli_env() if env is None else env
-    warm = warm_python()
-    if warm is not None and warm.accepts(env) and warm.ready():
+    warm = _warm_for(env)
+    if warm is not None:
         return warm.start(args, cwd, env, new_session)
     pipe = subprocess.PIPE if capture else subprocess.DEVNULL
     return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=pipe, stderr=pipe, text=True,
