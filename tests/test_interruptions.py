@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SHORT, probe, run_cli, start_cli  # SHORT: 3 steps per epoch, 2 epochs, validation in 4 batches
+from conftest import REPO, SHORT, cli_env, probe, run_cli, start_cli  # SHORT: 3 steps per epoch, 2 epochs, validation in 4 batches
 from probes import hold, read_records
 from test_resume import assert_same_run, last_step, wait_until
 
@@ -106,7 +106,7 @@ def test_slurm_requeue_signal_checkpoints_requeues_and_the_same_command_continue
     fake = bin_dir / "scontrol"
     fake.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "PYTHONUNBUFFERED": "1"}
+    env = {**cli_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}  # plain: another PATH
     data = f"data.root={cifar_subset}"
     job, records = tmp_path / "job", tmp_path / "job.jsonl"
     args = (data, *SHORT, *probe(records))
