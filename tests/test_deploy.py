@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_cli
+from conftest import cli_env, run_cli
 
 from flgc_lightning.data.cifar import CIFAR_MEAN, CIFAR_STD
 from flgc_lightning.data.cifar_files import CIFAR10, find_folder, load_split
@@ -443,8 +443,8 @@ def test_fused_kernel_builds_from_scratch_in_its_cache_folder(tmp_path):
     """What a fresh machine does on first use: compile into the cache folder, load, run."""
     code = ("import torch; from flgc_lightning.deploy import native; lib = native.load_library(); "
             "print(' '.join(lib.flags))")
-    env = {**__import__("os").environ, "FLGC_NATIVE_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    env = {**cli_env(), "FLGC_NATIVE_CACHE": str(tmp_path / "cache")}
+    proc = run_cli("-c", code, env=env, check=False)
     if proc.returncode != 0 and "NativeKernelUnavailable" in proc.stderr:
         pytest.skip(f"no working C compiler here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr
@@ -453,12 +453,12 @@ def test_fused_kernel_builds_from_scratch_in_its_cache_folder(tmp_path):
     assert not list((tmp_path / "cache").glob("tmp*"))  # no half-written files left
     (library,) = (tmp_path / "cache").glob("unequal_group_conv-*.so")
     library.write_bytes(b"damaged")  # a broken cached library is rebuilt, not a crash
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    proc = run_cli("-c", code, env=env, check=False)
     assert proc.returncode == 0, proc.stderr
     assert library.stat().st_size > 1000
     (tmp_path / "not-a-folder").write_text("")  # cache folder cannot be created: the temp folder is used
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          env={**env, "FLGC_NATIVE_CACHE": str(tmp_path / "not-a-folder" / "cache")})
+    proc = run_cli("-c", code, env={**env, "FLGC_NATIVE_CACHE": str(tmp_path / "not-a-folder" / "cache")},
+                   check=False)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -493,10 +493,9 @@ def test_every_instruction_set_this_cpu_runs_is_built_and_checked(monkeypatch):
 
 
 def test_build_kernel_command_builds_once_and_says_what(tmp_path):
-    env = {**os.environ, "FLGC_NATIVE_CACHE": str(tmp_path / "cache")}
+    env = {**cli_env(), "FLGC_NATIVE_CACHE": str(tmp_path / "cache")}
     env.pop("FLGC_NATIVE_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-m", "flgc_lightning.deploy", "--build-kernel"], cwd=REPO, env=env,
-                          capture_output=True, text=True)
+    proc = run_cli("-m", "flgc_lightning.deploy", "--build-kernel", env=env, check=False)
     if proc.returncode != 0 and "cannot be built here" in proc.stderr:
         pytest.skip(proc.stderr.strip())
     assert proc.returncode == 0, proc.stderr
@@ -504,11 +503,9 @@ def test_build_kernel_command_builds_once_and_says_what(tmp_path):
     assert f"fused kernel for this CPU ({native.instruction_set()}): {library}" in proc.stdout
     assert "OpenMP on" in proc.stdout and "-march=native" not in proc.stdout
     modified = library.stat().st_mtime_ns
-    again = subprocess.run([sys.executable, "-m", "flgc_lightning.deploy", "--build-kernel"], cwd=REPO, env=env,
-                           capture_output=True, text=True)
+    again = run_cli("-m", "flgc_lightning.deploy", "--build-kernel", env=env, check=False)
     assert again.returncode == 0 and library.stat().st_mtime_ns == modified  # found, not rebuilt
-    missing = subprocess.run([sys.executable, "-m", "flgc_lightning.deploy", "--out", str(tmp_path)], cwd=REPO,
-                             capture_output=True, text=True)
+    missing = run_cli("-m", "flgc_lightning.deploy", "--out", str(tmp_path), check=False)
     assert missing.returncode == 2 and "a checkpoint and --out are required" in missing.stderr
 
 

@@ -10,10 +10,10 @@ threads, atexit and flushing, see :func:`_finish`). Our package is *not* importe
 every command imports ``flgc_lightning`` itself, as a fresh interpreter does.
 
 What a fork shares with the server, and how :func:`conftest.run_cli` keeps that from mattering:
-- the environment at import time: only commands whose environment equals the server's, up to the variables in
-  ``PER_TEST`` (which nothing reads at import), run here; any other runs as a plain ``python`` (e.g. the tests
-  without a C compiler). The child keeps the server's environment (with what the imports set in it, as a fresh
-  process would have) and takes the command's ``PER_TEST`` values;
+- the environment at import time: only commands whose environment equals the server's, up to the variables
+  :func:`per_command` names (which nothing the server imports reads), run here; any other runs as a plain
+  ``python`` (e.g. the tests without a C compiler). The child keeps the server's environment (with what the imports
+  set in it, as a fresh process would have) and takes the command's values of those variables;
 - output printed while the libraries were imported: replayed at the start of every command's output;
 - the string hash seed (``PYTHONHASHSEED``): the uninterrupted runs that resumed runs must match bit for bit come
   from plain processes (:func:`conftest.run_cli` ``plain=True``), so a run that depended on set order would
@@ -39,6 +39,12 @@ import sys
 import tempfile
 
 PER_TEST = {"PYTEST_CURRENT_TEST"}  # set by pytest for every test
+
+
+def per_command(name: str) -> bool:
+    """Variables a command may set differently from the server: pytest's per-test one, and this package's own
+    (``FLGC_*``, e.g. the kernel's cache folder), which only our code reads, and the server never imports it."""
+    return name in PER_TEST or name.startswith("FLGC_")
 
 
 def _import_libraries() -> tuple[bytes, bytes]:
@@ -84,10 +90,10 @@ def _become(request: dict, printed: tuple[bytes, bytes], pipes: tuple[int, int])
         if text:
             os.write(fd, text)
     os.chdir(request["cwd"])
-    for name in PER_TEST:  # every other variable equals the server's (conftest.WarmPython.accepts)
-        if name in request["env"]:
+    for name in {*os.environ, *request["env"]}:  # every other variable equals the server's (WarmPython.accepts)
+        if per_command(name) and name in request["env"]:
             os.environ[name] = request["env"][name]
-        else:
+        elif per_command(name):
             os.environ.pop(name, None)
     unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
 
