@@ -1,19 +1,13 @@
 """Never lose a run: exact resume after SIGKILL, atomic checkpoints, clear errors on bad input."""
 from __future__ import annotations
 
-import csv
 import hashlib
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, TINY, run_cli
+from conftest import TINY, run_cli
 from flgc_lightning.errors import CheckpointError
 from flgc_lightning.training.checkpoint_io import AtomicCheckpointIO
 from flgc_lightning.training.checkpoints import load_checkpoint
