@@ -70,11 +70,12 @@ static inline float finish(float v, const float *res, int64_t at, int relu6) {
     return v;
 }
 
-/* a0..a7 (rows 0..7) += the task's inputs times their weight vectors (type V, L lanes), segment by segment */
-#define ACCUMULATE8(V, L, a0, a1, a2, a3, a4, a5, a6, a7)                                                             \
+/* a0..a7 (rows 0..7) += the task's inputs times their weight vectors (type V), segment by segment; L: the task's
+   lanes (floats per weight row), OFF: the first lane V covers */
+#define ACCUMULATE8(V, L, OFF, a0, a1, a2, a3, a4, a5, a6, a7)                                                        \
     for (int64_t s = t[T_S]; s < t[T_S] + t[T_NS]; s++) {                                                              \
         const int64_t *seg = segs + s * S_LEN;                                                                         \
-        const float *xp = x + seg[S_IN], *wp = w + seg[S_W];                                                           \
+        const float *xp = x + seg[S_IN], *wp = w + seg[S_W] + (OFF);                                                   \
         for (int64_t i = 0; i < seg[S_N]; i++) {                                                                       \
             V wv = *(const V *)(wp + L * i);                                                                           \
             a0 += xp[i] * wv, a1 += xp[xs + i] * wv, a2 += xp[2 * xs + i] * wv, a3 += xp[3 * xs + i] * wv;             \
@@ -82,15 +83,16 @@ static inline float finish(float v, const float *res, int64_t at, int relu6) {
         }                                                                                                              \
     }
 
-static inline void block8(const float *x, int64_t xs, float *y, int64_t ys, const float *res, int64_t rs,
-                          int relu6, const float *w, const float *b, const int64_t *t, const int64_t *segs,
-                          const int64_t *oidx) {
-    v8 bias = *(const v8 *)(b + t[T_B]);
+/* 8 rows x lanes OFF .. OFF + 7 of a task of L lanes (8, or 16 as two halves where a 16-float vector is not one
+   register): the filters o[OFF] .. o[OFF + count - 1] of the task's output channels o */
+static inline void block8_lanes(const float *x, int64_t xs, float *y, int64_t ys, const float *res, int64_t rs,
+                                int relu6, const float *w, const float *b, const int64_t *t, const int64_t *segs,
+                                const int64_t *o, int64_t count, const int L, const int OFF) {
+    v8 bias = *(const v8 *)(b + t[T_B] + OFF);
     v8 a0 = bias, a1 = bias, a2 = bias, a3 = bias, a4 = bias, a5 = bias, a6 = bias, a7 = bias;
-    ACCUMULATE8(v8, 8, a0, a1, a2, a3, a4, a5, a6, a7)
-    const int64_t *o = oidx + t[T_OI];
+    ACCUMULATE8(v8, L, OFF, a0, a1, a2, a3, a4, a5, a6, a7)
     if (t[T_FLAGS] & T_CONSECUTIVE) {
-        int64_t c = o[0];
+        int64_t c = o[0] + OFF;
         store8(y + c, a0, res ? res + c : 0, relu6);
         store8(y + ys + c, a1, res ? res + rs + c : 0, relu6);
         store8(y + 2 * ys + c, a2, res ? res + 2 * rs + c : 0, relu6);
@@ -106,8 +108,8 @@ static inline void block8(const float *x, int64_t xs, float *y, int64_t ys, cons
             a0 = clamp6(a0), a1 = clamp6(a1), a2 = clamp6(a2), a3 = clamp6(a3);
             a4 = clamp6(a4), a5 = clamp6(a5), a6 = clamp6(a6), a7 = clamp6(a7);
         }
-        for (int64_t j = 0; j < t[T_OC]; j++) {
-            int64_t c = o[j];
+        for (int64_t j = 0; j < count; j++) {
+            int64_t c = o[OFF + j];
             y[c] = a0[j];
             y[ys + c] = a1[j];
             y[2 * ys + c] = a2[j];
@@ -119,8 +121,8 @@ static inline void block8(const float *x, int64_t xs, float *y, int64_t ys, cons
         }
         return;
     }
-    for (int64_t j = 0; j < t[T_OC]; j++) {
-        int64_t c = o[j];
+    for (int64_t j = 0; j < count; j++) {
+        int64_t c = o[OFF + j];
         y[c] = finish(a0[j], res, c, relu6);
         y[ys + c] = finish(a1[j], res, rs + c, relu6);
         y[2 * ys + c] = finish(a2[j], res, 2 * rs + c, relu6);
@@ -145,14 +147,27 @@ static inline void store16(float *y, v16 a, const float *res, int relu6) {
     *(v16 *)y = a;
 }
 
-/* block8 for a wide task: 16 filters in one 16-float vector per row */
+static inline void block8(const float *x, int64_t xs, float *y, int64_t ys, const float *res, int64_t rs,
+                          int relu6, const float *w, const float *b, const int64_t *t, const int64_t *segs,
+                          const int64_t *oidx) {
+    block8_lanes(x, xs, y, ys, res, rs, relu6, w, b, t, segs, oidx + t[T_OI], t[T_OC], 8, 0);
+}
+
+/* block8 for a wide task: 16 filters in one 16-float vector per row with AVX-512. Elsewhere (16-lane tables of a file
+   exported on an AVX-512 machine) as two 8-lane halves of eight registers each: eight 16-float accumulators made of
+   8-float registers do not fit and spill: with AVX2, 6.7x slower at batch 64 (benchmarks/moved_tables.py) */
 static inline void block8_wide(const float *x, int64_t xs, float *y, int64_t ys, const float *res, int64_t rs,
                                int relu6, const float *w, const float *b, const int64_t *t, const int64_t *segs,
                                const int64_t *oidx) {
+    const int64_t *o = oidx + t[T_OI];
+#if !defined(__AVX512F__)
+    block8_lanes(x, xs, y, ys, res, rs, relu6, w, b, t, segs, o, t[T_OC] < 8 ? t[T_OC] : 8, 16, 0);
+    if (t[T_OC] > 8)
+        block8_lanes(x, xs, y, ys, res, rs, relu6, w, b, t, segs, o, t[T_OC] - 8, 16, 8);
+#else
     v16 bias = *(const v16 *)(b + t[T_B]);
     v16 a[ROWS] = {bias, bias, bias, bias, bias, bias, bias, bias};
-    ACCUMULATE8(v16, 16, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7])
-    const int64_t *o = oidx + t[T_OI];
+    ACCUMULATE8(v16, 16, 0, a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7])
     if (t[T_FLAGS] & T_CONSECUTIVE) {
         int64_t c = o[0];
         for (int p = 0; p < ROWS; p++) store16(y + p * ys + c, a[p], res ? res + p * rs + c : 0, relu6);
@@ -163,6 +178,7 @@ static inline void block8_wide(const float *x, int64_t xs, float *y, int64_t ys,
             int64_t c = o[j];
             y[p * ys + c] = finish(a[p][j], res ? res + p * rs : 0, c, relu6);
         }
+#endif
 }
 
 /* one task over one row (the rows after the last block of 8): vector type V of L lanes */
