@@ -1,7 +1,11 @@
 """One GPU session: correctness on CUDA, training throughput, the 400-epoch time and a learned-groups study.
 
-    python benchmarks/gpu_session.py --out DIR [--data ../shared/data/cifar10-subset] [--budget-min 7.5]
+    python benchmarks/gpu_session.py --out DIR [--data DIR] [--budget-min 7.5]
     python benchmarks/gpu_session.py --out DIR --dry-run      # the same steps, every size shrunk, on the CPU
+
+``--data``: the CIFAR-10 subset; by default ``shared/data/cifar10-subset`` inside the checkout (where the device
+tool carries it), else ``../shared/data/cifar10-subset`` beside it. Every ``train.py`` it starts has
+``data.download=false``: the GPU machine reaches no network, so missing data fails at once.
 
 Sections run in this order, so a run cut short still returns the most important part; each writes its
 results to ``DIR/results.json`` and ``DIR/results.md`` as soon as it ends, and a section that fails is
@@ -28,6 +32,7 @@ there is (the test suite runs it on the CPU, so the script cannot rot).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import pickle
@@ -46,7 +51,11 @@ from typing import Any, Callable, Optional
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-subset"
+# The subset inside the checkout (shared/: what the device tool carries to the GPU machine), else beside it.
+DEFAULT_DATA = next((p for p in (REPO / "shared" / "data" / "cifar10-subset",
+                                 REPO.parent / "shared" / "data" / "cifar10-subset") if p.is_dir()),
+                    REPO.parent / "shared" / "data" / "cifar10-subset")
+OFFLINE = "data.download=false"  # the GPU machine reaches no network: missing data must fail at once
 # The learning estimator of the learned-groups work (full straight-through + dense weight gradient).
 LEARNING = "model.assign_grad=ste model.dense_weight_grad=true assign_optim.lr_mult=10"
 MODELS = {  # name -> overrides of train.py's config
@@ -125,7 +134,7 @@ def environment() -> dict:
 
 
 def train_command(overrides: list[str]) -> list[str]:
-    return [sys.executable, str(REPO / "train.py"), *overrides]
+    return [sys.executable, str(REPO / "train.py"), OFFLINE, *overrides]
 
 
 def run_train(overrides: list[str], log: Path, timeout: float) -> subprocess.CompletedProcess:
@@ -202,7 +211,11 @@ def section_correctness(plan: Plan, work: Path, data: Path) -> tuple[dict, str]:
                 stopped_at = read_summary(run_dir).get("epochs_done")
                 break
             time.sleep(0.1)
-        first_rc = proc.wait(timeout=240)
+        try:
+            first_rc = proc.wait(timeout=240)
+        except subprocess.TimeoutExpired:  # never leave it running on the GPU
+            proc.kill()
+            first_rc = proc.wait()
     first = read_summary(run_dir)
     second = run_train(overrides, log, timeout=300)  # the same command again continues the run
     summary = read_summary(run_dir)
@@ -361,7 +374,7 @@ def measure_config(config: dict) -> dict:
 
     torch._dynamo.reset()
     cuda = torch.cuda.is_available()
-    overrides = [f"data.root={config['data']}", "trainer=gpu" if cuda else "trainer=cpu", f"run_dir={config['run_dir']}",
+    overrides = [f"data.root={config['data']}", OFFLINE, "trainer=gpu" if cuda else "trainer=cpu", f"run_dir={config['run_dir']}",
                  f"data.batch_size={config['batch']}", f"model.width_mult={config['width']}",
                  *shlex.split(MODELS[config["model"]])]
     cfg = compose("train", overrides)
@@ -624,11 +637,14 @@ def section_epochs(plan: Plan, work: Path, data: Path, results: Results) -> tupl
                  f"model.width_mult={plan.width}", f"data.batch_size={plan.batch}",
                  "+callbacks.host_syncs._target_=flgc_lightning.callbacks.HostSyncCounter",
                  f"+callbacks.host_syncs.path={run_dir}/host_syncs.json"]
-    proc = run_train(overrides, work / "c_train.log", timeout=max(60.0, min(240.0, plan.left() - 20)))
+    try:
+        returncode = run_train(overrides, work / "c_train.log", timeout=max(60.0, min(240.0, plan.left() - 20))).returncode
+    except subprocess.TimeoutExpired:  # killed at the limit: the epochs it finished are in summary.json
+        returncode = "killed at the time limit"
     summary = read_summary(run_dir)
     history = summary.get("history", [])
-    if proc.returncode != 0 or len(history) < 2:
-        raise RuntimeError(f"train.py exited {proc.returncode} with {len(history)} epochs (see c_train.log)")
+    if len(history) < 2:  # epoch 0 is not steady (autotuning, compilation): at least one more
+        raise RuntimeError(f"train.py exited {returncode} with {len(history)} epochs (see c_train.log)")
     steady = history[1:]  # epoch 0 includes cuDNN autotuning and compilation
     epoch = statistics.median(h["epoch_time_s"] for h in steady)
     val = statistics.median(h["val_time_s"] for h in steady)
@@ -642,7 +658,8 @@ def section_epochs(plan: Plan, work: Path, data: Path, results: Results) -> tupl
                           "cuda_graphs": graphs},
              "train_images": plan.repeat_train, "test_images": plan.repeat_test,
              "epoch_times_s": [h.get("epoch_time_s") for h in history], "val_times_s": [h.get("val_time_s") for h in history],
-             "epoch_s": epoch, "val_s": val, "projected_400_epochs_min": projected, "target_min": 20,
+             "train_exit": returncode, "epoch_s": epoch, "val_s": val, "projected_400_epochs_min": projected,
+             "target_min": 20,
              "host_syncs": syncs}
     md = ["## c. The 400-epoch recipe on this device", "",
           f"`train.py` FLGC G=8 (reference estimator), {precision}, channels_last={channels_last}, compile={compile_mode}, "
@@ -694,7 +711,8 @@ def section_study(plan: Plan, work: Path, data: Path, results: Results, seeds: i
                      "num_threads=1", "callbacks.step_checkpoint.every_n_train_steps=1000",
                      *graphs, *plan.small, *shlex.split(STUDY_ARMS[arm])]
         if not plan.dry:
-            overrides.append(f"+trainer.max_time=00:00:{int(max(1, budget)) // 60:02d}:{int(max(1, budget)) % 60:02d}")
+            seconds = int(max(1, budget))
+            overrides.append(f"+trainer.max_time=00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}")
         log = open(work / f"d_{i:02d}.log", "w")
         procs.append(subprocess.Popen(train_command(overrides), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                       env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}))
@@ -769,6 +787,11 @@ def main(argv=None) -> int:
     work = Path(args.work).resolve() if args.work else out / "work"
     work.mkdir(parents=True, exist_ok=True)
     data = Path(args.data).resolve()
+    from flgc_lightning.data.cifar_files import CIFAR10, find_folder
+
+    if find_folder(data, CIFAR10) is None:
+        parser.error(f"no CIFAR-10 subset at {data} (the official python layout; pass --data, or put it in "
+                     f"{REPO / 'shared' / 'data' / 'cifar10-subset'} so that the device tool carries it)")
     plan = Plan(args.dry_run, torch.cuda.is_available(), 60 * args.budget_min)
     plan.models = [m.strip() for m in args.models.split(",") if m.strip()]
     plan.compile_models = [m.strip() for m in args.compile_models.split(",") if m.strip()]
@@ -799,6 +822,9 @@ def main(argv=None) -> int:
         statuses.append(value["status"])
         results.data["sections"].pop("b. training throughput (partial)", None)
         results.save()
+        gc.collect()  # what the section's in-process runs left on the GPU, before the next starts processes there
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         archive(work, out)
     print("\n" + (out / "results.md").read_text(), flush=True)
     return 0 if all(s == "ok" for s in statuses) else 1

@@ -275,3 +275,25 @@ def test_a_broken_onnx_file_is_refused_before_the_kernel_runs(tmp_path, empty_gr
     onnx.save(model, str(tmp_path / "floats.onnx"))
     with pytest.raises(ValueError, match="ints must be a contiguous 1-d torch.int64"):
         onnxruntime_session(tmp_path / "floats.onnx")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_fused_network_moved_to_cuda_runs_and_exports_its_steps_on_the_cpu(empty_groups):
+    """On CUDA the fused steps run with stock ops (the kernel is CPU code), and a step's tensors stay on the CPU
+    whatever device the network is on: the .pt2 export of a network moved to CUDA used to join CPU tables with the
+    CUDA depthwise weights and fail (benchmarks/gpu_session.py's correctness section)."""
+    model, net, _ = empty_groups("paper")
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    tf32 = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = False  # fp32 convs, for a 1e-4 comparison
+        with torch.no_grad():
+            expected = model.eval()(x)
+            cuda_net = net.to("cuda")
+            x_cuda = x.to("cuda").contiguous(memory_format=torch.channels_last)
+            assert (cuda_net(x_cuda).cpu() - expected).abs().max() <= 1e-4
+            program = export_program(cuda_net, None, x_cuda[:2]).module()
+            assert (program(x_cuda).cpu() - expected).abs().max() <= 1e-4
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+        net.to("cpu")  # the module's other tests share this network
