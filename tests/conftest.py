@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests import conftest / probes by name
 
 import pytest
+from warm_python import per_command
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers on two cores: one thread each, for the tests and the command lines they start (two threads per
@@ -21,22 +22,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
-
-# Scheduling only. pytest-xdist hands whole files to the two workers in collection order (``--dist loadfile
-# --no-loadscope-reorder``): the longest files go first, so that no long file starts while the other worker is
-# nearly done (longest-first; the workers ended 44 s apart with xdist's own order, by test count). Seconds per file
-# in the default run on a 2-core AMD EPYC Zen 4 (2026-12-06); a file not listed goes after these, in name order.
-FILE_SECONDS = {
-    "test_experiments.py": 143, "test_interruptions.py": 134, "test_deploy.py": 126, "test_deploy_export.py": 93,
-    "test_gpu_session.py": 70, "test_resume.py": 66, "test_training_step.py": 48, "test_estimators.py": 43,
-    "test_file_safety.py": 36, "test_reliability.py": 30, "test_end_to_end.py": 26, "test_ema.py": 25,
-    "test_predict.py": 22, "test_augment.py": 21, "test_assignments.py": 21, "test_debug.py": 20,
-    "test_search.py": 19, "test_trackers.py": 19, "test_planted.py": 12, "test_balanced_deploy.py": 11,
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: each file's own order is kept
 SUBSET = REPO.parent / "shared" / "data" / "cifar10-subset"
 
 
@@ -59,8 +44,9 @@ def cifar_subset() -> Path:
 # Variables the libraries set in this process when tests train, compile or load data in it (seed_everything,
 # deterministic mode, inductor, protobuf users, scikit-learn's import): process state a user's shell does not have,
 # so the commands do not get it either.
-PROCESS_STATE = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR",
-                 "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK")
+PROCESS_STATE = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG",
+                 "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR", "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION",
+                 "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK")
 _SESSION_START = {name: os.environ[name] for name in PROCESS_STATE if name in os.environ}
 
 
@@ -155,12 +141,10 @@ class WarmPython:
         line, self.pending = self.pending.split(b"\n", 1)
         return json.loads(line)
 
-    def accepts(self, env: dict[str, str]) -> bool:
-        """The command's environment is the one the server imported its libraries under."""
-        from warm_python import per_command
-
-        ignore = lambda e: {k: v for k, v in e.items() if not per_command(k)}  # noqa: E731
-        return self.server.poll() is None and ignore(env) == ignore(self.env)
+    def differences(self, env: dict[str, str]) -> set[str]:
+        """The variables in which ``env`` differs from the environment the server imported its libraries under,
+        other than those a command may set (:func:`warm_python.per_command`): empty if the server can run it."""
+        return {k for k in {*env, *self.env} if env.get(k) != self.env.get(k) and not per_command(k)}
 
     def ready(self) -> bool:
         """No command started with :meth:`start` is still running (the server runs one at a time)."""
@@ -256,15 +240,12 @@ def _warm_for(env: dict[str, str]) -> WarmPython | None:
     """The warm Python server if it can run a command with ``env`` now; else None, and the variables that kept it
     from it are counted (reported at the end of the run: each such command paid for its imports)."""
     warm = warm_python()
-    if warm is None or not warm.ready():
+    if warm is None or not warm.ready() or warm.server.poll() is not None:
         return None
-    if warm.accepts(env):
-        return warm
-    from warm_python import per_command
-
-    for name in {k for k in {*env, *warm.env} if env.get(k) != warm.env.get(k) and not per_command(k)}:
+    differences = warm.differences(env)
+    for name in differences:
         _plain_because[name] = _plain_because.get(name, 0) + 1
-    return None
+    return None if differences else warm
 
 
 def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, check: bool = True, plain: bool = False,

@@ -90,7 +90,7 @@ def _become(request: dict, printed: tuple[bytes, bytes], pipes: tuple[int, int])
         if text:
             os.write(fd, text)
     os.chdir(request["cwd"])
-    for name in {*os.environ, *request["env"]}:  # every other variable equals the server's (WarmPython.accepts)
+    for name in {*os.environ, *request["env"]}:  # every other variable equals the server's (WarmPython.differences)
         if per_command(name) and name in request["env"]:
             os.environ[name] = request["env"][name]
         elif per_command(name):
