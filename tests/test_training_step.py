@@ -167,8 +167,13 @@ class Float64Step(ImageClassifier):
         return super()._step((images.to(torch.float64), targets), *metrics)
 
 
+# three blocks (no expand conv / stride 2 / identity residual): every kind of layer the full network has, at a third
+# of the test's time with empty caches on 2 cores (118 s with the 17-block network, 33-40 s); the full network with
+# -m exhaustive
 @pytest.mark.slow
-def test_compiled_training_follows_eager_training(tmp_path):
+@pytest.mark.parametrize("settings", [[[1, 16, 1, 1], [6, 24, 2, 2]], pytest.param(None, marks=pytest.mark.exhaustive)],
+                         ids=["three-blocks", "full-network"])
+def test_compiled_training_follows_eager_training(tmp_path, settings):
     """compile=true as train.py sets it (module.compile_network: the network compiled in place when fit starts, by
     torch.compile's default inductor backend): four optimizer steps of Trainer.fit from the same weights on the same
     batches as eager training give the same losses and parameters, the assignment logits included; a checkpoint
@@ -178,10 +183,8 @@ def test_compiled_training_follows_eager_training(tmp_path):
     agree to about 1e-10, so a real difference (another estimator, a parameter left out) cannot hide."""
     from torch._dynamo.utils import counters
 
-    # three blocks (no expand conv / stride 2 / identity residual): every kind of layer the full network has, at a
-    # third of the test's time with empty caches on 2 cores (118 s with the 17-block network, 33-40 s)
     net = {"_target_": "flgc_lightning.models.MobileNetV2", "num_classes": 10, "groups": 4, "use_flgc": True,
-           "width_mult": 0.25, "in_channels": 1, "settings": [[1, 16, 1, 1], [6, 24, 2, 2]]}
+           "width_mult": 0.25, "in_channels": 1, **({} if settings is None else {"settings": settings})}
     torch.manual_seed(0)
     eager, compiled = (Float64Step(net, {"_target_": "torch.optim.SGD", "lr": 0.05, "momentum": 0.9}, None,
                                    (1, 16, 16)) for _ in range(2))
