@@ -232,6 +232,7 @@ def make_step(projection: dict[str, Tensor], in_channels: int, out_channels: int
               for name in TABLES]
     header = torch.tensor([kind, stride, int(relu6), in_channels, hidden, out_channels, *counts])
     ints = torch.cat([header, *(t[name].reshape(-1) for t in (e, projection) for name in TABLES[:3])])
+    # a step's tensors live on the CPU whatever device the network is on (its tables are CPU tensors)
     dw = [] if dw_taps is None else [dw_taps.reshape(-1), dw_bias.reshape(-1)]
     floats = torch.cat([e["weight"], e["bias"], *(d.detach().cpu().float() for d in dw), projection["weight"],
                         projection["bias"]])
@@ -239,9 +240,8 @@ def make_step(projection: dict[str, Tensor], in_channels: int, out_channels: int
 
 
 def depthwise_taps(dw_weight: Tensor) -> Tensor:
-    """``C x 1 x 3 x 3`` depthwise weight -> ``9 x C`` float32 on the CPU (one tap's channels contiguous, as the C code
-    reads; a step's tensors live on the CPU whatever device the network is on)."""
-    return dw_weight.detach().cpu().reshape(dw_weight.shape[0], 9).t().contiguous().float()
+    """``C x 1 x 3 x 3`` depthwise weight -> ``9 x C`` float32 (one tap's channels contiguous, as the C code reads)."""
+    return dw_weight.detach().reshape(dw_weight.shape[0], 9).t().contiguous().float()
 
 
 def unpack(tables: dict[str, Tensor], in_channels: int) -> tuple[Tensor, Tensor]:
