@@ -43,8 +43,10 @@ def worker(args) -> dict:
         for lanes in (8, 16):  # a deployed network packs its tables as this machine's kernel prefers, on every call:
             # a .pt2 program keeps the tables it was exported with, as on the machine that wrote it
             native.preferred_lanes = lambda lanes=lanes: lanes
-            export_program(deploy_model(flgc, kernel="fused"), Path(folder) / f"{lanes}.pt2")
-            native.preferred_lanes = built
+            try:
+                export_program(deploy_model(flgc, kernel="fused"), Path(folder) / f"{lanes}.pt2")
+            finally:
+                native.preferred_lanes = built
             nets[lanes] = torch.export.load(str(Path(folder) / f"{lanes}.pt2")).module()
     result = {"isa": native.instruction_set(), "flags": native.load_library().flags, "times": {}}
     with torch.inference_mode():
