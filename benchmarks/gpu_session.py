@@ -52,9 +52,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 # The subset inside the checkout (shared/: what the device tool carries to the GPU machine), else beside it.
-DEFAULT_DATA = next((p for p in (REPO / "shared" / "data" / "cifar10-subset",
-                                 REPO.parent / "shared" / "data" / "cifar10-subset") if p.is_dir()),
-                    REPO.parent / "shared" / "data" / "cifar10-subset")
+SUBSET = Path("shared", "data", "cifar10-subset")
+DEFAULT_DATA = REPO / SUBSET if (REPO / SUBSET).is_dir() else REPO.parent / SUBSET
 OFFLINE = "data.download=false"  # the GPU machine reaches no network: missing data must fail at once
 # The learning estimator of the learned-groups work (full straight-through + dense weight gradient).
 LEARNING = "model.assign_grad=ste model.dense_weight_grad=true assign_optim.lr_mult=10"
@@ -796,7 +795,7 @@ def main(argv=None) -> int:
 
     if find_folder(data, CIFAR10) is None:
         parser.error(f"no CIFAR-10 subset at {data} (the official python layout; pass --data, or put it in "
-                     f"{REPO / 'shared' / 'data' / 'cifar10-subset'} so that the device tool carries it)")
+                     f"{REPO / SUBSET} so that the device tool carries it)")
     plan = Plan(args.dry_run, torch.cuda.is_available(), 60 * args.budget_min)
     plan.models = [m.strip() for m in args.models.split(",") if m.strip()]
     plan.compile_models = [m.strip() for m in args.compile_models.split(",") if m.strip()]
