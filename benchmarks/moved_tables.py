@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from inference import like_trained, time_interleaved  # noqa: E402
 
-from flgc_lightning.deploy import deploy_model, export_program, native  # noqa: E402
+from flgc_lightning.deploy import deploy_model, export_program, load_program, native  # noqa: E402
 from flgc_lightning.models import MobileNetV2  # noqa: E402
 
 CAPABILITY = {"avx512": "avx512", "avx2": "avx2", "baseline": "default"}  # ATEN_CPU_CAPABILITY of each build
@@ -47,7 +47,7 @@ def worker(args) -> dict:
                 export_program(deploy_model(flgc, kernel="fused"), Path(folder) / f"{lanes}.pt2")
             finally:
                 native.preferred_lanes = built
-            nets[lanes] = torch.export.load(str(Path(folder) / f"{lanes}.pt2")).module()
+            nets[lanes] = load_program(Path(folder) / f"{lanes}.pt2")
     result = {"isa": native.instruction_set(), "flags": native.load_library().flags, "times": {}}
     with torch.inference_mode():
         for batch in args.batches:

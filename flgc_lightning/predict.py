@@ -76,12 +76,9 @@ def load_model(path: Path, preprocessing_path: Optional[Path] = None) -> tuple[C
                         "how to preprocess images. Deploy again (python -m flgc_lightning.deploy CKPT --out DIR "
                         "writes it), or pass --preprocessing FILE") from None
     if suffix == ".pt2":
-        import flgc_lightning.deploy.ops  # noqa: F401  (registers the fused kernels the program calls)
+        from flgc_lightning.deploy.program_file import load_program
 
-        try:
-            program = torch.export.load(str(path)).module()
-        except Exception as err:  # noqa: BLE001
-            raise UserError(f"'{path}' cannot be loaded as a torch.export program: {str(err)[:200]}") from None
+        program = load_program(path)  # checked first: torch.export.load alone runs code a file chooses
         return (lambda x: program(x.contiguous(memory_format=torch.channels_last))), preprocessing
     from flgc_lightning.deploy.onnxruntime_ops import session
 

@@ -54,7 +54,7 @@ def test_balanced_network_deploys_exactly_at_grouped_cost(groups, kwargs):
 def test_balanced_network_in_every_deployed_form(groups, kwargs, tmp_path):
     """The forms a user ships, not only the eager one: the fused kernel, the .pt2 program reloaded, the ONNX
     file with custom ops (fused) and the stock-op ONNX file (blockdiag), each against the trained network."""
-    from flgc_lightning.deploy import export_onnx, export_program, onnxruntime_logits
+    from flgc_lightning.deploy import export_onnx, export_program, load_program, onnxruntime_logits
 
     net = trained_like(groups, **kwargs)
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
@@ -68,7 +68,7 @@ def test_balanced_network_in_every_deployed_form(groups, kwargs, tmp_path):
         assert (fused(channels_last) - expected).abs().max() <= 1e-4
     export_program(fused, tmp_path / "net.pt2")
     with torch.no_grad():
-        reloaded = torch.export.load(str(tmp_path / "net.pt2")).module()(channels_last)
+        reloaded = load_program(tmp_path / "net.pt2")(channels_last)
     assert (reloaded - expected).abs().max() <= 1e-4
     export_onnx(fused, tmp_path / "fused.onnx")
     assert (onnxruntime_logits(tmp_path / "fused.onnx", images) - expected).abs().max() <= 1e-4

@@ -18,7 +18,7 @@ from conftest import cli_env, run_cli
 from flgc_lightning.data.cifar import CIFAR_MEAN, CIFAR_STD
 from flgc_lightning.data.cifar_files import CIFAR10, find_folder, load_split
 from flgc_lightning.deploy import (
-    UnequalGroupConv2d, deploy_model, deployed_macs, deployed_parameters, executed_macs,
+    UnequalGroupConv2d, deploy_model, deployed_macs, deployed_parameters, executed_macs, load_program,
 )
 from flgc_lightning.deploy import native, tables
 from flgc_lightning.layers import Flgc2d
@@ -436,7 +436,7 @@ def test_saved_forms_hold_each_weight_once(tmp_path):
     stored = sum(t.numel() * t.element_size() for t in program.state_dict.values())
     assert steps + stored < parameter_bytes  # the steps hold learned connections (and vector lanes), not dense weights
     with torch.no_grad():
-        torch.testing.assert_close(torch.export.load(str(tmp_path / "net.pt2")).module()(x), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(load_program(tmp_path / "net.pt2")(x), expected, atol=1e-5, rtol=0)
 
 
 def test_fused_kernel_builds_from_scratch_in_its_cache_folder(tmp_path):
@@ -628,10 +628,10 @@ def write_checkpoint(path: Path, groups: int, input_size=(3, 32, 32), width: flo
 
 LOAD_AND_RUN = """
 import sys, numpy as np, onnxruntime, torch
-import flgc_lightning.deploy.ops  # registers torch.ops.flgc.fused_step, all a .pt2 with fused layers needs
+from flgc_lightning.deploy import load_program  # checks the file, then loads it (fused steps registered)
 from flgc_lightning.deploy.onnxruntime_ops import session as onnxruntime_session  # the ONNX file's custom ops
 out, x = sys.argv[1], torch.from_numpy(np.load(sys.argv[2]))
-program = torch.export.load(out + "/deployed.pt2").module()
+program = load_program(out + "/deployed.pt2")
 session = onnxruntime_session(out + "/deployed.onnx")
 assert not {"pytorch_lightning", "lightning", "hydra"} & set(sys.modules)  # no training code
 with torch.no_grad():
@@ -643,7 +643,7 @@ np.save(out + "/onnx.npy", session.run(None, {"images": x.numpy()})[0])
 @pytest.mark.slow
 @pytest.mark.parametrize("input_size", [(3, 32, 32), (1, 16, 16)], ids=["cifar", "quickstart-digits"])
 def test_cli_deploys_and_exports_a_checkpoint(tmp_path, input_size):
-    """The CLI's files, loaded and run on their own (a plain onnxruntime session, torch.export.load in a fresh
+    """The CLI's files, loaded and run on their own (a plain onnxruntime session, load_program in a fresh
     process), agree with the trained network; so does the pickled module. Width 0.25 and a named kernel: the
     full-width networks and kernel=auto's timing are checked in-process above; here the command line is."""
     trained = write_checkpoint(tmp_path / "flgc.ckpt", groups=8, input_size=input_size, width=0.25)

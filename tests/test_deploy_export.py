@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from flgc_lightning.deploy import compile_deployed, deploy_model, export_onnx, export_program, tables
+from flgc_lightning.deploy import compile_deployed, deploy_model, export_onnx, export_program, load_program, tables
 from flgc_lightning.layers import Flgc2d
 from flgc_lightning.models import MobileNetV2
 from test_deploy import VARIANTS, set_groups, trained_like
@@ -68,7 +68,7 @@ def test_compiled_exported_and_onnx_forms_match_the_trained_network(variant, tmp
     covered = len(kinds) + (16 if variant == "paper" else 0)  # paper variant: the expand conv is FLGC too
     assert covered == sum(isinstance(m, Flgc2d) for m in model.modules())  # every FLGC layer inside an op
     with torch.no_grad():
-        reloaded = torch.export.load(str(tmp_path / "net.pt2")).module()(xc)  # batch 3; exported with batch 2
+        reloaded = load_program(tmp_path / "net.pt2")(xc)  # batch 3; exported with batch 2
     assert (reloaded - expected).abs().max() <= 1e-4
 
     check_fused_onnx(fused_onnx, x, expected)
@@ -202,7 +202,7 @@ def test_exported_forms_are_exact_for_every_group_count(groups, variant, tmp_pat
         assert abs(logits - expected.numpy()).max() <= 1e-4, name
     export_program(net, tmp_path / "net.pt2")
     with torch.no_grad():
-        reloaded = torch.export.load(str(tmp_path / "net.pt2")).module()(x.contiguous(memory_format=torch.channels_last))
+        reloaded = load_program(tmp_path / "net.pt2")(x.contiguous(memory_format=torch.channels_last))
     assert (reloaded - expected).abs().max() <= 1e-4
 
 

@@ -6,11 +6,17 @@ decodes to a ``_target_``) is refused with a clear message by every program that
 planted directory is never made. Kernel tables: tables the C kernel would index out of bounds are refused on
 every path that hands them to C (direct op calls, a ``.pt2`` program, ONNX Runtime), and, where a C compiler
 with AddressSanitizer exists, a sanitized build shows that the checked path never reads or writes out of bounds.
+Deployed files: a ``.pt2`` program with code planted where ``torch.export.load`` runs it (guards, symbolic sizes,
+pickled payloads, an operator) and an ONNX file that reads other files are refused before anything runs.
 """
 from __future__ import annotations
 
+import io
+import json
+import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +24,7 @@ import torch
 
 from conftest import REPO, TINY, run_cli
 from flgc_lightning.deploy import native, tables
+from flgc_lightning.deploy.program_file import ProgramFileError, load_program
 from flgc_lightning.errors import CheckpointError
 
 # --------------------------------------------------------------------------------------------------------------
@@ -363,7 +370,6 @@ def test_a_checked_step_is_a_private_copy():
 def test_empty_images_and_older_files(tmp_path):
     """Zero-sized images give empty outputs from every kind of step; an ONNX file with the custom nodes of an older
     version, and a pickled network of the older (padded) layout, are refused with a message that says so."""
-    import io
 
     import onnx
 
@@ -423,13 +429,189 @@ def test_a_tampered_pt2_program_is_refused(tmp_path):
             loaded.constants[name] = tampered
         torch.export.save(loaded, str(tmp_path / "tampered.pt2"))
         with pytest.raises(tables.TableError, match=message):
-            torch.export.load(str(tmp_path / "tampered.pt2")).module()(x)
-    module = torch.export.load(str(tmp_path / "net.pt2")).module()
+            load_program(tmp_path / "tampered.pt2")(x)  # the file check passes: its tables are plain tensors
+    module = load_program(tmp_path / "net.pt2")
     with torch.no_grad():
         torch.testing.assert_close(module(x), expected, atol=1e-4, rtol=0)
         out_index(getattr(module.get_submodule("features.1"), ints_name.rpartition(".")[2]))  # in place, after a run
         with pytest.raises(tables.TableError, match="write output channel 10000"):
             module(x)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# .pt2 programs and ONNX files can't choose code
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _MakeDir:
+    """Unpickled, makes a directory: a pickle's way to run code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.makedirs, (self.path,)
+
+
+def _pickle_bytes(made: Path) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(_MakeDir(made), buffer)
+    return buffer.getvalue()
+
+
+def _rewrite(src: Path, dst: Path, edit=None, members: dict | None = None) -> Path:
+    """A copy of the ``.pt2`` archive ``src`` with ``edit(model_json)`` applied and ``members`` (name below the
+    archive's top folder -> bytes) replaced or added."""
+    members = dict(members or {})
+    with zipfile.ZipFile(src) as archive, zipfile.ZipFile(dst, "w") as out:
+        root = archive.namelist()[0].split("/", 1)[0] + "/"
+        for item in archive.infolist():
+            data = archive.read(item)
+            name = item.filename[len(root):]
+            if name == "models/model.json" and edit is not None:
+                program = json.loads(data)
+                edit(program)
+                data = json.dumps(program).encode()
+            out.writestr(item, members.pop(name, data))
+        for name, data in members.items():
+            out.writestr(root + name, data)
+    return dst
+
+
+def _guards(made):
+    return dict(edit=lambda p: p.__setitem__("guards_code", [f"__import__('os').makedirs({str(made)!r}) is None"]))
+
+
+def _symbolic_size(made):
+    def edit(program):
+        size = program["graph_module"]["graph"]["tensor_values"]["x"]["sizes"][0]["as_expr"]
+        size["expr_str"] = f"__import__('os').makedirs({str(made)!r}) or " + size["expr_str"]
+    return dict(edit=edit)
+
+
+def _pickled_weight(made):
+    return dict(members={"data/weights/weight_0": _pickle_bytes(made)}, pickled_weight=True)
+
+
+def _sample_inputs(made):
+    return dict(members={"data/sample_inputs/model.pt": _pickle_bytes(made)})
+
+
+def _operator(made):
+    def edit(program):
+        node = next(n for n in program["graph_module"]["graph"]["nodes"] if n["target"].startswith("torch.ops.aten"))
+        node["target"] = "torch.os.makedirs"
+    return dict(edit=edit)
+
+
+def _extra_member(made):
+    return dict(members={"data/aotinductor/model.so": b"\x7fELF"})
+
+
+# (plant, what the refusal says, whether torch.export.load(...).module() of it runs the plant here)
+PROGRAM_PLANTS = {
+    "guards code": (_guards, "guards_code, Python that torch would run", True),
+    "symbolic size": (_symbolic_size, "symbolic size that is not a plain expression", True),
+    "pickled weight": (_pickled_weight, "stores weight .* as a pickle, which loading would run", True),
+    "pickled sample inputs": (_sample_inputs, "not a readable program", True),
+    "operator": (_operator, "calls 'torch.os.makedirs', which a deployed network never calls", False),
+    "extra member": (_extra_member, "holds 'data/aotinductor/model.so'", False),
+}
+
+
+@pytest.fixture(scope="module")
+def program_file(tmp_path_factory) -> Path:
+    from flgc_lightning.deploy import deploy_model, export_program
+    from flgc_lightning.models import MobileNetV2
+
+    torch.manual_seed(0)
+    net = deploy_model(MobileNetV2(groups=2, use_flgc=True, width_mult=0.25).eval(), kernel="blockdiag")
+    path = tmp_path_factory.mktemp("program") / "net.pt2"
+    export_program(net, path, input_size=(3, 16, 16))
+    return path
+
+
+def _planted_program(program_file: Path, name: str, made: Path, folder: Path) -> Path:
+    plant = PROGRAM_PLANTS[name][0](made)
+    members = plant.get("members")
+    if plant.get("pickled_weight"):  # mark the first weight as pickled, as torch.export.save does for odd tensors
+        with zipfile.ZipFile(program_file) as archive:
+            root = archive.namelist()[0].split("/", 1)[0] + "/"
+            config = json.loads(archive.read(root + "data/weights/model_weights_config.json"))
+        first = next(k for k, v in config["config"].items() if v["path_name"] == "weight_0")
+        config["config"][first]["use_pickle"] = True
+        members = {**members, "data/weights/model_weights_config.json": json.dumps(config).encode()}
+    return _rewrite(program_file, folder / f"{name.replace(' ', '_')}.pt2", plant.get("edit"), members)
+
+
+@pytest.mark.parametrize("name", PROGRAM_PLANTS)
+def test_a_pt2_program_that_would_run_code_is_refused_before_torch_reads_it(name, program_file, tmp_path):
+    """``torch.export.load`` runs code a ``.pt2`` file chooses (each plant marked so does, here: the control);
+    :func:`load_program` refuses every plant with a clear error, and the planted side effect never happens."""
+    made = tmp_path / "made"
+    planted = _planted_program(program_file, name, made, tmp_path)
+    _, message, torch_runs_it = PROGRAM_PLANTS[name]
+    with pytest.raises(ProgramFileError, match=message):
+        load_program(planted)
+    assert not made.exists()
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    if torch_runs_it:  # the control: the plant is live, so the refusal above is what kept it from running
+        try:
+            torch.export.load(str(planted)).module()(x)  # guards run on the first call
+        except Exception:  # noqa: BLE001  (some plants break the program after they ran)
+            pass
+        assert made.exists(), "torch.export.load no longer runs this plant: check the refusal still matters"
+    assert load_program(program_file)(x).shape == (2, 10)  # the untouched file loads
+
+
+def test_predict_refuses_a_planted_program_with_one_error(program_file, tmp_path):
+    """The command line that reads ``.pt2`` files from others: one clear error, non-zero exit, nothing made."""
+    from PIL import Image
+
+    made = tmp_path / "made"
+    planted = _planted_program(program_file, "guards code", made, tmp_path)
+    (tmp_path / "preprocessing.json").write_text(json.dumps(
+        {"channels": 3, "height": 16, "width": 16, "mean": [0.5] * 3, "std": [0.25] * 3,
+         "classes": [str(c) for c in range(10)]}))
+    Image.new("RGB", (16, 16)).save(tmp_path / "image.png")
+    proc = run_cli("predict.py", str(planted), str(tmp_path / "image.png"), check=False)
+    assert proc.returncode != 0 and "is refused: it carries guards_code" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not made.exists()
+
+
+def test_an_onnx_file_that_reads_other_files_or_names_session_weights_is_refused(tmp_path):
+    """An ONNX file whose weights live in another file would make the session read whatever path the file names
+    (the control: ``onnx.load`` does read it); one with the session's own rewritten nodes would run weights of
+    another session in this process. :func:`onnxruntime_session` refuses both."""
+    import onnx
+
+    from flgc_lightning.deploy import deploy_model, export_onnx, onnxruntime_session
+    from flgc_lightning.models import MobileNetV2
+
+    torch.manual_seed(0)
+    net = deploy_model(MobileNetV2(groups=2, use_flgc=True, width_mult=0.25).eval(), kernel="blockdiag")
+    path = export_onnx(net, tmp_path / "net.onnx", kernel="blockdiag", input_size=(3, 16, 16))
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\x01\x02\x03\x04")
+    model = onnx.load(str(path))
+    weight = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    weight.ClearField("raw_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "secret.bin"), ("offset", "0"), ("length", "4")):
+        weight.external_data.add(key=key, value=value)
+    onnx.save(model, str(tmp_path / "external.onnx"))
+    read = onnx.load(str(tmp_path / "external.onnx"))  # the control: the default loader reads the named file
+    assert next(t for t in read.graph.initializer if t.name == weight.name).raw_data == secret.read_bytes()
+    with pytest.raises(ValueError, match="keeps tensors in other files"):
+        onnxruntime_session(tmp_path / "external.onnx")
+
+    model = onnx.load(str(path))
+    model.graph.node.insert(0, onnx.helper.make_node("FlgcChainCached", ["images"], ["unused"], domain="ai.onnx.contrib",
+                                                     key="0"))
+    onnx.save(model, str(tmp_path / "cached.onnx"))
+    with pytest.raises(ValueError, match="FlgcChainCached nodes, which only a session makes"):
+        onnxruntime_session(tmp_path / "cached.onnx")
+    onnxruntime_session(path)  # the untouched file loads
 
 
 def _tamper(model, node_index: int, input_name: str, edit, path: Path) -> Path:

@@ -5,6 +5,7 @@ from flgc_lightning.deploy.export import export_onnx, export_program, onnxruntim
 from flgc_lightning.deploy import ops  # noqa: F401  (registers torch.ops.flgc.fused_step)
 from flgc_lightning.deploy.grouped import UnequalGroupConv2d, refresh_tables
 from flgc_lightning.deploy.compiled import compile_deployed
+from flgc_lightning.deploy.program_file import ProgramFileError, load_program
 
 
 
@@ -19,6 +20,6 @@ def __getattr__(name):
 
 __all__ = [
     "DeployError", "UnequalGroupConv2d", "compile_deployed", "refresh_tables", "deploy_checkpoint", "deploy_model", "deployed_complexity", "deployed_macs", "deployed_parameters", "executed_macs",
-    "export_onnx", "export_program", "load_trained_network",
+    "export_onnx", "export_program", "load_program", "load_trained_network", "ProgramFileError",
     "onnxruntime_logits", "onnxruntime_session",
 ]

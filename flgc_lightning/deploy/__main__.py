@@ -21,6 +21,7 @@ from flgc_lightning.deploy import native
 from flgc_lightning.deploy.cost import deployed_macs, deployed_parameters, executed_macs
 from flgc_lightning.deploy.grouped import UnequalGroupConv2d
 from flgc_lightning.deploy.export import ONNX_KERNELS, export_onnx, export_program, onnxruntime_logits
+from flgc_lightning.deploy.program_file import load_program
 from flgc_lightning.errors import UserError
 from flgc_lightning.data.cifar_files import DataNotFoundError
 from flgc_lightning.predict import PREPROCESSING_FILE, write_preprocessing
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'deployed.pt'} (torch.save of the module)")
     export_program(deployed, out / "deployed.pt2", images[:2])
     with torch.no_grad():
-        pt2_diff = (torch.export.load(str(out / "deployed.pt2")).module()(images) - reference).abs().max().item()
+        pt2_diff = (load_program(out / "deployed.pt2")(images) - reference).abs().max().item()
     print(f"wrote {out / 'deployed.pt2'} (torch.export program); max |logit difference| reloaded vs trained: "
           f"{pt2_diff:.3g}")
     try:

@@ -108,7 +108,8 @@ def export_program(model: nn.Module, path: str | Path | None = None, example: to
                    input_size=(3, 32, 32)) -> torch.export.ExportedProgram:
     """``torch.export`` program of ``model`` with a dynamic batch; saved to ``path`` (``.pt2``) if given.
 
-    Load with ``torch.export.load(path).module()`` after ``import flgc_lightning.deploy.ops``.
+    Load with :func:`~flgc_lightning.deploy.load_program` (checks the file first: ``torch.export.load`` alone runs
+    code a file chooses, so never use it on a file from someone else).
     """
     model = _portable_copy(model)
     batch = torch.export.Dim("batch", min=1, max=65536)

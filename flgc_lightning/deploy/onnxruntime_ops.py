@@ -187,6 +187,39 @@ def _chains(graph: onnx.GraphProto, custom: list[onnx.NodeProto], no_residual: s
     return valid
 
 
+def _contents(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Every node and every stored tensor of ``model``: its graph, graphs nested in node attributes (control-flow
+    bodies) and its functions."""
+    nodes, tensors = [], []
+
+    def visit(graph_nodes, stored) -> None:
+        tensors.extend(stored)
+        for node in graph_nodes:
+            nodes.append(node)
+            for a in node.attribute:
+                tensors.extend([a.t] * a.HasField("t") + list(a.tensors))
+                for graph in [a.g] * a.HasField("g") + list(a.graphs):
+                    visit(graph.node, [*graph.initializer, *(s.values for s in graph.sparse_initializer)])
+
+    visit(model.graph.node, [*model.graph.initializer, *(s.values for s in model.graph.sparse_initializer)])
+    for function in model.functions:
+        visit(function.node, [])
+    return nodes, tensors
+
+
+def _check_file(model: onnx.ModelProto) -> None:
+    """Refuse what a file of the deploy step never holds and what would make a session read or run more than the
+    file: tensors stored in other files (``external_data``: the session would read whatever path the file names)
+    and nodes of the session's own rewritten ops (they name weights of other sessions in this process)."""
+    nodes, tensors = _contents(model)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data) for t in tensors):
+        raise TableError("the ONNX file keeps tensors in other files (external data), which a file of the deploy "
+                         "step never does; refused")
+    internal = {n.op_type for n in nodes if n.domain == DOMAIN and n.op_type.endswith("Cached")}
+    if internal:
+        raise TableError(f"the ONNX file has {', '.join(sorted(internal))} nodes, which only a session makes; refused")
+
+
 def _with_cached_weights(model: onnx.ModelProto, threads: int | None = None) -> list[str]:
     """Move every custom node's weights into this process (see the module docstring) and run each chain of
     consecutive custom nodes as one ``FlgcChainCached`` node; the keys of the weights."""
@@ -255,7 +288,8 @@ def session(path: str | Path, threads: int = 2, spinning: bool = False):
     the few stock ops left (the stem conv, pooling, classifier), so that its pool never competes with the
     kernels' OpenMP threads for the cores (5 % at batch 1)."""
     import onnxruntime as ort
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
+    _check_file(model)
     keys = _with_cached_weights(model, threads)
     try:
         result = ort.InferenceSession(model.SerializeToString(), session_options(1 if keys else threads, spinning),
