@@ -508,6 +508,54 @@ def _extra_member(made):
     return dict(members={"data/aotinductor/model.so": b"\x7fELF"})
 
 
+def _renamed(value, old: str, new: str):
+    """``value`` (JSON) with every key or string equal to ``old`` replaced by ``new``."""
+    if isinstance(value, dict):
+        return {(new if k == old else k): _renamed(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_renamed(v, old, new) for v in value]
+    return new if value == old else value
+
+
+def _input_name(made):  # FX writes placeholder names into the forward's source: a default argument runs at load
+    def edit(program):
+        old = next(i["as_tensor"]["name"] for i in program["graph_module"]["graph"]["inputs"]
+                   if i["as_tensor"]["name"].startswith("b_"))
+        program["graph_module"] = _renamed(program["graph_module"], old,
+                                           f"b=__import__('os').makedirs({str(made)!r}), *c")
+    return dict(edit=edit)
+
+
+def _buffer_name(made):  # written into get_attr source unescaped: runs on the first call
+    return dict(buffer_name=f'q") if getattr(__import__("os"), "makedirs")("{made}") else getattr(self, "q')
+
+
+def _call_structure(made):  # a treespec may name a module to import and an attribute to call
+    def edit(program):
+        signature = program["graph_module"]["module_call_graph"][0]["signature"]
+        signature["in_spec"] = signature["in_spec"].replace('"context": "[]"', '"context": "[\\"x\\"]"')
+    return dict(edit=edit)
+
+
+def _file_writing_operator(made):  # ATen can create and map a file
+    def edit(program):
+        graph = program["graph_module"]["graph"]
+        graph["nodes"].insert(0, {"target": "torch.ops.aten.from_file.default", "name": "opened", "metadata": {},
+                                  "inputs": [{"name": "filename", "arg": {"as_string": str(made)}, "kind": 1},
+                                             {"name": "shared", "arg": {"as_bool": True}, "kind": 1},
+                                             {"name": "size", "arg": {"as_int": 4}, "kind": 1},
+                                             {"name": "dtype", "arg": {"as_scalar_type": 1}, "kind": 2}],
+                                  "outputs": [{"as_tensor": {"name": "opened"}}]})
+        graph["tensor_values"]["opened"] = {
+            "dtype": 1, "sizes": [{"as_int": 4}], "requires_grad": False, "device": {"type": "cpu", "index": None},
+            "strides": [{"as_int": 1}], "storage_offset": {"as_int": 0}, "layout": 7}
+    return dict(edit=edit)
+
+
+def _member_twice(made):  # zip readers differ on which copy of a name they read
+    return dict(twice=json.dumps({"guards_code": [f"__import__('os').makedirs({str(made)!r}) is None"]}))
+
+
 # (plant, what the refusal says, whether torch.export.load(...).module() of it runs the plant here)
 PROGRAM_PLANTS = {
     "guards code": (_guards, "guards_code, Python that torch would run", True),
@@ -516,6 +564,11 @@ PROGRAM_PLANTS = {
     "pickled sample inputs": (_sample_inputs, "not a readable program", True),
     "operator": (_operator, "calls 'torch.os.makedirs', which a deployed network never calls", False),
     "extra member": (_extra_member, "holds 'data/aotinductor/model.so'", False),
+    "input name": (_input_name, "has a name that is not a plain name", True),
+    "buffer name": (_buffer_name, "has a buffer_name that is not a plain name", True),
+    "call structure": (_call_structure, "has an in_spec other than one tensor", False),
+    "file-writing operator": (_file_writing_operator, "calls 'torch.ops.aten.from_file.default'", True),
+    "member twice": (_member_twice, "holds two members of one name", False),
 }
 
 
@@ -541,7 +594,27 @@ def _planted_program(program_file: Path, name: str, made: Path, folder: Path) ->
         first = next(k for k, v in config["config"].items() if v["path_name"] == "weight_0")
         config["config"][first]["use_pickle"] = True
         members = {**members, "data/weights/model_weights_config.json": json.dumps(config).encode()}
-    return _rewrite(program_file, folder / f"{name.replace(' ', '_')}.pt2", plant.get("edit"), members)
+    edit = plant.get("edit")
+    if plant.get("buffer_name"):  # a buffer renamed in the signature and the constants config
+        with zipfile.ZipFile(program_file) as archive:
+            root = archive.namelist()[0].split("/", 1)[0] + "/"
+            config = json.loads(archive.read(root + "data/constants/model_constants_config.json"))
+            program = json.loads(archive.read(root + "models/model.json"))
+        old = next(spec["buffer"]["buffer_name"] for spec in program["graph_module"]["signature"]["input_specs"]
+                   if "buffer" in spec)
+        new = old.rpartition(".")[0] + "." + plant["buffer_name"]
+        config["config"][new] = config["config"].pop(old)
+        members = {"data/constants/model_constants_config.json": json.dumps(config).encode()}
+        edit = lambda p: p["graph_module"].__setitem__(  # noqa: E731
+            "signature", _renamed(p["graph_module"]["signature"], old, new))
+    planted = _rewrite(program_file, folder / f"{name.replace(' ', '_')}.pt2", edit, members)
+    if plant.get("twice"):
+        with zipfile.ZipFile(planted) as archive:
+            first = archive.namelist()[0].split("/", 1)[0] + "/models/model.json"
+            program = {**json.loads(archive.read(first)), **json.loads(plant["twice"])}
+        with zipfile.ZipFile(planted, "a") as archive, pytest.warns(UserWarning, match="Duplicate name"):
+            archive.writestr(first, json.dumps(program))
+    return planted
 
 
 @pytest.mark.parametrize("name", PROGRAM_PLANTS)
@@ -562,6 +635,66 @@ def test_a_pt2_program_that_would_run_code_is_refused_before_torch_reads_it(name
             pass
         assert made.exists(), "torch.export.load no longer runs this plant: check the refusal still matters"
     assert load_program(program_file)(x).shape == (2, 10)  # the untouched file loads
+
+
+def _two_directories(program_file: Path, made: Path) -> bytes:
+    """The program, with a second central directory that lists a ``model.json`` carrying ``guards_code``: Python's
+    zipfile takes the zip64 end record just before the locator (the clean directory), torch's reader the one the
+    locator points at (the planted one)."""
+    import struct
+
+    def build(members):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as out:
+            for name, data in members:
+                out.writestr(zipfile.ZipInfo(name, (1980, 1, 1, 0, 0, 0)), data)
+        b = buffer.getvalue()
+        count, size, offset = struct.unpack("<10xHII2x", b[-22:])
+        return b[:offset], b[offset:offset + size], count
+
+    def entries(directory):
+        out, pos = [], 0
+        while pos < len(directory):
+            end = pos + 46 + sum(struct.unpack("<HHH", directory[pos + 28:pos + 34]))
+            out.append(directory[pos:end])
+            pos = end
+        return out
+
+    with zipfile.ZipFile(program_file) as archive:
+        members = [(i.filename, archive.read(i)) for i in archive.infolist()]
+    name = next(n for n, _ in members if n.endswith("/models/model.json"))
+    program = json.loads(dict(members)[name])
+    program["guards_code"] = [f"__import__('os').makedirs({str(made)!r}) is None"]
+    clean_locals, clean_directory, count = build(members)
+    planted_local, planted_directory, _ = build([(name, json.dumps(program).encode())])
+    planted_entry = bytearray(entries(planted_directory)[0])
+    struct.pack_into("<I", planted_entry, 42, len(clean_locals))
+    torch_directory = b"".join(bytes(planted_entry) if e[46:46 + len(name)] == name.encode() else e
+                               for e in entries(clean_directory))
+    body = clean_locals + planted_local
+    torch_offset = len(body)
+    body += torch_directory
+    torch_record = len(body)
+    body += struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, len(torch_directory), torch_offset)
+    clean_offset = len(body)
+    body += clean_directory
+    body += struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, len(clean_directory), clean_offset)
+    body += struct.pack("<IIQI", 0x07064B50, 0, torch_record, 1)
+    return body + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, len(torch_directory), torch_offset, 0)
+
+
+def test_torch_loads_only_the_members_that_were_checked(program_file, tmp_path):
+    """Zip readers can disagree about what an archive holds. :func:`load_program` hands torch an archive it wrote
+    from the members it checked, so an archive that shows torch another ``model.json`` (the control) runs nothing."""
+    made = tmp_path / "made"
+    planted = tmp_path / "two_directories.pt2"
+    planted.write_bytes(_two_directories(program_file, made))
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(load_program(planted)(x), load_program(program_file)(x), rtol=0, atol=0)
+    assert not made.exists()
+    torch.export.load(str(planted)).module()(x)  # the control: torch's reader sees the planted copy
+    assert made.exists(), "torch reads this archive as zipfile does now: check the test still plants anything"
 
 
 def test_predict_refuses_a_planted_program_with_one_error(program_file, tmp_path):
