@@ -489,8 +489,14 @@ def _symbolic_size(made):
     return dict(edit=edit)
 
 
-def _pickled_weight(made):
-    return dict(members={"data/weights/weight_0": _pickle_bytes(made)}, pickled_weight=True)
+def _pickled_weight(made):  # marked as torch.export.save marks tensors it cannot write raw
+    return dict(members={"data/weights/weight_0": _pickle_bytes(made)},
+                weight_entry=lambda entry: entry.__setitem__("use_pickle", True))
+
+
+def _weight_without_data(made):  # torch allocates and zeroes what the entry declares
+    return dict(members={"data/weights/weight_0": b""},
+                weight_entry=lambda entry: entry["tensor_meta"].__setitem__("sizes", [{"as_int": 1 << 40}]))
 
 
 def _sample_inputs(made):
@@ -562,6 +568,7 @@ PROGRAM_PLANTS = {
     "symbolic size": (_symbolic_size, "symbolic size that is not a plain expression", True),
     "pickled weight": (_pickled_weight, "stores weight .* as a pickle, which loading would run", True),
     "pickled sample inputs": (_sample_inputs, "not a readable program", True),
+    "weight without data": (_weight_without_data, r"declares weight .* of \[1099511627776\] with no data", False),
     "operator": (_operator, "calls 'torch.os.makedirs', which a deployed network never calls", False),
     "extra member": (_extra_member, "holds 'data/aotinductor/model.so'", False),
     "input name": (_input_name, "has a name that is not a plain name", True),
@@ -587,12 +594,11 @@ def program_file(tmp_path_factory) -> Path:
 def _planted_program(program_file: Path, name: str, made: Path, folder: Path) -> Path:
     plant = PROGRAM_PLANTS[name][0](made)
     members = plant.get("members")
-    if plant.get("pickled_weight"):  # mark the first weight as pickled, as torch.export.save does for odd tensors
+    if plant.get("weight_entry"):  # the config entry of the first weight, edited
         with zipfile.ZipFile(program_file) as archive:
             root = archive.namelist()[0].split("/", 1)[0] + "/"
             config = json.loads(archive.read(root + "data/weights/model_weights_config.json"))
-        first = next(k for k, v in config["config"].items() if v["path_name"] == "weight_0")
-        config["config"][first]["use_pickle"] = True
+        plant["weight_entry"](next(v for v in config["config"].values() if v["path_name"] == "weight_0"))
         members = {**members, "data/weights/model_weights_config.json": json.dumps(config).encode()}
     edit = plant.get("edit")
     if plant.get("buffer_name"):  # a buffer renamed in the signature and the constants config
@@ -712,10 +718,11 @@ def test_predict_refuses_a_planted_program_with_one_error(program_file, tmp_path
     assert "Traceback" not in proc.stderr and not made.exists()
 
 
-def test_an_onnx_file_that_reads_other_files_or_names_session_weights_is_refused(tmp_path):
+def test_an_onnx_file_that_reads_other_files_or_runs_other_operators_is_refused(tmp_path):
     """An ONNX file whose weights live in another file would make the session read whatever path the file names
     (the control: ``onnx.load`` does read it); one with the session's own rewritten nodes would run weights of
-    another session in this process. :func:`onnxruntime_session` refuses both."""
+    another session in this process; onnxruntime-extensions' other operators parse the file's bytes in code we
+    never use. :func:`onnxruntime_session` refuses all three."""
     import onnx
 
     from flgc_lightning.deploy import deploy_model, export_onnx, onnxruntime_session
@@ -742,8 +749,14 @@ def test_an_onnx_file_that_reads_other_files_or_names_session_weights_is_refused
     model.graph.node.insert(0, onnx.helper.make_node("FlgcChainCached", ["images"], ["unused"], domain="ai.onnx.contrib",
                                                      key="0"))
     onnx.save(model, str(tmp_path / "cached.onnx"))
-    with pytest.raises(ValueError, match="FlgcChainCached nodes, which only a session makes"):
+    with pytest.raises(ValueError, match="ai.onnx.contrib::FlgcChainCached nodes; a file of the deploy step"):
         onnxruntime_session(tmp_path / "cached.onnx")
+    model = onnx.load(str(path))  # an operator onnxruntime-extensions registers (a parser of the file's bytes)
+    model.graph.node.insert(0, onnx.helper.make_node("StringRegexReplace", ["images"], ["unused"],
+                                                     domain="ai.onnx.contrib"))
+    onnx.save(model, str(tmp_path / "extension.onnx"))
+    with pytest.raises(ValueError, match="ai.onnx.contrib::StringRegexReplace nodes"):
+        onnxruntime_session(tmp_path / "extension.onnx")
     onnxruntime_session(path)  # the untouched file loads
 
 

@@ -209,15 +209,18 @@ def _contents(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], list[onnx.T
 
 def _check_file(model: onnx.ModelProto) -> None:
     """Refuse what a file of the deploy step never holds and what would make a session read or run more than the
-    file: tensors stored in other files (``external_data``: the session would read whatever path the file names)
-    and nodes of the session's own rewritten ops (they name weights of other sessions in this process)."""
+    file: tensors stored in other files (``external_data``: the session would read whatever path the file names),
+    and any operator but ONNX's own and ``FlgcStep`` (onnxruntime-extensions registers many more in our domain,
+    tokenizers and decoders among them, and the session's own rewritten ops name weights of other sessions)."""
     nodes, tensors = _contents(model)
     if any(t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data) for t in tensors):
         raise TableError("the ONNX file keeps tensors in other files (external data), which a file of the deploy "
                          "step never does; refused")
-    internal = {n.op_type for n in nodes if n.domain == DOMAIN and n.op_type.endswith("Cached")}
-    if internal:
-        raise TableError(f"the ONNX file has {', '.join(sorted(internal))} nodes, which only a session makes; refused")
+    other = {f"{n.domain}::{n.op_type}" for n in nodes
+             if n.domain not in ("", "ai.onnx") and (n.domain, n.op_type) != (DOMAIN, OP_TYPE)}
+    if other:
+        raise TableError(f"the ONNX file has {', '.join(sorted(other))} nodes; a file of the deploy step has only "
+                         f"ONNX operators and {DOMAIN}::{OP_TYPE}; refused")
 
 
 def _with_cached_weights(model: onnx.ModelProto, threads: int | None = None) -> list[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import zipfile
 from pathlib import Path
@@ -124,6 +125,9 @@ def checked_archive(data: bytes) -> bytes:
             for key, entry in config.items():
                 if entry.get("use_pickle") is not False or not pattern.fullmatch(str(entry.get("path_name"))):
                     raise ProgramFileError(f"stores {kind[:-1]} {str(key)[:60]!r} as a pickle, which loading would run")
+                sizes = [size["as_int"] for size in entry["tensor_meta"]["sizes"]]
+                if not contents[f"data/{kind}/{entry['path_name']}"] and math.prod(sizes):  # torch would allocate it
+                    raise ProgramFileError(f"declares {kind[:-1]} {str(key)[:60]!r} of {sizes} with no data")
         if "data/sample_inputs/model.pt" in contents:  # torch retries a failed weights_only load without it
             torch.load(io.BytesIO(contents["data/sample_inputs/model.pt"]), weights_only=True)
         found: list[str] = []
