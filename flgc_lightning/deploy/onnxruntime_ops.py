@@ -216,6 +216,11 @@ def _check_file(model: onnx.ModelProto) -> None:
     if any(t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data) for t in tensors):
         raise TableError("the ONNX file keeps tensors in other files (external data), which a file of the deploy "
                          "step never does; refused")
+    old = {n.op_type for n in nodes if n.domain == DOMAIN} & OLD_OP_TYPES
+    if old:
+        raise TableError(f"the ONNX file has custom nodes of an older flgc_lightning ({', '.join(sorted(old))}), "
+                         "which this version does not run: export it again (python -m flgc_lightning.deploy CKPT "
+                         "--out DIR --onnx)")
     other = {f"{n.domain}::{n.op_type}" for n in nodes
              if n.domain not in ("", "ai.onnx") and (n.domain, n.op_type) != (DOMAIN, OP_TYPE)}
     if other:
@@ -227,11 +232,6 @@ def _with_cached_weights(model: onnx.ModelProto, threads: int | None = None) -> 
     """Move every custom node's weights into this process (see the module docstring) and run each chain of
     consecutive custom nodes as one ``FlgcChainCached`` node; the keys of the weights."""
     graph, keys = model.graph, []
-    old = {n.op_type for n in graph.node if n.domain == DOMAIN} & OLD_OP_TYPES
-    if old:
-        raise TableError(f"the ONNX file has custom nodes of an older flgc_lightning ({', '.join(sorted(old))}), "
-                         "which this version does not run: export it again (python -m flgc_lightning.deploy CKPT "
-                         "--out DIR --onnx)")
     initializers = {t.name: t for t in graph.initializer}
     no_residual = {name for name, t in initializers.items() if list(t.dims) == [0]}
     custom = custom_nodes(model)

@@ -156,8 +156,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     channels_last = cfg.get("channels_last", "auto")
     module.channels_last = trainer.strategy.root_device.type == "cuda" if channels_last == "auto" else bool(channels_last)
     log.info("run directory: %s", cfg.run_dir)
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:  # weights_only said, not left to torch's default (Lightning drops it for URLs); the file was checked above
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     except SIGTERMException:
         raise _stopped(trainer) from None
     except Exception as err:  # a user error (e.g. a checkpoint that could not be written) whose cleanup failed
@@ -172,7 +172,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("last checkpoint: %s", checkpoint.last_model_path)
         if cfg.get("test_after_fit"):
             load_checkpoint(checkpoint.best_model_path)  # a resumed run's best path came from a file: one of ours?
-            trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path)
+            trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path, weights_only=True)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     elif cfg.get("test_after_fit") and trainer.fast_dev_run:  # debug=fast writes no checkpoint: test the weights as they are
         trainer.test(module, datamodule=datamodule)
@@ -192,7 +192,7 @@ def _test_best(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()
     module = build_module(cfg, datamodule)
     trainer = build_trainer(cfg)
-    trainer.test(module, datamodule=datamodule, ckpt_path=best_path)
+    trainer.test(module, datamodule=datamodule, ckpt_path=best_path, weights_only=True)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
