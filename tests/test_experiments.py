@@ -254,7 +254,7 @@ def test_study_arms_of_one_seed_start_from_the_same_weights_and_groups(tmp_path,
 
     starts = {}
 
-    def fit(self, module, datamodule=None, ckpt_path=None):
+    def fit(self, module, datamodule=None, ckpt_path=None, weights_only=None):
         layers = [m for m in module.net.modules() if isinstance(m, Flgc2d)]
         starts[arm] = ({k: v.clone() for k, v in module.state_dict().items()},
                        [(m.input_groups().clone(), m.filter_groups().clone()) for m in layers], datamodule.seed,
