@@ -24,6 +24,7 @@ import torch
 
 from conftest import REPO, TINY, run_cli
 from flgc_lightning.deploy import native, tables
+from flgc_lightning.deploy.onnxruntime_ops import OnnxFileError
 from flgc_lightning.deploy.program_file import ProgramFileError, load_program
 from flgc_lightning.errors import CheckpointError
 
@@ -386,7 +387,7 @@ def test_empty_images_and_older_files(tmp_path):
     model = onnx.load(str(export_onnx(net, tmp := tmp_path / "older.onnx", input_size=(3, 16, 16))))
     custom_nodes(model)[0].op_type = "FlgcInvertedResidual"
     onnx.save(model, str(tmp))
-    with pytest.raises(ValueError, match="older flgc_lightning .*FlgcInvertedResidual.*export it again"):
+    with pytest.raises(OnnxFileError, match="older flgc_lightning .*FlgcInvertedResidual.*export it again"):
         onnxruntime_session(tmp)
     layer = next(m for m in net.modules() if isinstance(m, UnequalGroupConv2d))
     layer.register_buffer("in_index", torch.arange(layer.in_channels))  # what the padded layout held
@@ -742,20 +743,20 @@ def test_an_onnx_file_that_reads_other_files_or_runs_other_operators_is_refused(
     onnx.save(model, str(tmp_path / "external.onnx"))
     read = onnx.load(str(tmp_path / "external.onnx"))  # the control: the default loader reads the named file
     assert next(t for t in read.graph.initializer if t.name == weight.name).raw_data == secret.read_bytes()
-    with pytest.raises(ValueError, match="keeps tensors in other files"):
+    with pytest.raises(OnnxFileError, match="keeps tensors in other files"):
         onnxruntime_session(tmp_path / "external.onnx")
 
     model = onnx.load(str(path))
-    model.graph.node.insert(0, onnx.helper.make_node("FlgcChainCached", ["images"], ["unused"], domain="ai.onnx.contrib",
-                                                     key="0"))
+    model.graph.node.insert(0, onnx.helper.make_node("FlgcChainCached", ["images"], ["unused"],
+                                                     domain="ai.onnx.contrib", key="0"))
     onnx.save(model, str(tmp_path / "cached.onnx"))
-    with pytest.raises(ValueError, match="ai.onnx.contrib::FlgcChainCached nodes; a file of the deploy step"):
+    with pytest.raises(OnnxFileError, match="ai.onnx.contrib::FlgcChainCached nodes; a file of the deploy step"):
         onnxruntime_session(tmp_path / "cached.onnx")
     model = onnx.load(str(path))  # an operator onnxruntime-extensions registers (a parser of the file's bytes)
     model.graph.node.insert(0, onnx.helper.make_node("StringRegexReplace", ["images"], ["unused"],
                                                      domain="ai.onnx.contrib"))
     onnx.save(model, str(tmp_path / "extension.onnx"))
-    with pytest.raises(ValueError, match="ai.onnx.contrib::StringRegexReplace nodes"):
+    with pytest.raises(OnnxFileError, match="ai.onnx.contrib::StringRegexReplace nodes"):
         onnxruntime_session(tmp_path / "extension.onnx")
     onnxruntime_session(path)  # the untouched file loads
 

@@ -90,10 +90,10 @@ def _become(request: dict, printed: tuple[bytes, bytes], pipes: tuple[int, int])
         if text:
             os.write(fd, text)
     os.chdir(request["cwd"])
-    for name in {*os.environ, *request["env"]}:  # every other variable equals the server's (WarmPython.differences)
-        if per_command(name) and name in request["env"]:
+    for name in filter(per_command, {*os.environ, *request["env"]}):  # the rest equal the server's (differences)
+        if name in request["env"]:
             os.environ[name] = request["env"][name]
-        elif per_command(name):
+        else:
             os.environ.pop(name, None)
     unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
 

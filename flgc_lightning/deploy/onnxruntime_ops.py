@@ -33,6 +33,12 @@ from flgc_lightning.deploy import native, ops
 from flgc_lightning.deploy.onnx_custom_ops import DOMAIN, INPUTS, OP_TYPE, custom_nodes
 from flgc_lightning.deploy.native import STEP_FIELDS
 from flgc_lightning.deploy.tables import Step, TableError, checked_step
+from flgc_lightning.errors import UserError
+
+class OnnxFileError(UserError, ValueError):
+    """An ONNX file that is not one the deploy step writes: it would make the session read other files, run other
+    operators, or it holds custom nodes of an older version."""
+
 
 _weights: dict[str, Step | dict] = {}  # key of a "FlgcStepCached" node -> its step; of a chain -> the chain
 _keys = itertools.count()
@@ -214,17 +220,17 @@ def _check_file(model: onnx.ModelProto) -> None:
     tokenizers and decoders among them, and the session's own rewritten ops name weights of other sessions)."""
     nodes, tensors = _contents(model)
     if any(t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data) for t in tensors):
-        raise TableError("the ONNX file keeps tensors in other files (external data), which a file of the deploy "
+        raise OnnxFileError("the ONNX file keeps tensors in other files (external data), which a file of the deploy "
                          "step never does; refused")
     old = {n.op_type for n in nodes if n.domain == DOMAIN} & OLD_OP_TYPES
     if old:
-        raise TableError(f"the ONNX file has custom nodes of an older flgc_lightning ({', '.join(sorted(old))}), "
+        raise OnnxFileError(f"the ONNX file has custom nodes of an older flgc_lightning ({', '.join(sorted(old))}), "
                          "which this version does not run: export it again (python -m flgc_lightning.deploy CKPT "
                          "--out DIR --onnx)")
     other = {f"{n.domain}::{n.op_type}" for n in nodes
              if n.domain not in ("", "ai.onnx") and (n.domain, n.op_type) != (DOMAIN, OP_TYPE)}
     if other:
-        raise TableError(f"the ONNX file has {', '.join(sorted(other))} nodes; a file of the deploy step has only "
+        raise OnnxFileError(f"the ONNX file has {', '.join(sorted(other))} nodes; a file of the deploy step has only "
                          f"ONNX operators and {DOMAIN}::{OP_TYPE}; refused")
 
 

@@ -3,10 +3,11 @@ writes, checked before torch reads any of it.
 
 ``torch.export.load`` runs code the file chooses (torch 2.14; each shown with a planted file in
 tests/test_file_safety.py): it evaluates every symbolic-shape string with ``sympy.sympify`` (``eval``), turns the
-file's ``guards_code`` into Python that the loaded module runs on its first call, unpickles weights and constants marked ``use_pickle`` (and legacy ones, and sample inputs
-that fail a ``weights_only`` load) with ``weights_only=False``, and resolves a node's target as any attribute path
-under ``torch``; it also writes the file's parameter, buffer and input names into Python source that it runs, and
-imports any module a treespec names. :func:`load_program` reads the file once, checks everything in the archive's
+file's ``guards_code`` into Python that the loaded module runs on its first call, unpickles weights and constants
+marked ``use_pickle`` (and legacy ones, and sample inputs that fail a ``weights_only`` load) with
+``weights_only=False``, and resolves a node's target as any attribute path under ``torch``; it also writes the
+file's parameter, buffer and input names into Python source that it runs, and imports any module a treespec
+names. :func:`load_program` reads the file once, checks everything in the archive's
 JSON against what :func:`~flgc_lightning.deploy.export_program` writes (operators from a short list, names that are
 plain dotted names, the one input and output structure), and hands torch an archive it wrote itself from exactly the
 members it checked, so no trick of the zip format (a name twice, two central directories) can show torch anything

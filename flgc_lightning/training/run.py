@@ -156,7 +156,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     channels_last = cfg.get("channels_last", "auto")
     module.channels_last = trainer.strategy.root_device.type == "cuda" if channels_last == "auto" else bool(channels_last)
     log.info("run directory: %s", cfg.run_dir)
-    try:  # weights_only said, not left to torch's default (Lightning drops it for URLs); the file was checked above
+    try:  # weights_only said, not left to defaults (Lightning's is False for URLs); the file was checked above
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     except SIGTERMException:
         raise _stopped(trainer) from None
