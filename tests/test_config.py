@@ -69,7 +69,7 @@ def test_all_training_objects_instantiate():
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c and "_target_" in c]
     assert {type(c).__name__ for c in callbacks} >= {"ModelCheckpoint", "LearningRateMonitor"}
     loggers = [instantiate(c) for c in cfg.logger.values() if c and "_target_" in c]
-    assert {type(c).__name__ for c in loggers} == {"CSVLogger", "TensorBoardLogger"}
+    assert {type(c).__name__ for c in loggers} == {"AtomicCSVLogger", "TensorBoardLogger"}
 
 
 def test_resume_and_test_command_lines(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, run_cli
+from conftest import REPO, TINY, run_cli
 from flgc_lightning.errors import CheckpointError
 from flgc_lightning.training.checkpoint_io import AtomicCheckpointIO
 from flgc_lightning.training.checkpoints import load_checkpoint
@@ -321,3 +321,33 @@ def test_non_finite_loss_stops_keeps_last_good_checkpoint_and_fails(tmp_path, ci
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == step  # the checkpoint before the bad step is kept
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point())
+
+
+def test_metrics_csv_survives_a_kill_while_a_new_metric_name_rewrites_it(tmp_path, monkeypatch):
+    """Lightning's CSV writer rewrites metrics.csv in place when a metric name first appears; a run killed inside
+    that rewrite lost every row so far (a SIGKILL right after epoch 0's checkpoint, in tests/test_resume.py). The
+    logger train.py uses (conf/logger) rewrites into a temporary file that replaces metrics.csv in one step."""
+    import csv
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    logger = instantiate(OmegaConf.load(REPO / "conf" / "logger" / "csv.yaml").csv, save_dir=str(tmp_path))
+    logger.log_metrics({"val/acc": 0.5, "epoch": 0}, step=3)
+    logger.save()
+    metrics = Path(logger.log_dir) / "metrics.csv"
+    before = metrics.read_text()
+    assert "val/acc" in before
+
+    class Killed(BaseException):
+        pass
+
+    def killed(self, rows):  # the process dies while the old rows are written again under the new header
+        raise Killed
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    logger.log_metrics({"train/acc_epoch": 0.25, "epoch": 0}, step=4)
+    with pytest.raises(Killed):
+        logger.save()
+    assert metrics.read_text() == before
+    assert not list(Path(logger.log_dir).glob(".metrics-*"))  # no temporary file left behind
