@@ -204,7 +204,7 @@ def available() -> bool:
 
 
 def preferred_lanes() -> int:
-    """Widest task the built kernel runs best: 16 with AVX-512, else 8 (also without a compiler)."""
+    """Widest task the built kernel runs best: 16 with AVX-512 or AVX2, else 8 (also without a compiler)."""
     return load_library().preferred_lanes() if available() else LANES
 
 

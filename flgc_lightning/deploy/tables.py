@@ -67,8 +67,9 @@ def pack(weight: Tensor, bias: Tensor | None, in_groups: Tensor, out_groups: Ten
     in the first blocks), the stores cost more than the extra multiply-adds.
 
     Groups of more than 8 filters take wide tasks of up to 16 where the built kernel prefers them
-    (:func:`native.preferred_lanes`: AVX-512, where a 16-float vector costs what an 8-float one does), and windows
-    are then 16 outputs wide; small groups still share 8-lane tasks.
+    (:func:`native.preferred_lanes`: AVX-512, where a 16-float vector costs what an 8-float one does, and AVX2, which
+    runs 4 rows x 16 lanes with fewer loads per FMA), and windows are then 16 outputs wide; small groups still share
+    8-lane tasks.
     """
     lanes = native.preferred_lanes()
     weight = weight.detach().reshape(weight.shape[0], -1).cpu().float()

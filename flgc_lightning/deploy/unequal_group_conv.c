@@ -48,10 +48,11 @@ enum { T_CONSECUTIVE = 1, T_WIDE = 2 };
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
 
-/* the widest task worth packing here: 16 lanes where the compiler targets AVX-512 (a 16-float FMA costs what an
-   8-float one does), else 8 (wide tasks still run, as two or four narrower vectors). pack() asks. */
+/* the widest task worth packing here: 16 lanes with AVX-512 (a 16-float FMA costs what an 8-float one does) and with
+   AVX2 (block4_wide: a third fewer loads per FMA than 8-lane tasks), else 8 (wide tasks still run, as two or four
+   narrower vectors). pack() asks. */
 int preferred_lanes(void) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
     return 16;
 #else
     return 8;
@@ -153,14 +154,56 @@ static inline void block8(const float *x, int64_t xs, float *y, int64_t ys, cons
     block8_lanes(x, xs, y, ys, res, rs, relu6, w, b, t, segs, oidx + t[T_OI], t[T_OC], 8, 0);
 }
 
-/* block8 for a wide task: 16 filters in one 16-float vector per row with AVX-512. Elsewhere (16-lane tables of a file
-   exported on an AVX-512 machine) as two 8-lane halves of eight registers each: eight 16-float accumulators made of
-   8-float registers do not fit and spill: with AVX2, 6.7x slower at batch 64 (benchmarks/moved_tables.py) */
+#if defined(__AVX2__) && !defined(__AVX512F__)
+/* one row's outputs of a 16-lane task held as two 8-float vectors (lanes 0-7, 8-15); y, res at the row */
+static inline void store_row16(float *y, const float *res, v8 lo, v8 hi, const int64_t *o, int64_t count,
+                               int consecutive, int relu6) {
+    if (consecutive) {
+        store8(y + o[0], lo, res ? res + o[0] : 0, relu6);
+        store8(y + o[0] + 8, hi, res ? res + o[0] + 8 : 0, relu6);
+        return;
+    }
+    for (int64_t j = 0; j < count; j++) y[o[j]] = finish(j < 8 ? lo[j] : hi[j - 8], res, o[j], relu6);
+}
+
+/* 4 rows x 16 lanes of a wide task in eight 8-float accumulators: per input 2 weight loads and 4 broadcasts feed
+   8 FMAs, where 8 rows x 8 lanes (block8_lanes) need 9 loads for 8 */
+static inline void block4_wide(const float *x, int64_t xs, float *y, int64_t ys, const float *res, int64_t rs,
+                               int relu6, const float *w, const float *b, const int64_t *t, const int64_t *segs,
+                               const int64_t *o) {
+    v8 blo = *(const v8 *)(b + t[T_B]), bhi = *(const v8 *)(b + t[T_B] + 8);
+    v8 a0 = blo, a1 = blo, a2 = blo, a3 = blo, c0 = bhi, c1 = bhi, c2 = bhi, c3 = bhi;
+    for (int64_t s = t[T_S]; s < t[T_S] + t[T_NS]; s++) {
+        const int64_t *seg = segs + s * S_LEN;
+        const float *xp = x + seg[S_IN], *wp = w + seg[S_W];
+        for (int64_t i = 0; i < seg[S_N]; i++) {
+            v8 lo = *(const v8 *)(wp + 16 * i), hi = *(const v8 *)(wp + 16 * i + 8);
+            float x0 = xp[i], x1 = xp[xs + i], x2 = xp[2 * xs + i], x3 = xp[3 * xs + i];
+            a0 += x0 * lo, c0 += x0 * hi, a1 += x1 * lo, c1 += x1 * hi;
+            a2 += x2 * lo, c2 += x2 * hi, a3 += x3 * lo, c3 += x3 * hi;
+        }
+    }
+    int consecutive = (t[T_FLAGS] & T_CONSECUTIVE) != 0;
+    int64_t count = t[T_OC];
+    store_row16(y, res, a0, c0, o, count, consecutive, relu6);
+    store_row16(y + ys, res ? res + rs : 0, a1, c1, o, count, consecutive, relu6);
+    store_row16(y + 2 * ys, res ? res + 2 * rs : 0, a2, c2, o, count, consecutive, relu6);
+    store_row16(y + 3 * ys, res ? res + 3 * rs : 0, a3, c3, o, count, consecutive, relu6);
+}
+#endif
+
+/* block8 for a wide task: 16 filters in one 16-float vector per row with AVX-512; with AVX2, 4 rows at a time in two
+   8-float vectors (block4_wide). Elsewhere (16-lane tables of a file exported on an AVX-512 machine) as two 8-lane
+   halves of eight registers each: eight 16-float accumulators made of 8-float registers do not fit and spill
+   (6.7x slower at batch 64 with AVX2, benchmarks/moved_tables.py) */
 static inline void block8_wide(const float *x, int64_t xs, float *y, int64_t ys, const float *res, int64_t rs,
                                int relu6, const float *w, const float *b, const int64_t *t, const int64_t *segs,
                                const int64_t *oidx) {
     const int64_t *o = oidx + t[T_OI];
-#if !defined(__AVX512F__)
+#if defined(__AVX2__) && !defined(__AVX512F__)
+    block4_wide(x, xs, y, ys, res, rs, relu6, w, b, t, segs, o);
+    block4_wide(x + 4 * xs, xs, y + 4 * ys, ys, res ? res + 4 * rs : 0, rs, relu6, w, b, t, segs, o);
+#elif !defined(__AVX512F__)
     block8_lanes(x, xs, y, ys, res, rs, relu6, w, b, t, segs, o, t[T_OC] < 8 ? t[T_OC] : 8, 16, 0);
     if (t[T_OC] > 8)
         block8_lanes(x, xs, y, ys, res, rs, relu6, w, b, t, segs, o, t[T_OC] - 8, 16, 8);
