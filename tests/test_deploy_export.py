@@ -297,3 +297,48 @@ def test_a_fused_network_moved_to_cuda_runs_and_exports_its_steps_on_the_cpu(emp
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
         net.to("cpu")  # the module's other tests share this network
+
+
+# A compiled ReLU6 + global-average-pool + classifier head, as a deployed MobileNetV2 ends: the inductor kernel that
+# showed the bug (utils/inductor.py). Prints the largest difference to the eager module; compiled first, so a
+# compiled output left unwritten cannot hold the eager result by chance.
+SHARED_CACHE_RUN = r"""
+import torch
+from flgc_lightning.deploy import compile_deployed
+
+class Head(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = torch.nn.Conv2d(320, 1280, 1), torch.nn.Linear(1280, 10)
+
+    def forward(self, x):
+        return self.fc(torch.nn.functional.relu6(self.conv(x)).mean((2, 3)))
+
+torch.manual_seed(0)
+head = Head().eval().to(memory_format=torch.channels_last)
+x = torch.randn(3, 320, 4, 4).contiguous(memory_format=torch.channels_last)
+with torch.inference_mode():
+    got = compile_deployed(head)(x)
+    print(float((got - head(x)).abs().max()))
+"""
+
+
+def test_compiled_forms_stay_exact_when_processes_of_two_vector_widths_share_inductors_cache(tmp_path):
+    """An AVX-512 process, then one lowered to AVX2 (``ATEN_CPU_CAPABILITY=avx2``, as the benchmarks run), compiling
+    through one ``TORCHINDUCTOR_CACHE_DIR``: each gets code for its own vector width (without the width in the key,
+    the AVX2 process ran AVX-512-tiled code, left half the pooled outputs unwritten and printed nan; in the other
+    order, the AVX-512 process wrote past its buffers and aborted in free())."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, cli_env
+    from flgc_lightning.deploy import native
+
+    if native.instruction_set() != "avx512":
+        pytest.skip("needs a CPU that runs both AVX-512 and AVX2 code")
+    env = {**cli_env(), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "OMP_NUM_THREADS": "1"}
+    for capability in ("avx512", "avx2"):
+        proc = subprocess.run([sys.executable, "-c", SHARED_CACHE_RUN], cwd=REPO, capture_output=True, text=True,
+                              env={**env, "ATEN_CPU_CAPABILITY": capability}, timeout=600)
+        assert proc.returncode == 0, (capability, proc.stderr[-2000:])
+        assert float(proc.stdout.strip().splitlines()[-1]) <= 1e-5, (capability, proc.stdout)

@@ -11,11 +11,14 @@ import torch
 from torch import nn
 
 from flgc_lightning.deploy.grouped import refresh_tables
+from flgc_lightning.utils.inductor import pin_cpu_vector_width
 
 COMPILE_OPTIONS = {"freezing": True}
 
 
 def compile_deployed(model: nn.Module, dynamic: bool = False, **options) -> nn.Module:
-    """``torch.compile(model)`` with :data:`COMPILE_OPTIONS` (overridable); compiled on the first call."""
+    """``torch.compile(model)`` with :data:`COMPILE_OPTIONS` (overridable); compiled on the first call. Inductor's cache
+    is keyed by this CPU's vector width (:func:`~flgc_lightning.utils.inductor.pin_cpu_vector_width`)."""
     refresh_tables(model)
+    pin_cpu_vector_width()
     return torch.compile(model.eval(), dynamic=dynamic, options={**COMPILE_OPTIONS, **options})

@@ -26,6 +26,7 @@ from flgc_lightning.training.cuda_graphs import GraphedTraining
 from flgc_lightning.training.file_config import TRUSTED, check_checkpoint, check_hparams
 from flgc_lightning.training.schema import construct_checked, instantiate_checked
 from flgc_lightning.utils.complexity import complexity_summary, format_millions
+from flgc_lightning.utils.inductor import pin_cpu_vector_width
 
 # Every assign_optim key and its default; old checkpoints' hyperparameters lack the schedule keys.
 ASSIGN_OPTIM_DEFAULTS = {"lr_mult": 1.0, "weight_decay": None, **dataclasses.asdict(AssignSchedule()),
@@ -238,6 +239,8 @@ class ImageClassifier(pl.LightningModule):
             self._graphed = GraphedTraining(self.net)
         if self.compile_network:  # in place: parameter names (checkpoints) stay those of the plain network
             mode = None if self.compile_network is True else str(self.compile_network)
+            if self.device.type == "cpu":  # inductor's cache keyed by this CPU's vector width (utils/inductor.py)
+                pin_cpu_vector_width()
             self.net.compile(mode=None if mode == "default" else mode)
         if self.trainer.is_global_zero:
             rank_zero_info(
