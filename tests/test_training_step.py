@@ -173,7 +173,7 @@ class Float64Step(ImageClassifier):
 @pytest.mark.slow
 @pytest.mark.parametrize("settings", [[[1, 16, 1, 1], [6, 24, 2, 2]], pytest.param(None, marks=pytest.mark.exhaustive)],
                          ids=["three-blocks", "full-network"])
-def test_compiled_training_follows_eager_training(tmp_path, settings, monkeypatch):
+def test_compiled_training_follows_eager_training(tmp_path, settings):
     """compile=true as train.py sets it (module.compile_network: the network compiled in place when fit starts, by
     torch.compile's default inductor backend): four optimizer steps of Trainer.fit from the same weights on the same
     batches as eager training give the same losses and parameters, the assignment logits included; a checkpoint
@@ -184,8 +184,6 @@ def test_compiled_training_follows_eager_training(tmp_path, settings, monkeypatc
     from torch._dynamo.utils import counters
     from torch._inductor import config as inductor_config, cpu_vec_isa
 
-    # the compile cache keyed by this CPU's vector width (flgc_lightning/utils/inductor.py), set when fit starts
-    monkeypatch.setattr(inductor_config.cpp, "simdlen", None)
     net = {"_target_": "flgc_lightning.models.MobileNetV2", "num_classes": 10, "groups": 4, "use_flgc": True,
            "width_mult": 0.25, "in_channels": 1, **({} if settings is None else {"settings": settings})}
     torch.manual_seed(0)
@@ -196,14 +194,17 @@ def test_compiled_training_follows_eager_training(tmp_path, settings, monkeypatc
     runs = {}
     torch._dynamo.reset()
     counters.clear()
-    for name, pl_module in (("eager", eager), ("compiled", compiled)):
-        start = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-        losses = RecordLosses()
-        runs[name] = fit(pl_module, [losses], steps=4, precision="64-true"), losses.losses
+    # unset here; fit sets it: the compile cache keyed by this CPU's vector width (flgc_lightning/utils/inductor.py)
+    with inductor_config.patch({"cpp.simdlen": None}):
+        for name, pl_module in (("eager", eager), ("compiled", compiled)):
+            start = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            losses = RecordLosses()
+            runs[name] = fit(pl_module, [losses], steps=4, precision="64-true"), losses.losses
+        width = inductor_config.cpp.simdlen
     assert counters["stats"]["unique_graphs"] >= 1  # the compiled run really ran compiled code
     assert not [k for k, n in counters["graph_break"].items() if n], dict(counters["graph_break"])
     isa = cpu_vec_isa.pick_vec_isa()
-    assert inductor_config.cpp.simdlen == (isa.bit_width() if isa else None)
+    assert width == (isa.bit_width() if isa else None)
     (_, eager_losses), (trainer, compiled_losses) = runs["eager"], runs["compiled"]
     assert len(eager_losses) == 4 and compiled_losses == pytest.approx(eager_losses, rel=1e-8)
     after_eager, after_compiled = eager.state_dict(), compiled.state_dict()
