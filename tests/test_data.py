@@ -155,3 +155,69 @@ def test_loaders_yield_batches_for_train_val_and_test(tmp_path):
 def test_constructor_checks_its_values(tmp_path, key, value, message):
     with pytest.raises(ConfigError, match=message):
         CifarDataModule(root=str(tmp_path), **{key: value})
+
+
+def _children() -> set:
+    import multiprocessing
+
+    return set(multiprocessing.active_children())
+
+
+def test_training_workers_stop_when_the_loader_is_dropped_or_the_fit_ends(tmp_path):
+    """The training batches' worker processes persist from epoch to epoch; they stop as soon as the loader is dropped
+    (no reference cycle keeps it), and at the end of a fit, normal (the data module's ``teardown``) or stopped by an
+    error (``on_exception``). Left to the garbage collector (Lightning's trainer lives in reference cycles), torch
+    collected the loader's queues first and then waited 5 s for each worker before it killed it: 10 s in the middle
+    of the next job of a sweep or trial of a search."""
+    import gc
+
+    import pytorch_lightning as pl
+
+    from flgc_lightning.data.batches import PlanSampler, TrainBatches
+    from flgc_lightning.training.module import ImageClassifier
+
+    write_fake_cifar(tmp_path, per_file=8)
+    dm = CifarDataModule(root=str(tmp_path), download=False, batch_size=4, eval_batch_size=8, resident=False,
+                         num_workers=2)
+    dm.setup()
+    before = _children()
+    batches = TrainBatches(dm.train_set, 4, PlanSampler(len(dm.train_set), 0, 4, True), {"num_workers": 2})
+    epoch = iter(batches)
+    next(epoch)  # an epoch left unfinished, as a stopped run leaves it
+    workers = _children() - before
+    assert len(workers) == 2
+    gc.disable()  # dropped, not collected: freed by reference counting alone
+    try:
+        del epoch, batches
+        assert not any(w.is_alive() for w in workers)
+    finally:
+        gc.enable()
+
+    class Seen(pl.Callback):
+        """The worker processes alive at each training batch (validation's come and go between epochs)."""
+
+        def __init__(self, fail_at: int | None = None) -> None:
+            self.by_epoch, self.fail_at = {}, fail_at
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.by_epoch.setdefault(trainer.current_epoch, set()).update(_children() - before)
+            if trainer.current_epoch == self.fail_at:
+                raise RuntimeError("disk full (simulated)")
+
+    model = {"_target_": "flgc_lightning.models.MobileNetV2", "num_classes": 10, "groups": 2, "use_flgc": True,
+             "width_mult": 0.25}
+    for fail_at in (None, 1):
+        seen = Seen(fail_at)
+        trainer = pl.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             num_sanity_val_steps=0, callbacks=[seen])
+        module = ImageClassifier(model, {"_target_": "torch.optim.SGD", "lr": 0.05}, None, (3, 32, 32))
+        if fail_at is None:
+            trainer.fit(module, datamodule=dm)
+        else:
+            with pytest.raises(RuntimeError, match="disk full"):
+                trainer.fit(module, datamodule=dm)
+        training = seen.by_epoch[0]  # before any validation: the training loader's two
+        assert len(training) == 2 and training <= seen.by_epoch[1], fail_at  # and the same ones in the next epoch
+        assert not any(w.is_alive() for epoch in seen.by_epoch.values() for w in epoch), fail_at  # while the trainer
+        # (and its loaders) are still referenced here

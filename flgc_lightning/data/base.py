@@ -105,6 +105,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.test_set: Optional[Dataset] = None
         self.transform: Optional[BatchTransform] = None
         self._sampler: Optional[PlanSampler] = None
+        self._train_batches: Optional[TrainBatches] = None
         self._resume: Optional[dict] = None
 
     # -- what subclasses provide -----------------------------------------------------------
@@ -203,7 +204,23 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self._sampler = PlanSampler(len(source), self.seed, *self._augmentation())
         if self._resume is not None:  # continue mid-epoch exactly where the checkpoint left off
             self._sampler.skip_in_epoch(self._resume["epoch"], self._resume["batches_done"] * self.batch_size)
-        return TrainBatches(source, self.batch_size, self._sampler, options)
+        self._close_train_batches()  # a reloaded loader replaces the last one's workers
+        self._train_batches = TrainBatches(source, self.batch_size, self._sampler, options)
+        return self._train_batches
+
+    def teardown(self, stage: str) -> None:
+        """Lightning's last hook of a fit (validate, test) that ended normally: the training batches' worker
+        processes stop here, not whenever the garbage collector finds them (:meth:`TrainBatches.close`)."""
+        self._close_train_batches()
+
+    def on_exception(self, exception: BaseException) -> None:
+        """A fit stopped by an error or a signal (Lightning then skips ``teardown``): its workers stop too."""
+        self._close_train_batches()
+
+    def _close_train_batches(self) -> None:
+        if self._train_batches is not None:
+            self._train_batches.close()
+            self._train_batches = None
 
     def _eval_batches(self, split: Dataset) -> EvalBatches:
         source, options = self._placed(split)

@@ -100,7 +100,7 @@ class TrainBatches:
         self.source, self.batch_size, self.sampler = source, batch_size, sampler
         self.loader_options = loader_options
         self._loader: Optional[DataLoader] = None
-        self._batch_indices: list[list[int]] = []
+        self._planned = _PlannedBatches()
 
     def __len__(self) -> int:
         return math.ceil(math.ceil(self.sampler.length / world()[0]) / self.batch_size)
@@ -114,7 +114,7 @@ class TrainBatches:
                 images, labels = self.source.take(order[i:i + self.batch_size])
                 yield ImageBatch(images, labels, crops[i:i + self.batch_size])
             return
-        self._batch_indices = [order[i:i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        self._planned.batches = [order[i:i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
         batches = iter(self._workers())
         for i, (images, labels) in zip(range(0, len(order), self.batch_size), batches):
             yield ImageBatch(images, labels, crops[i:i + self.batch_size])
@@ -124,21 +124,32 @@ class TrainBatches:
         if self._loader is None:
             options = dict(self.loader_options)
             options["persistent_workers"] = options.get("num_workers", 0) > 0
-            self._loader = DataLoader(self.source, batch_sampler=_PlannedBatches(self), **options)
+            self._loader = DataLoader(self.source, batch_sampler=self._planned, **options)
         return self._loader
+
+    def close(self) -> None:
+        """Stop the worker processes now (they persist from epoch to epoch). Left to the garbage collector, as when
+        the loader is reachable only from Lightning's trainer, which lives in reference cycles, torch collects the
+        loader's queues before the loader and then waits 5 s for each worker before it kills it: 10 s with two
+        workers, in the middle of whatever ran next (the next job of a sweep, the next trial of a search)."""
+        loader, self._loader = self._loader, None
+        iterator = getattr(loader, "_iterator", None)  # the persistent workers' iterator (what Lightning shuts down
+        if iterator is not None:  # for the DataLoaders it holds itself; it cannot see this one)
+            iterator._shutdown_workers()
 
 
 class _PlannedBatches:
-    """A batch sampler that yields the index lists :class:`TrainBatches` planned for this epoch."""
+    """A batch sampler that yields the index lists :class:`TrainBatches` planned for this epoch (it holds no reference
+    back to them, so the loader is freed as soon as its owner is)."""
 
-    def __init__(self, owner: TrainBatches) -> None:
-        self.owner = owner
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
 
     def __iter__(self):
-        return iter(self.owner._batch_indices)
+        return iter(self.batches)
 
     def __len__(self) -> int:
-        return len(self.owner._batch_indices)
+        return len(self.batches)
 
 
 class EvalBatches:
