@@ -195,6 +195,7 @@ class WarmPython:
         if self.running is not None and self.running.returncode is None:
             self.running.kill()
         try:
+            self.server.stdin.write('{"quit": true}\n')
             self.server.stdin.close()
             self.server.wait(timeout=60)
         except (OSError, subprocess.TimeoutExpired):

@@ -29,6 +29,8 @@ process holding them (e.g. Lightning's DDP rank 1, which rank 0 does not wait fo
 Protocol (one JSON line per request on stdin, replies on stdout): ``{"id", "argv", "cwd", "env", "stdout",
 "stderr", "new_session"}`` (file paths for the output; a session of its own, as ``start_new_session``) ->
 ``{"id", "pid"}`` once forked, then ``{"id", "returncode"}`` (``subprocess`` convention: negative for a signal).
+``{"quit": true}`` ends the server (so does the end of its input, but a process the test forked later, e.g. a
+loader's worker still alive, holds a copy of the pipe's other end and would keep that end from coming).
 """
 from __future__ import annotations
 
@@ -194,6 +196,8 @@ def serve() -> None:
     print(json.dumps({"ready": os.getpid()}), file=reply)
     for line in sys.stdin:
         request = json.loads(line)
+        if request.get("quit"):
+            break
         (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
         pid = os.fork()
         if pid == 0:
